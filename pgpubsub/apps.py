@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+
+def _install_functions(sender, using: str = "default", **kwargs) -> None:
+    from django.db import connections
+
+    from pgpubsub.sql import install_functions
+
+    if connections[using].vendor == "postgresql":
+        install_functions(using)
+
+
+class PgpubsubConfig(AppConfig):
+    name = "pgpubsub"
+    verbose_name = "pgpubsub"
+    default_auto_field = "django.db.models.AutoField"
+
+    def ready(self) -> None:
+        post_migrate.connect(_install_functions, sender=self, dispatch_uid="pgpubsub_functions")

@@ -1,0 +1,285 @@
+"""Channels: what a message carries, what it is called on the wire, and who listens to it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import typing
+from collections import defaultdict
+from collections.abc import Callable
+from pydoc import locate
+from typing import Any, ClassVar
+
+from django.db import connections, models
+from django.db.utils import DEFAULT_DB_ALIAS, InternalError
+
+from pgpubsub import conf
+from pgpubsub.codec import Codec, codec_for
+from pgpubsub.exceptions import ChannelNotFound, InvalidChannel, InvalidPayload
+
+logger = logging.getLogger(__name__)
+
+#: Channel class -> its listener callbacks, in registration order.
+registry: defaultdict[type[BaseChannel], list[Callable]] = defaultdict(list)
+
+# LISTEN name -> channel class, for registered channels (kept beside ``registry`` for O(1) lookup).
+_by_listen_name: dict[str, type[BaseChannel]] = {}
+
+
+def _load_json(payload: Any) -> Any:
+    """Payloads arrive as JSON text, as parsed JSON, or (rows of older versions) as JSON text
+    stored inside a JSON string; unwrap until a JSON object remains."""
+    while isinstance(payload, str | bytes):
+        payload = json.loads(payload)
+    return payload
+
+
+@dataclasses.dataclass
+class BaseChannel:
+    """Base of every channel. Subclasses are dataclasses whose fields are the message."""
+
+    #: Store each message in ``pgpubsub_notification`` and process it exactly once.
+    lock_notifications: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.callbacks: list[Callable] = []
+
+    @classmethod
+    def name(cls) -> str:
+        """Dotted path of the class, e.g. ``myapp.channels.PostReads``."""
+        return f"{inspect.getmodule(cls).__name__}.{cls.__name__}"
+
+    @classmethod
+    def listen_safe_name(cls) -> str:
+        """The Postgres channel name: ``pgpubsub_`` and 5 hex digits of the sha1 of ``name()``."""
+        cached = cls.__dict__.get("_pgpubsub_listen_name")
+        if cached is None:
+            digest = hashlib.sha1(cls.name().encode()).hexdigest()[:5]
+            cached = f"pgpubsub_{digest}"
+            cls._pgpubsub_listen_name = cached
+        return cached
+
+    @classmethod
+    def get(cls, name: str) -> tuple[type[BaseChannel], list[Callable]] | None:
+        """The registered channel class with LISTEN name ``name`` and its callbacks, or None."""
+        channel_cls = _by_listen_name.get(name)
+        if channel_cls is None:
+            return None
+        return channel_cls, registry[channel_cls]
+
+    @classmethod
+    def register(cls, callback: Callable) -> None:
+        """Add ``callback`` to the listeners of this channel."""
+        listen_name = cls.listen_safe_name()
+        other = _by_listen_name.get(listen_name)
+        if other is not None and other is not cls and other.name() != cls.name():
+            raise InvalidChannel(
+                f"Channels {other.name()} and {cls.name()} share the LISTEN name {listen_name}; "
+                "rename one of them."
+            )
+        if other is not None and other is not cls:
+            # The same class defined again (a module reloaded): the newest definition wins.
+            registry[cls].extend(registry.pop(other, []))
+        _by_listen_name[listen_name] = cls
+        if callback not in registry[cls]:
+            registry[cls].append(callback)
+
+    @classmethod
+    def deserialize(cls, payload: dict | str) -> dict[str, Any]:
+        return _load_json(payload)
+
+    @classmethod
+    def build_from_payload(cls, notification_payload: dict | str, callbacks: list[Callable]):
+        """An instance of the channel built from a payload, carrying ``callbacks``."""
+        channel = cls(**cls.deserialize(notification_payload))
+        channel.callbacks.extend(callbacks)
+        return channel
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        """The keyword arguments each callback receives."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def execute_callbacks(self) -> None:
+        kwargs = self.signature
+        for callback in self.callbacks:
+            callback(**kwargs)
+
+
+def _resolve_hints(cls: type) -> dict[str, Any] | None:
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return None  # a forward reference not defined yet: checked again on first use
+    return {
+        name: hint
+        for name, hint in hints.items()
+        if typing.get_origin(hint) is not ClassVar and hint is not ClassVar
+    }
+
+
+@dataclasses.dataclass
+class Channel(BaseChannel):
+    """A channel whose fields are sent with :func:`pgpubsub.notify`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hints = _resolve_hints(cls)
+        if hints is not None:
+            cls._pgpubsub_codecs = cls._build_codecs(hints)
+
+    @classmethod
+    def _build_codecs(cls, hints: dict[str, Any]) -> dict[str, Codec]:
+        return {name: codec_for(hint, f"{cls.__qualname__}.{name}") for name, hint in hints.items()}
+
+    @classmethod
+    def codecs(cls) -> dict[str, Codec]:
+        """Field name -> codec, for the dataclass fields of this channel."""
+        cached = cls.__dict__.get("_pgpubsub_codecs")
+        if cached is None or "_pgpubsub_fields_checked" not in cls.__dict__:
+            hints = _resolve_hints(cls)
+            if hints is None:
+                hints = typing.get_type_hints(cls)  # raises the NameError for the user to see
+            field_names = {field.name for field in dataclasses.fields(cls)}
+            cached = cls._build_codecs({k: v for k, v in hints.items() if k in field_names})
+            cls._pgpubsub_codecs = cached
+            cls._pgpubsub_fields_checked = True
+        return cached
+
+    def serialize(self) -> str:
+        """The JSON text of this message: ``{"kwargs": {field: value, ...}}``."""
+        return json.dumps(
+            {"kwargs": self.encode_fields()}, ensure_ascii=False, separators=(",", ":")
+        )
+
+    def encode_fields(self) -> dict[str, Any]:
+        codecs = self.codecs()
+        return {
+            name: codec.encode(getattr(self, name), f"{type(self).__qualname__}.{name}")
+            for name, codec in codecs.items()
+        }
+
+    @classmethod
+    def deserialize(cls, payload: dict | str) -> dict[str, Any]:
+        """Field values of the declared types, from a payload made by :meth:`serialize`."""
+        data = _load_json(payload)
+        if not isinstance(data, dict) or not isinstance(data.get("kwargs"), dict):
+            raise InvalidPayload(f"{cls.name()}: payload has no 'kwargs' object: {data!r:.200}")
+        values = {}
+        for name, codec in cls.codecs().items():
+            if name in data["kwargs"]:
+                values[name] = codec.decode(data["kwargs"][name], f"{cls.__qualname__}.{name}")
+        return values
+
+
+@dataclasses.dataclass
+class TriggerChannel(BaseChannel):
+    """A channel fed by a database trigger on ``model``; listeners get ``old`` and ``new``."""
+
+    model: ClassVar[type[models.Model] | Any] = NotImplementedError
+    old: models.Model | None
+    new: models.Model | None
+    context: dict[str, Any] | None = None
+
+    @classmethod
+    def pass_context_to_listeners(cls) -> bool:
+        return conf.pass_context_to_listeners()
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        kwargs = {"old": self.old, "new": self.new}
+        if self.pass_context_to_listeners():
+            kwargs["context"] = self.context
+        return kwargs
+
+    @classmethod
+    def deserialize(cls, payload: dict | str) -> dict[str, Any]:
+        """``{'old': ..., 'new': ...}`` as unsaved model instances (and ``context`` when passed)."""
+        from pgpubsub.rows import instance_from_row, model_for_payload
+
+        data = _load_json(payload)
+        if not isinstance(data, dict):
+            raise InvalidPayload(
+                f"{cls.name()}: trigger payload is not a JSON object: {data!r:.200}"
+            )
+        model = model_for_payload(cls, data)
+        fields = {
+            "old": instance_from_row(model, data.get("old")),
+            "new": instance_from_row(model, data.get("new")),
+        }
+        if cls.pass_context_to_listeners():
+            fields["context"] = data.get("context") or {}
+        return fields
+
+
+TX_ABORTED_ERROR_MESSAGE = "current transaction is aborted"
+
+
+def set_notification_context(context: dict[str, Any], using: str | None = None) -> None:
+    """Attach ``context`` to every trigger notification this connection sends from now on.
+
+    The context lasts for the session, or for the current transaction when
+    ``PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT`` is set (then an atomic block is required).
+    """
+    conn = connections[using or DEFAULT_DB_ALIAS]
+    if conn.needs_rollback:
+        return
+    local = conf.tx_bound_notification_context()
+    if local and not conn.in_atomic_block:
+        raise RuntimeError(
+            "A transaction-bound notification context can only be set inside an atomic block: "
+            "wrap the code in transaction.atomic(), or set "
+            "PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT = False for a session-wide context."
+        )
+    text = json.dumps(context, ensure_ascii=False, default=str)
+    with conn.cursor() as cursor:
+        try:
+            cursor.execute(
+                "SELECT set_config('pgpubsub.notification_context', %s, %s)", [text, local]
+            )
+        except InternalError as exc:
+            if TX_ABORTED_ERROR_MESSAGE in str(exc):
+                return
+            raise
+
+
+def locate_channel(channel: type[BaseChannel] | str) -> type[BaseChannel]:
+    """The channel class itself, or the class at a dotted path."""
+    if isinstance(channel, str):
+        located = _by_listen_name.get(channel) or locate(channel)
+        if located is None:
+            raise ChannelNotFound(f"Channel not found! No channel class at {channel!r}.")
+        channel = located
+    if not (isinstance(channel, type) and issubclass(channel, BaseChannel)):
+        raise ChannelNotFound(f"Channel not found! {channel!r} is not a pgpubsub channel class.")
+    return channel
+
+
+def select_channels(
+    channels: list[type[BaseChannel] | str] | None = None,
+) -> dict[type[BaseChannel], list[Callable]]:
+    """Registered channels (with listeners), all of them or those that are subclasses of
+    ``channels``."""
+    if channels is None:
+        return {cls: callbacks for cls, callbacks in registry.items() if callbacks}
+    wanted = tuple(locate_channel(channel) for channel in channels)
+    return {
+        cls: callbacks
+        for cls, callbacks in registry.items()
+        if callbacks and issubclass(cls, wanted)
+    }
+
+
+__all__ = [
+    "BaseChannel",
+    "Channel",
+    "ChannelNotFound",
+    "TriggerChannel",
+    "locate_channel",
+    "registry",
+    "select_channels",
+    "set_notification_context",
+]

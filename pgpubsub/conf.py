@@ -1,0 +1,55 @@
+"""Settings, read lazily at call time so ``override_settings`` and late configuration work.
+
+Every setting is documented with its default in ``docs/settings.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+
+def _get(name: str, default: Any) -> Any:
+    return getattr(settings, name, default)
+
+
+def pass_context_to_listeners() -> bool:
+    """``PGPUBSUB_PASS_CONTEXT_TO_LISTENERS`` (default ``False``): give trigger listeners ``context``."""
+    return bool(_get("PGPUBSUB_PASS_CONTEXT_TO_LISTENERS", False))
+
+
+def tx_bound_notification_context() -> bool:
+    """``PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT`` (default ``False``): context lasts one transaction."""
+    return bool(_get("PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT", False))
+
+
+def database_alias() -> str:
+    """``PGPUBSUB_DATABASE`` (default ``"default"``): the alias listeners connect to."""
+    return _get("PGPUBSUB_DATABASE", "default")
+
+
+def listener_filter_provider() -> Any | None:
+    """``PGPUBSUB_LISTENER_FILTER`` (default ``None``): dotted path of a ``ListenerFilterProvider``.
+
+    Returns an instance, or ``None`` when the setting is unset.
+    """
+    path = _get("PGPUBSUB_LISTENER_FILTER", None)
+    if not path:
+        return None
+    module_name, _, class_name = str(path).rpartition(".")
+    try:
+        provider_cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ImproperlyConfigured(
+            f"PGPUBSUB_LISTENER_FILTER = {path!r} cannot be imported ({exc}). "
+            "Set it to the dotted path of a class with a get_filter() method returning a Q."
+        ) from exc
+    provider = provider_cls()
+    if not callable(getattr(provider, "get_filter", None)):
+        raise ImproperlyConfigured(
+            f"PGPUBSUB_LISTENER_FILTER = {path!r} has no get_filter() method."
+        )
+    return provider

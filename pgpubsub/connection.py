@@ -1,0 +1,147 @@
+"""The LISTEN side of a database connection, over psycopg2 or psycopg 3 (whichever Django uses).
+
+:class:`ListenConnection` is a dedicated autocommit connection built from the Django settings
+of one alias; it only LISTENs and waits, callbacks never run on it. :func:`drain` reads what has
+arrived on any raw connection without a round trip to the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import select
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import connections
+
+logger = logging.getLogger(__name__)
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def quote_channel(name: str) -> str:
+    """``name`` quoted for LISTEN/UNLISTEN; names that are not plain identifiers are refused."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"{name!r} is not a valid channel name (letters, digits, _; max 63)")
+    return f'"{name}"'
+
+
+def is_psycopg3(raw: Any) -> bool:
+    return hasattr(raw, "pgconn")
+
+
+class NotifyBuffer:
+    """Notifications a psycopg 3 connection delivered while it ran a statement."""
+
+    def __init__(self, raw: Any) -> None:
+        self.items: list[Any] = []
+        self._raw = raw
+        raw.add_notify_handler(self.items.append)
+
+    def close(self) -> None:
+        try:
+            self._raw.remove_notify_handler(self.items.append)
+        except ValueError:
+            pass
+
+
+def drain(raw: Any, buffer: NotifyBuffer | None = None) -> list[Any]:
+    """Every notification received so far on ``raw``, oldest first; never blocks.
+
+    Each item has ``channel``, ``payload`` and ``pid``. Raises the driver's OperationalError
+    when the connection is broken.
+    """
+    if not is_psycopg3(raw):
+        raw.poll()
+        items = list(raw.notifies)
+        del raw.notifies[:]
+        return items
+    import psycopg
+
+    items = []
+    if buffer is not None:
+        items.extend(buffer.items)
+        del buffer.items[:]
+    pgconn = raw.pgconn
+    pgconn.consume_input()
+    if pgconn.status != psycopg.pq.ConnStatus.OK:
+        raise psycopg.OperationalError("the connection to the server was lost")
+    encoding = raw.info.encoding or "utf-8"
+    while True:
+        item = pgconn.notifies()
+        if item is None:
+            return items
+        items.append(
+            psycopg.Notify(item.relname.decode(encoding), item.extra.decode(encoding), item.be_pid)
+        )
+
+
+class ListenConnection:
+    """A dedicated autocommit connection that LISTENs on channels and waits for notifications."""
+
+    def __init__(self, alias: str = "default") -> None:
+        self.alias = alias
+        self._db = None
+        self._buffer: NotifyBuffer | None = None
+        self.channels: list[str] = []
+
+    @property
+    def raw(self) -> Any:
+        return self._db.connection
+
+    @property
+    def connected(self) -> bool:
+        return self._db is not None and self._db.connection is not None
+
+    def connect(self) -> None:
+        """Open the connection (closing any previous one)."""
+        self.close()
+        db = connections.create_connection(self.alias)
+        db.ensure_connection()
+        if not db.get_autocommit():
+            db.set_autocommit(True)
+        self._db = db
+        if is_psycopg3(self.raw):
+            self._buffer = NotifyBuffer(self.raw)
+
+    def listen(self, channels: Iterable[str]) -> None:
+        """LISTEN on each channel (in addition to the current ones)."""
+        names = [name for name in channels if name not in self.channels]
+        if not names:
+            return
+        statement = "; ".join(f"LISTEN {quote_channel(name)}" for name in names)
+        with self.raw.cursor() as cursor:
+            cursor.execute(statement)
+        self.channels.extend(names)
+
+    def wait(self, timeout: float) -> list[Any]:
+        """Notifications that arrive within ``timeout`` seconds (empty list if none)."""
+        items = drain(self.raw, self._buffer)
+        if items:
+            return items
+        readable, _, _ = select.select([self.raw.fileno()], [], [], timeout)
+        if not readable:
+            return []
+        return drain(self.raw, self._buffer)
+
+    def close(self) -> None:
+        """UNLISTEN and close; safe to call on a broken or closed connection."""
+        db, self._db = self._db, None
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            buffer.close()
+        if db is None:
+            return
+        try:
+            if db.connection is not None and self.channels:
+                with db.connection.cursor() as cursor:
+                    cursor.execute("UNLISTEN *")
+        except Exception:  # the connection may already be gone; closing is what matters
+            logger.debug("UNLISTEN failed while closing", exc_info=True)
+        try:
+            db.close()
+        except Exception:
+            logger.debug("Closing the listen connection failed", exc_info=True)
+        finally:
+            self.channels = []

@@ -1,0 +1,185 @@
+"""The processing entry points of django-pgpubsub 1.x: ``listen()``, ``listen_to_channels()``,
+``process_notifications()`` and the ``POLL`` flag."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+from django.db import close_old_connections, connections
+from django.db.utils import InterfaceError, OperationalError
+
+from pgpubsub import conf
+from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
+from pgpubsub.connection import ListenConnection, NotifyBuffer, drain, is_psycopg3, quote_channel
+from pgpubsub.processing import Processor
+from pgpubsub.wire import Assembler
+
+logger = logging.getLogger(__name__)
+
+#: While True, ``listen()`` keeps waiting for notifications. With False, ``listen(recover=True)``
+#: processes the stored notifications and returns.
+POLL = True
+
+#: Seconds between checks of the stop flag while waiting for notifications.
+WAIT_TIMEOUT = 1.0
+#: Longest pause between reconnection attempts, in seconds.
+MAX_RECONNECT_DELAY = 30.0
+
+_stop = threading.Event()
+
+
+def _selected(channels: list[Any] | None) -> dict[type[BaseChannel], list]:
+    selected = select_channels(channels)
+    if not selected:
+        raise ChannelNotFound(
+            "Channel not found! No listeners are registered for "
+            f"{'any channel' if channels is None else channels}: import the modules that define "
+            "them (usually in AppConfig.ready())."
+        )
+    return selected
+
+
+class ConnectionWrapper:
+    """A LISTENing Django connection as ``listen_to_channels()`` returns it: ``poll()`` reads what
+    has arrived into the mutable ``notifies`` list; ``stop()`` stops collecting."""
+
+    def __init__(self, raw: Any) -> None:
+        self.connection = raw
+        self.assembler = Assembler()
+        self._buffer = NotifyBuffer(raw) if is_psycopg3(raw) else None
+        self._notifies: list[Any] = []
+
+    @property
+    def notifies(self) -> list[Any]:
+        if self._buffer is None:
+            return self.connection.notifies
+        return self._notifies
+
+    @notifies.setter
+    def notifies(self, value: list[Any]) -> None:
+        if self._buffer is None:
+            self.connection.notifies = value
+        else:
+            self._notifies = value
+
+    def poll(self) -> None:
+        if self._buffer is None:
+            self.connection.poll()
+        else:
+            self._notifies.extend(drain(self.connection, self._buffer))
+
+    def stop(self) -> None:
+        if self._buffer is not None:
+            self._buffer.close()
+
+
+def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
+    """LISTEN to the selected channels (all with listeners by default) on this thread's Django
+    connection; notifications then arrive as that connection runs queries or polls."""
+    selected = _selected(channels)
+    connection = connections[conf.database_alias()]
+    with connection.cursor() as cursor:
+        for channel_cls in selected:
+            logger.info("Listening on %s", channel_cls.name())
+            cursor.execute(f"LISTEN {quote_channel(channel_cls.listen_safe_name())}")
+    return ConnectionWrapper(connection.connection)
+
+
+def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
+    """Process every notification that has arrived, in arrival order, on this thread."""
+    processor = Processor(conf.database_alias())
+    connection_wrapper.poll()
+    while connection_wrapper.notifies:
+        notification = connection_wrapper.notifies.pop(0)
+        text = connection_wrapper.assembler.feed(notification.channel, notification.payload)
+        if text is not None:
+            processor.process(notification.channel, text)
+        if not connection_wrapper.notifies:
+            connection_wrapper.poll()
+
+
+def recover(channels: list[Any] | None = None, processor: Processor | None = None) -> int:
+    """Process every stored notification of the selected lockable channels on this thread."""
+    processor = processor or Processor(conf.database_alias())
+    return sum(
+        processor.process_stored_channel(channel_cls)
+        for channel_cls in _selected(channels)
+        if channel_cls.lock_notifications
+    )
+
+
+def stop() -> None:
+    """Make a running ``listen()`` return after its current message."""
+    _stop.set()
+
+
+def listen(
+    channels: list[Any] | None = None,
+    recover: bool = False,
+    autorestart_on_failure: bool = True,
+    start_method: str = "spawn",
+) -> None:
+    """Listen to the selected channels and process their notifications until ``stop()`` (or
+    ``POLL = False``). A lost connection is re-opened, re-LISTENed and followed by a recovery of
+    stored notifications, so nothing stored is missed."""
+    selected = _selected(channels)
+    names = [channel_cls.listen_safe_name() for channel_cls in selected]
+    alias = conf.database_alias()
+    processor = Processor(alias)
+    assembler = Assembler()
+    conn = ListenConnection(alias)
+    _stop.clear()
+    delay = 0.5
+    catch_up = recover
+    try:
+        while not _stop.is_set():
+            try:
+                if not conn.connected:
+                    conn.connect()
+                    conn.listen(names)
+                    logger.info("Listening on %s", ", ".join(cls.name() for cls in selected))
+                if catch_up:
+                    _recover(channels, processor)
+                    catch_up = False
+                if not POLL:
+                    return
+                for notification in conn.wait(WAIT_TIMEOUT):
+                    text = assembler.feed(notification.channel, notification.payload)
+                    if text is not None:
+                        close_old_connections()
+                        processor.process(notification.channel, text)
+                delay = 0.5
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                conn.close()
+                close_old_connections()
+                pause = min(MAX_RECONNECT_DELAY, delay) * random.uniform(0.5, 1.0)
+                logger.warning(
+                    "Lost the database connection (%s); reconnecting in %.1fs", exc, pause
+                )
+                _stop.wait(pause)
+                delay *= 2
+                catch_up = True  # notifications sent while disconnected are only in the table
+    finally:
+        conn.close()
+        connections[alias].close()
+
+
+def _recover(channels: list[Any] | None, processor: Processor) -> None:
+    count = recover(channels, processor)
+    logger.info("Recovered %s stored notifications", count)
+
+
+def _is_connection_error(exc: BaseException | None) -> bool:
+    """True for a lost or refused connection, from Django or straight from the driver."""
+    while exc is not None:
+        if isinstance(exc, OSError | InterfaceError | OperationalError):
+            return True
+        if any(cls.__name__ in ("OperationalError", "InterfaceError") for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__
+    return False

@@ -1,0 +1,126 @@
+"""``manage.py listen``: listen to channels and process their notifications."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+from django.core.management import BaseCommand, CommandError
+
+from pgpubsub.channel import locate_channel
+from pgpubsub.exceptions import ChannelNotFound
+
+logger = logging.getLogger("pgpubsub.listen")
+
+
+class Command(BaseCommand):
+    help = "Listen to pgpubsub channels and process their notifications."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--channels",
+            nargs="+",
+            dest="channels",
+            help="Dotted paths of the channels to listen to (default: all).",
+        )
+        parser.add_argument(
+            "--processes",
+            type=int,
+            dest="processes",
+            default=1,
+            help="Number of listener processes to run under a supervisor.",
+        )
+        parser.add_argument(
+            "--worker",
+            action="store_true",
+            default=False,
+            help="Run one listener in this process (what supervised children do).",
+        )
+        parser.add_argument(
+            "--worker-start-method",
+            dest="worker_start_method",
+            default="spawn",
+            choices=["spawn", "fork"],
+            help="How --processes starts children: 'spawn' (a fresh interpreter) "
+            "or 'fork' (faster; unsafe if threads were started at import).",
+        )
+        parser.add_argument(
+            "--no-restart-on-failure",
+            action="store_true",
+            default=False,
+            help="Do not replace a listener process that dies.",
+        )
+        parser.add_argument(
+            "--recover",
+            action="store_true",
+            default=False,
+            help="First process every stored notification of the channels.",
+        )
+        parser.add_argument(
+            "--loglevel", default="info", help="Logging level, e.g. debug (default: info)."
+        )
+        parser.add_argument(
+            "--logformat",
+            default="%(asctime)s %(levelname).4s %(message)s",
+            help="Logging format, e.g. '%%(asctime)s %%(levelname)s %%(message)s'.",
+        )
+
+    def handle(self, *args, **options):
+        logging.basicConfig(format=options["logformat"], level=options["loglevel"].upper())
+        channels = options["channels"]
+        for name in channels or []:
+            try:
+                locate_channel(name)
+            except ChannelNotFound as exc:
+                raise CommandError(str(exc)) from exc
+        processes = options["processes"]
+        if processes < 1:
+            raise CommandError(f"--processes must be at least 1, got {processes}")
+        restart = not options["no_restart_on_failure"]
+        if options["worker"] and processes > 1:
+            raise CommandError(
+                f"Only 1 process is allowed with --worker, got --processes {processes}"
+            )
+        if options["worker"] or processes == 1:
+            self._run_listener(channels, options["recover"], restart)
+            return
+        from pgpubsub.supervisor import Supervisor
+
+        extra = ["--loglevel", options["loglevel"], "--logformat", options["logformat"]]
+        if not restart:
+            extra.append("--no-restart-on-failure")
+        status = Supervisor(
+            processes,
+            channels,
+            options["recover"],
+            restart,
+            options["worker_start_method"],
+            extra_args=extra,
+        ).run()
+        if status:
+            raise CommandError("A listener process failed")
+
+    def _run_listener(self, channels, recover: bool, restart: bool) -> None:
+        from pgpubsub import listen as listen_module
+
+        stopping = []
+
+        def request_stop(signum, frame):
+            stopping.append(signum)
+            listen_module.stop()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        while True:
+            try:
+                listen_module.listen(channels, recover=recover, autorestart_on_failure=restart)
+                return
+            except ChannelNotFound as exc:
+                raise CommandError(str(exc)) from exc
+            except Exception:
+                if not restart or stopping:
+                    raise
+                logger.exception("The listener failed; restarting it in 1s")
+                time.sleep(1.0)
+                recover = True

@@ -1,0 +1,59 @@
+"""The stored form of lockable notifications (table ``pgpubsub_notification``)."""
+
+from __future__ import annotations
+
+import pgtrigger
+from django.db import models
+
+from pgpubsub.channel import BaseChannel
+
+#: Postgres identifiers (and so LISTEN channel names) stop at 63 bytes.
+MAX_POSTGRES_CHANNEL_LENGTH = 63
+
+_SET_DB_VERSION = """
+                    NEW.db_version := (
+                        SELECT max(id)
+                        FROM django_migrations
+                        WHERE app = NEW.payload ->> 'app'
+                    );
+                    NEW.created_at := NOW();
+                    RETURN NEW;
+                """
+
+
+class Notification(models.Model):
+    """One message of a lockable channel, stored until a listener has processed it.
+
+    ``channel`` holds the channel's LISTEN name, ``payload`` the whole message, ``db_version``
+    the latest migration id of the payload's app when it was stored (set by a trigger).
+    """
+
+    channel = models.CharField(max_length=MAX_POSTGRES_CHANNEL_LENGTH)
+    payload = models.JSONField()
+    # Nullable because the column was added to a table that already had rows.
+    created_at = models.DateTimeField(auto_now_add=True, null=True)
+    # References django_migrations.id through a constraint made in migration 0003.
+    db_version = models.IntegerField(null=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["channel", "id"], name="pgpubsub_channel_id_idx")]
+        triggers = [
+            pgtrigger.Trigger(
+                name="pgpubsub_notification_set_db_version",
+                operation=pgtrigger.Insert,
+                when=pgtrigger.Before,
+                func=_SET_DB_VERSION,
+            )
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"Notification(id={self.pk}, channel={self.channel}, payload={self.payload}, "
+            f"created_at={self.created_at}, db_version={self.db_version})"
+        )
+
+    @classmethod
+    def from_channel(cls, channel: type[BaseChannel]) -> models.QuerySet[Notification]:
+        """The stored notifications of ``channel``."""
+        return cls.objects.filter(channel=channel.listen_safe_name())

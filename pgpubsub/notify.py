@@ -1,0 +1,62 @@
+"""Publishing from Python: ``notify()`` and ``process_stored_notifications()``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import connections
+from django.db.utils import DEFAULT_DB_ALIAS
+
+from pgpubsub import wire
+from pgpubsub.channel import BaseChannel, Channel, locate_channel, select_channels
+from pgpubsub.exceptions import InvalidChannel
+
+logger = logging.getLogger(__name__)
+
+
+def notify(channel: type[Channel] | str, using: str | None = None, **kwargs: Any) -> str:
+    """Send a message with fields ``kwargs`` to ``channel`` (a class or its dotted path).
+
+    The message is delivered when the current transaction commits (at once in autocommit).
+    For a lockable channel it is also stored, in the same transaction, until processed.
+    Returns the serialised payload.
+    """
+    channel_cls = locate_channel(channel)
+    if not issubclass(channel_cls, Channel):
+        raise InvalidChannel(
+            f"{channel_cls.name()} is a {channel_cls.__mro__[1].__name__}; notify() sends to "
+            "Channel subclasses (trigger channels are fed by their database triggers)."
+        )
+    message = channel_cls(**kwargs)
+    serialized = message.serialize()
+    listen_name = channel_cls.listen_safe_name()
+    with connections[using or DEFAULT_DB_ALIAS].cursor() as cursor:
+        if channel_cls.lock_notifications:
+            cursor.execute("SELECT pgpubsub_store(%s, %s::jsonb)", [listen_name, serialized])
+        else:
+            cursor.execute("SELECT pgpubsub_notify(%s, %s)", [listen_name, serialized])
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("Notified %s (%s bytes)", channel_cls.name(), len(serialized))
+    return serialized
+
+
+def process_stored_notifications(
+    channels: Iterable[type[BaseChannel] | str] | None = None, using: str | None = None
+) -> None:
+    """Ask running listeners to process every stored notification of the selected lockable
+    channels (all registered ones by default), for example after every listener was down.
+
+    Sends one empty-payload NOTIFY per channel.
+    """
+    selected = select_channels(None if channels is None else list(channels))
+    with connections[using or DEFAULT_DB_ALIAS].cursor() as cursor:
+        for channel_cls in selected:
+            if channel_cls.lock_notifications:
+                logger.info(
+                    "Asking listeners of %s to process stored notifications", channel_cls.name()
+                )
+                cursor.execute(
+                    "SELECT pg_notify(%s, %s)", [channel_cls.listen_safe_name(), wire.RECOVER]
+                )

@@ -1,0 +1,81 @@
+"""The SQL functions every producer (triggers and ``notify()``) publishes through.
+
+``pgpubsub_notify(channel, payload)`` sends a plain message. NOTIFY refuses payloads of 8000
+bytes or more, so a longer message is sent as numbered chunks that listeners put back together
+(see :mod:`pgpubsub.wire`); a producer's write never fails because a message is large.
+
+``pgpubsub_store(channel, payload)`` stores a lockable message in ``pgpubsub_notification`` and
+NOTIFYs only the new row's id, whatever the message's size.
+
+Both are (re)installed by migration 0007 and after every ``migrate``, so databases built without
+migrations (``--nomigrations`` test runs) have them too.
+"""
+
+from __future__ import annotations
+
+from django.db import connections
+
+#: NOTIFY payloads must be shorter than this many bytes (a compiled-in Postgres limit).
+NOTIFY_LIMIT = 8000
+#: Bytes of message text per chunk; a chunk's header takes fewer than 50 more.
+CHUNK_BYTES = 7900
+
+FUNCTIONS_SQL = f"""
+CREATE OR REPLACE FUNCTION pgpubsub_notify(p_channel text, p_payload text) RETURNS void
+LANGUAGE plpgsql AS $pgpubsub$
+DECLARE
+    total integer;
+    pos integer := 1;
+    seq integer := 0;
+    size integer;
+    piece text;
+    msgid text;
+BEGIN
+    IF octet_length(p_payload) < {NOTIFY_LIMIT} THEN
+        PERFORM pg_notify(p_channel, p_payload);
+        RETURN;
+    END IF;
+    msgid := md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text);
+    total := length(p_payload);
+    WHILE pos <= total LOOP
+        size := {CHUNK_BYTES};
+        piece := substr(p_payload, pos, size);
+        WHILE octet_length(piece) > {CHUNK_BYTES} LOOP
+            size := greatest(1, (size * {CHUNK_BYTES}) / octet_length(piece) - 1);
+            piece := substr(p_payload, pos, size);
+        END LOOP;
+        pos := pos + size;
+        PERFORM pg_notify(
+            p_channel,
+            '~' || msgid || ':' || seq || ':' || CASE WHEN pos > total THEN '1' ELSE '0' END
+            || ':' || piece
+        );
+        seq := seq + 1;
+    END LOOP;
+END
+$pgpubsub$;
+
+CREATE OR REPLACE FUNCTION pgpubsub_store(p_channel text, p_payload jsonb) RETURNS bigint
+LANGUAGE plpgsql AS $pgpubsub$
+DECLARE
+    new_id bigint;
+BEGIN
+    INSERT INTO pgpubsub_notification (channel, payload)
+    VALUES (p_channel, p_payload)
+    RETURNING id INTO new_id;
+    PERFORM pg_notify(p_channel, new_id::text);
+    RETURN new_id;
+END
+$pgpubsub$;
+"""
+
+DROP_FUNCTIONS_SQL = """
+DROP FUNCTION IF EXISTS pgpubsub_notify(text, text);
+DROP FUNCTION IF EXISTS pgpubsub_store(text, jsonb);
+"""
+
+
+def install_functions(using: str = "default") -> None:
+    """Create or replace the publishing functions in database ``using``."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(FUNCTIONS_SQL)

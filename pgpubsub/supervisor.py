@@ -1,0 +1,161 @@
+"""``listen --processes N``: start N listener processes, replace any that dies, stop them all on
+SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from django.conf import settings
+from django.db import connections
+
+logger = logging.getLogger(__name__)
+
+#: How often the supervisor looks at its children, in seconds.
+CHECK_INTERVAL = 0.5
+#: Seconds children get to exit after SIGTERM before they are killed.
+STOP_TIMEOUT = 30.0
+#: Shortest time between two starts of the same child slot, in seconds.
+RESTART_DELAY = 1.0
+
+
+def _forked_worker(channels: list[str] | None, recover: bool) -> None:
+    from pgpubsub import listen as listen_module
+
+    signal.signal(signal.SIGTERM, lambda *_: listen_module.stop())
+    signal.signal(signal.SIGINT, lambda *_: listen_module.stop())
+    listen_module.listen(channels, recover=recover, autorestart_on_failure=False)
+
+
+class _Child:
+    """One running worker: a spawned ``manage.py listen --worker`` or a forked process."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.handle.pid
+
+    def exitcode(self) -> int | None:
+        if isinstance(self.handle, subprocess.Popen):
+            return self.handle.poll()
+        return self.handle.exitcode
+
+    def signal(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def join(self, timeout: float) -> None:
+        if isinstance(self.handle, subprocess.Popen):
+            try:
+                self.handle.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            self.handle.join(timeout)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        processes: int,
+        channels: list[str] | None = None,
+        recover: bool = False,
+        restart: bool = True,
+        start_method: str = "spawn",
+        extra_args: list[str] | None = None,
+    ) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
+        if start_method not in ("spawn", "fork"):
+            raise ValueError(f"Unsupported start method {start_method!r}: use 'spawn' or 'fork'")
+        self.processes = processes
+        self.channels = channels
+        self.recover = recover
+        self.restart = restart
+        self.start_method = start_method
+        self.extra_args = extra_args or []
+        self.stopping = threading.Event()
+        self.children: list[_Child | None] = [None] * processes
+
+    def _start(self, slot: int, recover: bool) -> _Child:
+        if self.start_method == "fork":
+            connections.close_all()  # a child must never share the parent's sockets
+            process = multiprocessing.get_context("fork").Process(
+                target=_forked_worker, args=(self.channels, recover), name=f"pgpubsub-{slot}"
+            )
+            process.start()
+            child = _Child(process)
+        else:
+            args = [sys.executable, "-m", "django", "listen", "--worker", *self.extra_args]
+            if recover:
+                args.append("--recover")
+            if self.channels:
+                args += ["--channels", *self.channels]
+            env = dict(os.environ)
+            env["DJANGO_SETTINGS_MODULE"] = settings.SETTINGS_MODULE
+            env["PYTHONPATH"] = os.pathsep.join(path or os.getcwd() for path in sys.path)
+            child = _Child(subprocess.Popen(args, env=env))
+        logger.info("Started listener process %s (pid %s)", slot, child.pid)
+        return child
+
+    def run(self) -> int:
+        """Supervise until stopped; returns 0, or 1 if a child failed and restarts are off."""
+        previous = {
+            signum: signal.signal(signum, lambda *_: self.stopping.set())
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+        status = 0
+        try:
+            for slot in range(self.processes):
+                self.children[slot] = self._start(slot, self.recover)
+            while not self.stopping.wait(CHECK_INTERVAL):
+                for slot, child in enumerate(self.children):
+                    code = child.exitcode() if child is not None else None
+                    if child is None or code is None:
+                        continue
+                    logger.warning(
+                        "Listener process %s (pid %s) exited with code %s", slot, child.pid, code
+                    )
+                    self.children[slot] = None
+                    if code != 0:
+                        status = 1
+                    if not self.restart:
+                        continue
+                    pause = RESTART_DELAY - (time.monotonic() - child.started)
+                    if pause > 0 and self.stopping.wait(pause):
+                        break
+                    # The dead process's claimed rows were released: look for them again.
+                    self.children[slot] = self._start(slot, True)
+                if not any(self.children):
+                    break
+        finally:
+            self._stop_children()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return status
+
+    def _stop_children(self) -> None:
+        running = [child for child in self.children if child is not None]
+        for child in running:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for child in running:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.exitcode() is None:
+                logger.warning(
+                    "Listener process pid %s did not stop in time; killing it", child.pid
+                )
+                child.signal(signal.SIGKILL)
+                child.join(5.0)

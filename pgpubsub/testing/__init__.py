@@ -1,0 +1,1 @@
+"""Helpers for testing projects that use pgpubsub (and for pgpubsub's own tests)."""

@@ -1,0 +1,26 @@
+"""Settings of pgpubsub's own test suite (and of the subprocesses its tests start)."""
+
+from pgpubsub.testing.postgres import database_url, django_database
+
+SECRET_KEY = "pgpubsub-tests"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ALLOWED_HOSTS = ["*"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "pgtrigger",
+    "pgpubsub",
+    "tests.testapp",
+]
+DATABASES = {"default": django_database(database_url())}
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+ROOT_URLCONF = "tests.urls"
+MIDDLEWARE = []
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"pgpubsub": {"handlers": ["console"], "level": "WARNING"}},
+}

@@ -1,0 +1,96 @@
+import datetime
+import enum
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from pgpubsub.channel import Channel, TriggerChannel
+from tests.testapp.models import Author, Child, Document, Post
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass
+class PostReads(Channel):
+    model_id: int
+    model_type: str
+
+
+@dataclass
+class Everything(Channel):
+    text: str
+    number: int
+    ratio: float
+    flag: bool
+    price: Decimal
+    day: datetime.date
+    moment: datetime.datetime
+    clock: datetime.time
+    ident: uuid.UUID
+    colour: Colour
+    numbers: list[int]
+    pair: tuple[str, int]
+    names: set[str]
+    prices: dict[str, Decimal]
+    calendar: dict[int, datetime.date]
+    maybe: int | None = None
+    anything: Any = None
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Message(Channel):
+    """A plain channel carrying text."""
+
+    key: str
+    text: str = ""
+
+
+@dataclass
+class Job(Channel):
+    """A lockable channel: each job runs exactly once."""
+
+    lock_notifications = True
+    key: str
+    text: str = ""
+
+
+@dataclass
+class FailingJob(Channel):
+    lock_notifications = True
+    key: str
+
+
+@dataclass
+class AuthorTrigger(TriggerChannel):
+    """Lockable trigger channel: a post is written for each new author."""
+
+    model = Author
+    lock_notifications = True
+
+
+@dataclass
+class PostTrigger(TriggerChannel):
+    """Plain trigger channel on posts."""
+
+    model = Post
+
+
+@dataclass
+class DocumentTrigger(TriggerChannel):
+    model = Document
+
+
+@dataclass
+class LockedDocumentTrigger(TriggerChannel):
+    model = Document
+    lock_notifications = True
+
+
+@dataclass
+class ChildTrigger(TriggerChannel):
+    model = Child

@@ -1,0 +1,84 @@
+"""Listeners of the test app. In-process listeners append to ``received``; the others write
+``Effect`` rows, which tests read from any process."""
+
+import os
+
+from django.db.models import F
+
+import pgpubsub
+from tests.testapp import channels
+from tests.testapp.models import Effect, Post
+
+#: (channel name, keyword arguments) of each in-process delivery, in order.
+received: list[tuple[str, dict]] = []
+
+
+@pgpubsub.listener(channels.PostReads)
+def count_read(model_id: int, model_type: str) -> None:
+    Post.objects.filter(pk=model_id).update(read_count=F("read_count") + 1)
+
+
+@pgpubsub.listener(channels.Everything)
+def record_everything(**kwargs) -> None:
+    received.append(("Everything", kwargs))
+
+
+@pgpubsub.listener(channels.Message)
+def record_message(key: str, text: str) -> None:
+    received.append(("Message", {"key": key, "text": text}))
+
+
+@pgpubsub.listener(channels.Message)
+def record_message_again(key: str, text: str) -> None:
+    received.append(("Message.second", {"key": key, "text": text}))
+
+
+@pgpubsub.listener(channels.Job)
+def run_job(key: str, text: str) -> None:
+    Effect.objects.create(key=key, channel="Job", value=text[:100], pid=os.getpid())
+    received.append(("Job", {"key": key, "text": text}))
+
+
+@pgpubsub.listener(channels.FailingJob)
+def fail_job(key: str) -> None:
+    Effect.objects.create(key=key, channel="FailingJob", pid=os.getpid())
+    raise RuntimeError(f"job {key} failed on purpose")
+
+
+@pgpubsub.post_insert_listener(channels.AuthorTrigger)
+def write_first_post(old, new) -> None:
+    Post.objects.create(author_id=new.pk, content=f"first post of {new.name}")
+    Effect.objects.create(
+        key=f"author-{new.pk}", channel="AuthorTrigger", value=new.name, pid=os.getpid()
+    )
+
+
+@pgpubsub.post_save_listener(channels.PostTrigger)
+def record_post(old, new) -> None:
+    received.append(("PostTrigger", {"old": old, "new": new}))
+
+
+@pgpubsub.post_delete_listener(channels.PostTrigger)
+def record_post_delete(old, new) -> None:
+    received.append(("PostTrigger.delete", {"old": old, "new": new}))
+
+
+@pgpubsub.post_save_listener(channels.DocumentTrigger)
+def record_document(old, new) -> None:
+    received.append(("DocumentTrigger", {"old": old, "new": new}))
+
+
+@pgpubsub.post_insert_listener(channels.LockedDocumentTrigger)
+def record_locked_document(old, new) -> None:
+    Effect.objects.create(
+        key=f"document-{new.pk}",
+        channel="LockedDocumentTrigger",
+        value=str(len(new.body)),
+        pid=os.getpid(),
+    )
+    received.append(("LockedDocumentTrigger", {"old": old, "new": new}))
+
+
+@pgpubsub.post_save_listener(channels.ChildTrigger)
+def record_child(old, new) -> None:
+    received.append(("ChildTrigger", {"old": old, "new": new}))
