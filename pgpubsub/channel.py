@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import hashlib
 import inspect
 import json
@@ -28,12 +29,16 @@ registry: defaultdict[type[BaseChannel], list[Callable]] = defaultdict(list)
 # LISTEN name -> channel class, for registered channels (kept beside ``registry`` for O(1) lookup).
 _by_listen_name: dict[str, type[BaseChannel]] = {}
 
+# (trigger channel, callback) -> the row operations the callback was registered for
+# (``post_delete_listener`` -> {"DELETE"}). Callbacks absent here get every message.
+_trigger_operations: dict[tuple[type[BaseChannel], Callable], set[str]] = {}
 
-def _load_json(payload: Any) -> Any:
+
+def _load_json(payload: Any, parse_float: Callable[[str], Any] | None = None) -> Any:
     """Payloads arrive as JSON text, as parsed JSON, or (rows of older versions) as JSON text
     stored inside a JSON string; unwrap until a JSON object remains."""
     while isinstance(payload, str | bytes):
-        payload = json.loads(payload)
+        payload = json.loads(payload, parse_float=parse_float)
     return payload
 
 
@@ -195,12 +200,30 @@ class TriggerChannel(BaseChannel):
             kwargs["context"] = self.context
         return kwargs
 
+    @property
+    def operation(self) -> str:
+        """``INSERT``, ``UPDATE`` or ``DELETE``, as told by which row images are present."""
+        if self.old is None:
+            return "INSERT"
+        return "DELETE" if self.new is None else "UPDATE"
+
+    def execute_callbacks(self) -> None:
+        """Call each callback registered for this message's operation (a channel with both a
+        ``post_insert_listener`` and a ``post_delete_listener`` gives each only its own rows)."""
+        kwargs = self.signature
+        operation = self.operation
+        for callback in self.callbacks:
+            operations = _trigger_operations.get((type(self), callback))
+            if operations is None or operation in operations:
+                callback(**kwargs)
+
     @classmethod
     def deserialize(cls, payload: dict | str) -> dict[str, Any]:
         """``{'old': ..., 'new': ...}`` as unsaved model instances (and ``context`` when passed)."""
         from pgpubsub.rows import instance_from_row, model_for_payload
 
-        data = _load_json(payload)
+        # Decimal keeps numeric columns exact; float columns are converted back by their field.
+        data = _load_json(payload, parse_float=decimal.Decimal)
         if not isinstance(data, dict):
             raise InvalidPayload(
                 f"{cls.name()}: trigger payload is not a JSON object: {data!r:.200}"

@@ -12,7 +12,13 @@ from django.db import models
 from django.db.models import Q
 
 from pgpubsub import conf
-from pgpubsub.channel import BaseChannel, Channel, TriggerChannel, locate_channel
+from pgpubsub.channel import (
+    BaseChannel,
+    Channel,
+    TriggerChannel,
+    _trigger_operations,
+    locate_channel,
+)
 from pgpubsub.exceptions import InvalidChannel, ListenerSignatureError
 
 F = TypeVar("F", bound=Callable)
@@ -141,10 +147,19 @@ def _trigger_action_listener(
             and existing.when != when
         ):
             name = f"{listen_name}_{str(when).lower()}"
-    return trigger_listener(
+    register = trigger_listener(
         channel_cls,
         trigger=notify_cls(name=name, channel=listen_name, when=when, operation=operation),
     )
+
+    def decorate(callback: F) -> F:
+        register(callback)
+        _trigger_operations.setdefault((channel_cls, callback), set()).update(
+            _operation_names(operation)
+        )
+        return callback
+
+    return decorate
 
 
 def pre_save_listener(channel: type[TriggerChannel] | str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import functools
 from typing import Any
 
@@ -38,10 +39,23 @@ def _column_plan(model: type[models.Model]) -> tuple[tuple[str, str, Any], ...]:
             convert = target.to_python
         elif isinstance(field, models.BinaryField):
             convert = _bytea_from_json
+        elif isinstance(field, models.JSONField):
+            convert = _plain_json
         else:
             convert = field.to_python
         plan.append((field.column, field.attname, convert))
     return tuple(plan)
+
+
+def _plain_json(value: Any) -> Any:
+    # Payloads are parsed with Decimal for exact numeric columns; JSON columns hold floats.
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain_json(item) for key, item in value.items()}
+    return value
 
 
 def _bytea_from_json(value: Any) -> Any:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from django.db.models import Q
+from typing import NamedTuple
+
+from django.db.models import Q, TextField
+from django.db.models.functions import Cast
 
 from pgpubsub import conf
 from pgpubsub.channel import BaseChannel
@@ -10,6 +13,13 @@ from pgpubsub.models import Notification
 
 #: Rows claimed per transaction when processing a channel's backlog.
 BATCH_SIZE = 100
+
+
+class StoredRow(NamedTuple):
+    """A claimed row: its id and its payload as JSON text (parsed later, by the channel)."""
+
+    pk: int
+    payload: str
 
 
 def stored_names(channel_cls: type[BaseChannel]) -> list[str]:
@@ -23,31 +33,41 @@ def _listener_filter() -> Q:
     return provider.get_filter() if provider is not None else Q()
 
 
-def claim(channel_cls: type[BaseChannel], row_id: int, using: str) -> Notification | None:
+def _locked(using: str):
+    return (
+        Notification.objects.using(using)
+        .select_for_update(skip_locked=True, of=("self",))
+        .filter(_listener_filter())
+    )
+
+
+def claim(channel_cls: type[BaseChannel], row_id: int, using: str) -> StoredRow | None:
     """Lock the stored row ``row_id`` of the channel for this transaction, or None when it is
     gone, locked by another listener, or excluded by ``PGPUBSUB_LISTENER_FILTER``."""
     rows = (
-        Notification.objects.using(using)
-        .select_for_update(skip_locked=True)
-        .filter(_listener_filter(), pk=row_id, channel__in=stored_names(channel_cls))
-        .order_by()[:1]
+        _locked(using)
+        .filter(pk=row_id, channel__in=stored_names(channel_cls))
+        .order_by()
+        .values_list("pk", Cast("payload", TextField()))[:1]
     )
-    return next(iter(rows), None)
+    row = next(iter(rows), None)
+    return StoredRow(*row) if row else None
 
 
 def claim_batch(
     channel_cls: type[BaseChannel], after_id: int, using: str, limit: int = BATCH_SIZE
-) -> list[Notification]:
+) -> list[StoredRow]:
     """Lock up to ``limit`` unlocked stored rows of the channel with ids above ``after_id``,
     oldest first."""
-    return list(
-        Notification.objects.using(using)
-        .select_for_update(skip_locked=True)
-        .filter(_listener_filter(), channel__in=stored_names(channel_cls), pk__gt=after_id)
-        .order_by("pk")[:limit]
+    rows = (
+        _locked(using)
+        .filter(channel__in=stored_names(channel_cls), pk__gt=after_id)
+        .order_by("pk")
+        .values_list("pk", Cast("payload", TextField()))[:limit]
     )
+    return [StoredRow(*row) for row in rows]
 
 
-def acknowledge(notification: Notification, using: str) -> None:
+def acknowledge(row: StoredRow, using: str) -> None:
     """Delete a processed row (inside the transaction that processed it)."""
-    Notification.objects.using(using).filter(pk=notification.pk).delete()
+    Notification.objects.using(using).filter(pk=row.pk)._raw_delete(using)

@@ -1,5 +1,7 @@
 """Settings of pgpubsub's own test suite (and of the subprocesses its tests start)."""
 
+import os
+
 from pgpubsub.testing.postgres import database_url, django_database
 
 SECRET_KEY = "pgpubsub-tests"
@@ -15,6 +17,8 @@ INSTALLED_APPS = [
     "tests.testapp",
 ]
 DATABASES = {"default": django_database(database_url())}
+# A test database per test run, so runs against one shared server never collide.
+DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "tests.urls"
 MIDDLEWARE = []

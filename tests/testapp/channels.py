@@ -94,3 +94,10 @@ class LockedDocumentTrigger(TriggerChannel):
 @dataclass
 class ChildTrigger(TriggerChannel):
     model = Child
+
+
+@dataclass
+class DocumentDeleting(TriggerChannel):
+    """Plain trigger channel that fires BEFORE a document is deleted."""
+
+    model = Document

@@ -54,13 +54,13 @@ def write_first_post(old, new) -> None:
 
 
 @pgpubsub.post_save_listener(channels.PostTrigger)
-def record_post(old, new) -> None:
-    received.append(("PostTrigger", {"old": old, "new": new}))
+def record_post(old, new, **extra) -> None:
+    received.append(("PostTrigger", {"old": old, "new": new, **extra}))
 
 
 @pgpubsub.post_delete_listener(channels.PostTrigger)
-def record_post_delete(old, new) -> None:
-    received.append(("PostTrigger.delete", {"old": old, "new": new}))
+def record_post_delete(old, new, **extra) -> None:
+    received.append(("PostTrigger.delete", {"old": old, "new": new, **extra}))
 
 
 @pgpubsub.post_save_listener(channels.DocumentTrigger)
@@ -82,3 +82,8 @@ def record_locked_document(old, new) -> None:
 @pgpubsub.post_save_listener(channels.ChildTrigger)
 def record_child(old, new) -> None:
     received.append(("ChildTrigger", {"old": old, "new": new}))
+
+
+@pgpubsub.pre_delete_listener(channels.DocumentDeleting)
+def record_document_deleting(old, new) -> None:
+    received.append(("DocumentDeleting", {"old": old, "new": new}))

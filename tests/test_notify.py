@@ -1,0 +1,181 @@
+"""notify() and process_stored_notifications()."""
+
+import pytest
+from django.db import connection, transaction
+from django.test import override_settings
+
+import pgpubsub
+from pgpubsub.channel import ChannelNotFound
+from pgpubsub.exceptions import InvalidChannel, InvalidPayload
+from pgpubsub.listen import process_notifications
+from pgpubsub.models import Notification
+from tests.testapp import channels
+from tests.testapp.listeners import received
+from tests.testapp.models import Effect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TRICKY = [
+    "it's",
+    "back\\slash \\' \\\\",
+    "$$ dollar $tag$ $$",
+    "'); DROP TABLE pgpubsub_notification; --",
+    'double " quote',
+    "newline\nand\ttab",
+    "unicode ü € 😀 \u2028",
+    "%s %(name)s {}",
+]
+
+
+def messages():
+    return [kwargs for name, kwargs in received if name == "Message"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_plain_notify_delivers_any_text_intact(listening, text):
+    pgpubsub.notify(channels.Message, key=text, text=text)
+    process_notifications(listening)
+    assert messages() == [{"key": text, "text": text}]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_lockable_notify_delivers_any_text_intact(listening, text):
+    pgpubsub.notify(channels.Job, key=text, text=text)
+    process_notifications(listening)
+    assert Effect.objects.get(key=text).value == text[:100]
+
+
+def test_every_listener_of_a_channel_runs_in_registration_order(listening):
+    pgpubsub.notify("tests.testapp.channels.Message", key="k")
+    process_notifications(listening)
+    assert [name for name, _ in received] == ["Message", "Message.second"]
+
+
+def test_notify_returns_the_serialized_payload():
+    payload = pgpubsub.notify(channels.Message, key="k", text="t")
+    assert channels.Message.deserialize(payload) == {"key": "k", "text": "t"}
+
+
+def test_one_megabyte_messages(listening):
+    text = "x€" * 350_000
+    pgpubsub.notify(channels.Message, key="big", text=text)
+    pgpubsub.notify(channels.Job, key="big-job", text=text)
+    process_notifications(listening)
+    assert messages() == [{"key": "big", "text": text}]
+    assert [k["text"] for n, k in received if n == "Job"] == [text]
+
+
+def test_lockable_notify_stores_a_row_under_the_listen_name(django_db_setup):
+    pgpubsub.notify(channels.Job, key="stored")
+    (row,) = Notification.from_channel(channels.Job)
+    assert row.channel == channels.Job.listen_safe_name()
+    assert row.payload == {"kwargs": {"key": "stored", "text": ""}}
+
+
+def test_rolled_back_notify_is_neither_stored_nor_delivered(listening):
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            pgpubsub.notify(channels.Job, key="never")
+            pgpubsub.notify(channels.Message, key="never")
+            1 / 0  # noqa: B018
+    process_notifications(listening)
+    assert Notification.objects.count() == 0
+    assert received == []
+
+
+def test_bad_input_fails_at_notify_and_sends_nothing(listening):
+    with pytest.raises(ChannelNotFound):
+        pgpubsub.notify("tests.testapp.channels.NoSuchChannel", key="x")
+    with pytest.raises(InvalidChannel, match="trigger"):
+        pgpubsub.notify(channels.AuthorTrigger, old=None, new=None)
+    with pytest.raises(InvalidPayload, match="Job.key"):
+        pgpubsub.notify(channels.Job, key=42)
+    with pytest.raises(TypeError):
+        pgpubsub.notify(channels.Job, wrong="field")
+    process_notifications(listening)
+    assert Notification.objects.count() == 0
+    assert received == []
+
+
+def test_a_failing_lockable_callback_rolls_back_and_keeps_the_row(listening):
+    pgpubsub.notify(channels.FailingJob, key="boom")
+    pgpubsub.notify(channels.Job, key="after")
+    process_notifications(listening)
+    assert not Effect.objects.filter(key="boom").exists()
+    assert Effect.objects.filter(key="after").exists()
+    assert list(Notification.objects.values_list("channel", flat=True)) == [
+        channels.FailingJob.listen_safe_name()
+    ]
+
+
+def _store_silently(channel_cls, key, name=None):
+    """A stored row nobody was notified about (as after a listener outage)."""
+    return Notification.objects.create(
+        channel=name or channel_cls.listen_safe_name(), payload={"kwargs": {"key": key}}
+    )
+
+
+def test_process_stored_notifications_makes_listeners_process_the_backlog(listening):
+    for i in range(5):
+        _store_silently(channels.Job, f"job-{i}")
+    _store_silently(channels.FailingJob, "fails")
+    process_notifications(listening)
+    assert Effect.objects.count() == 0  # nobody was told
+
+    pgpubsub.process_stored_notifications([channels.Job])
+    process_notifications(listening)
+    assert sorted(Effect.objects.values_list("key", flat=True)) == [f"job-{i}" for i in range(5)]
+    assert Notification.objects.get().channel == channels.FailingJob.listen_safe_name()
+
+
+def test_process_stored_notifications_sends_one_empty_notify_per_lockable_channel(listening):
+    pgpubsub.process_stored_notifications()
+    listening.poll()
+    notes = list(listening.notifies)
+    listening.notifies = []
+    lockable = {
+        cls.listen_safe_name() for cls in pgpubsub.channel.registry if cls.lock_notifications
+    }
+    assert sorted(n.channel for n in notes) == sorted(lockable)
+    assert {n.payload for n in notes} == {""}
+
+
+def test_rows_stored_by_older_versions_are_processed(listening):
+    # django-pgpubsub 1.x notify() stored the dotted path and a JSON string payload.
+    Notification.objects.create(
+        channel=channels.Job.name(), payload='{"kwargs": {"key": "legacy", "text": "old"}}'
+    )
+    pgpubsub.process_stored_notifications([channels.Job])
+    process_notifications(listening)
+    assert Effect.objects.get(key="legacy").value == "old"
+    assert Notification.objects.count() == 0
+
+
+def test_a_full_payload_notify_from_an_older_trigger_processes_the_channel(listening):
+    _store_silently(channels.Job, "from-old-trigger")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_notify(%s, %s)",
+            [channels.Job.listen_safe_name(), '{"kwargs": {"key": "from-old-trigger"}}'],
+        )
+    process_notifications(listening)
+    assert Effect.objects.filter(key="from-old-trigger").exists()
+
+
+@override_settings(PGPUBSUB_LISTENER_FILTER="tests.testapp.filters.SkipMarkedRows")
+def test_listener_filter_limits_what_listeners_claim(listening):
+    pgpubsub.notify(channels.Job, key="skip-me")
+    pgpubsub.notify(channels.Job, key="take-me")
+    process_notifications(listening)
+    assert list(Effect.objects.values_list("key", flat=True)) == ["take-me"]
+    assert Notification.objects.get().payload["kwargs"]["key"] == "skip-me"
+
+
+@override_settings(PGPUBSUB_LISTENER_FILTER="tests.testapp.filters.Missing")
+def test_a_listener_filter_that_cannot_be_imported_is_a_clear_error(listening):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from pgpubsub import conf
+
+    with pytest.raises(ImproperlyConfigured, match="PGPUBSUB_LISTENER_FILTER"):
+        conf.listener_filter_provider()
