@@ -67,7 +67,14 @@ def test_module_names(module, names):
 
 
 def test_channel_classmethods():
-    for method in ("name", "listen_safe_name", "get", "register", "deserialize", "build_from_payload"):
+    for method in (
+        "name",
+        "listen_safe_name",
+        "get",
+        "register",
+        "deserialize",
+        "build_from_payload",
+    ):
         assert callable(getattr(channels.Job, method))
     assert callable(channels.Job(key="k").serialize)
 
