@@ -9,10 +9,11 @@ Encodings (chosen so that every supported value comes back equal, with the same 
   ``"nan"``, ``"inf"``, ``"-inf"``, ``"-0.0"`` where JSON and ``jsonb`` cannot hold the value.
 - ``Decimal``, ``UUID``: their ``str()``. ``date``, ``time``, ``datetime``: ISO 8601; an aware
   datetime in a ``zoneinfo`` zone is followed by the zone key in brackets
-  (``2024-03-31T02:30:00+02:00[Europe/Paris]``) so the zone itself survives.
+  (``2024-07-01T12:00:00+02:00[Europe/Paris]``) so the zone itself survives.
 - ``Enum``: the member's value (which must be a JSON scalar).
 - ``list``/``tuple``/``set``/``frozenset``: a JSON array. ``dict``: a JSON object; keys that do
-  not encode to strings are written as their JSON text (``{"1": ...}`` for ``int`` keys).
+  not encode to strings are written as their JSON text (``{"1": ...}`` for ``int`` keys);
+  ``dict[Any, ...]`` takes JSON scalar keys.
 - ``Any``, ``object``, bare ``dict``/``list``: JSON values, checked when sent.
 """
 
@@ -58,7 +59,11 @@ class Codec:
 
 
 def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
-    raise InvalidPayload(f"{where}: expected {expected}, got {type(value).__name__} {value!r:.80}")
+    try:
+        shown = f"{value!r:.80}"
+    except ValueError:  # an int too long for repr()
+        shown = "(too long to show)"
+    raise InvalidPayload(f"{where}: expected {expected}, got {type(value).__name__} {shown}")
 
 
 # --- scalars -------------------------------------------------------------------------------------
@@ -83,10 +88,22 @@ def _decode_str(value: Any, where: str) -> str:
     return value
 
 
+# Integers longer than this many bits may exceed Python's limit on int <-> str conversion.
+_LONG_INT_BITS = 4000
+
+
 def _encode_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(where, "int", value)
-    return int(value)
+    value = int(value)
+    if value.bit_length() > _LONG_INT_BITS:
+        try:
+            str(value)
+        except ValueError:
+            raise InvalidPayload(
+                f"{where}: integer of {value.bit_length()} bits is too long to write as JSON text"
+            ) from None
+    return value
 
 
 def _decode_int(value: Any, where: str) -> int:
@@ -104,13 +121,15 @@ def _decode_int(value: Any, where: str) -> int:
     _fail(where, "an integer", value)
 
 
-_FLOAT_SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "-0.0": -0.0}
-
-
 def _encode_float(value: Any, where: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         _fail(where, "float", value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise InvalidPayload(
+            f"{where}: integer of {value.bit_length()} bits is too large for a float"
+        ) from None
     if math.isnan(value):
         return "nan"
     if math.isinf(value):
@@ -123,13 +142,11 @@ def _encode_float(value: Any, where: str) -> Any:
 def _decode_float(value: Any, where: str) -> float:
     if isinstance(value, bool):
         _fail(where, "a number", value)
-    if isinstance(value, str):
-        special = _FLOAT_SPECIALS.get(value.lower())
-        if special is not None:
-            return special
+    # float() reads the special strings ("nan", "inf", "-inf", "-0.0") itself, and makes a new
+    # object for each nan, so a set of several nans keeps all of them.
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         _fail(where, "a number", value)
 
 
@@ -214,13 +231,15 @@ def _decode_time(value: Any, where: str) -> datetime.time:
 def _encode_datetime(value: Any, where: str) -> str:
     if not isinstance(value, datetime.datetime):
         _fail(where, "datetime", value)
-    text = value.isoformat()
     if isinstance(value.tzinfo, zoneinfo.ZoneInfo) and value.tzinfo.key:
-        text = f"{text}[{value.tzinfo.key}]"
-    elif value.tzinfo is not None and not isinstance(value.tzinfo, datetime.timezone):
-        # Other tzinfo classes (pytz, dateutil) keep their offset; the zone name is not portable.
-        text = value.astimezone(datetime.timezone(value.utcoffset())).isoformat()
-    return text
+        return f"{value.isoformat()}[{value.tzinfo.key}]"
+    if value.tzinfo is not None and not isinstance(value.tzinfo, datetime.timezone):
+        # Other tzinfo classes (pytz, dateutil, keyless ZoneInfo) keep their offset; the zone
+        # itself is not portable. replace(), not astimezone(): no overflow near datetime.max.
+        offset = value.utcoffset()
+        fixed = None if offset is None else datetime.timezone(offset)
+        value = value.replace(tzinfo=fixed)
+    return value.isoformat()
 
 
 def _decode_datetime(value: Any, where: str) -> datetime.datetime:
@@ -230,16 +249,36 @@ def _decode_datetime(value: Any, where: str) -> datetime.datetime:
     match = _ZONE_SUFFIX.match(value)
     if match:
         value, zone = match.group("iso"), match.group("zone")
+    text = value
+    if text.endswith(("Z", "z")):
+        # Django's JSON encoder (django-pgpubsub 1.x payloads) writes UTC as "Z", which
+        # fromisoformat() reads only from Python 3.11 on.
+        text = text[:-1] + "+00:00"
     try:
-        parsed = datetime.datetime.fromisoformat(value)
+        parsed = datetime.datetime.fromisoformat(text)
     except ValueError:
         _fail(where, "an ISO 8601 datetime", value)
-    if zone is not None:
-        try:
-            parsed = parsed.astimezone(zoneinfo.ZoneInfo(zone))
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            pass  # the offset alone still gives the right instant
-    return parsed
+    if zone is None or parsed.tzinfo is None:
+        return parsed
+    return _in_zone(parsed, zone)
+
+
+def _in_zone(parsed: datetime.datetime, key: str) -> datetime.datetime:
+    """``parsed`` (aware, fixed offset) with its zone ``key`` attached, keeping the wall time,
+    the offset and so the fold, also for times a DST change skips or repeats."""
+    try:
+        zone = zoneinfo.ZoneInfo(key)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return parsed  # the offset alone still gives the right instant
+    offset = parsed.utcoffset()
+    for fold in (0, 1):
+        local = parsed.replace(tzinfo=zone, fold=fold)
+        if local.utcoffset() == offset:
+            return local
+    try:  # the zone's rules changed since the value was sent: same instant, new wall time
+        return parsed.astimezone(zone)
+    except OverflowError:
+        return parsed
 
 
 _SCALARS: dict[Any, Codec] = {
@@ -285,6 +324,19 @@ def _check_json(value: Any, where: str) -> Any:
     )
 
 
+def _encode_json_key(value: Any, where: str) -> Any:
+    # A key must come back hashable: JSON arrays and objects would decode to list and dict.
+    if isinstance(value, list | tuple | dict):
+        raise InvalidPayload(
+            f"{where}: {value!r:.80} cannot be a key of an Any-keyed dict; declare the key type "
+            "(for example dict[tuple[int, int], str])"
+        )
+    return _check_json(value, where)
+
+
+_JSON_KEY = Codec("JSON scalar", _encode_json_key, lambda value, where: value)
+
+
 def _json_codec(name: str, container: type | None = None) -> Codec:
     def encode(value: Any, where: str) -> Any:
         if container is not None and not isinstance(value, container):
@@ -328,7 +380,18 @@ def _enum_codec(enum_cls: type[enum.Enum], where: str) -> Codec:
     return Codec(enum_cls.__name__, encode, decode, stringy=stringy)
 
 
-def _optional_codec(inner: Codec) -> Codec:
+def _optional_codec(inner: Codec, where: str) -> Codec:
+    try:
+        null_value = inner.decode(None, where)
+    except (InvalidPayload, TypeError, ValueError):
+        pass
+    else:
+        if null_value is not None:
+            raise InvalidChannel(
+                f"{where}: Optional[{inner.name}] is ambiguous, {null_value!r} is also sent as "
+                "null; drop Optional or give that value another representation"
+            )
+
     def encode(value: Any, where: str) -> Any:
         return None if value is None else inner.encode(value, where)
 
@@ -427,7 +490,7 @@ def codec_for(tp: Any, where: str) -> Codec:
     if origin is typing.Union or origin is types.UnionType:
         non_none = [arg for arg in args if arg is not type(None)]
         if len(non_none) == 1 and len(args) == 2:
-            return _optional_codec(codec_for(non_none[0], where))
+            return _optional_codec(codec_for(non_none[0], where), where)
         raise InvalidChannel(
             f"{where}: Union types other than Optional[X] are ambiguous in JSON; use one type"
         )
@@ -436,6 +499,10 @@ def codec_for(tp: Any, where: str) -> Codec:
             raise InvalidChannel(f"{where}: {origin.__name__} needs one item type")
         return _sequence_codec(origin, codec_for(args[0], f"{where}[]"))
     if origin is tuple:
+        if tp is typing.Tuple:  # noqa: UP006 - bare: its items are unknown
+            raise InvalidChannel(
+                f"{where}: tuple needs item types, e.g. tuple[int, str] or tuple[int, ...]"
+            )
         if len(args) == 2 and args[1] is Ellipsis:
             return _sequence_codec(tuple, codec_for(args[0], f"{where}[]"))
         if not args or args == ((),):
@@ -444,7 +511,11 @@ def codec_for(tp: Any, where: str) -> Codec:
     if origin is dict:
         if len(args) != 2:
             raise InvalidChannel(f"{where}: dict needs a key and a value type")
-        return _dict_codec(codec_for(args[0], f"{where} key"), codec_for(args[1], f"{where}[]"))
+        if args[0] is Any or args[0] is object:
+            key = _JSON_KEY
+        else:
+            key = codec_for(args[0], f"{where} key")
+        return _dict_codec(key, codec_for(args[1], f"{where}[]"))
     raise InvalidChannel(
         f"{where}: type {tp!r} cannot be sent through a channel. Supported: str, int, float, bool, "
         "None, Decimal, date, datetime, time, UUID, Enum, and list/tuple/set/dict/Optional of "
