@@ -1,0 +1,262 @@
+"""Real ``manage.py listen`` processes for acceptance tests: start them against the test
+database, wait on conditions with a deadline, look at their database sessions, stop them.
+
+Each process gets its own ``application_name`` (through the ``DATABASE_URL`` it is given), so
+the test can find every database session it opened, including those of the children a
+``--processes N`` supervisor starts (they inherit the environment).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGE = ROOT / "tests" / "manage.py"
+
+#: Pause between two checks of a condition, in seconds.
+POLL_INTERVAL = 0.05
+#: Seconds a process gets to exit after SIGTERM when a test cleans up.
+CLEANUP_TIMEOUT = 10.0
+
+_names = itertools.count(1)
+
+
+def database_url(application_name: str | None = None) -> str:
+    """A URL of the database the test runs against (the test database), for a subprocess."""
+    settings = connection.settings_dict
+    user = quote(settings["USER"] or "", safe="")
+    password = quote(settings["PASSWORD"] or "", safe="")
+    host = settings["HOST"] or ""
+    port = str(settings["PORT"] or "")
+    query = {key: str(value) for key, value in settings["OPTIONS"].items()}
+    if application_name:
+        query["application_name"] = application_name
+    if host.startswith("/"):  # a Unix socket directory
+        query["host"] = host
+        host = ""
+    elif ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = f"{user}:{password}@{host}" + (f":{port}" if port else "")
+    url = f"postgresql://{netloc}/{quote(settings['NAME'], safe='')}"
+    return f"{url}?{urlencode(query)}" if query else url
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float,
+    what: str | Callable[[], str],
+    watch: Iterable[ListenProcess] = (),
+) -> Any:
+    """Poll ``condition`` until it returns something truthy (and return that), or fail after
+    ``timeout`` seconds. Fails at once if a process in ``watch`` exits meanwhile."""
+    watch = list(watch)
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        dead = [process for process in watch if not process.alive]
+        if dead or time.monotonic() >= deadline:
+            described = what() if callable(what) else what
+            reason = (
+                ", ".join(f"{p.name} exited with code {p.returncode}" for p in dead)
+                if dead
+                else f"timed out after {timeout}s"
+            )
+            raise AssertionError(f"Waiting for {described}: {reason}{outputs(watch)}")
+        time.sleep(POLL_INTERVAL)
+
+
+def outputs(processes: Iterable[ListenProcess]) -> str:
+    """The output of each process, for assertion messages."""
+    return "".join(
+        f"\n----- output of {p.name} (pid {p.pid}) -----\n{p.output()}" for p in processes
+    )
+
+
+def backends(application_name: str, listening: bool = False) -> list[tuple[int, str]]:
+    """(backend pid, last query) of the sessions of the test database opened under
+    ``application_name``; with ``listening``, only those whose last statement was a LISTEN."""
+    sql = (
+        "SELECT pid, query FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()"
+    )
+    if listening:
+        sql += " AND query ILIKE 'LISTEN%%'"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [application_name])
+        return list(cursor.fetchall())
+
+
+def child_pids(pid: int) -> set[int]:
+    """Pids of the live (not zombie) child processes of ``pid``, read from /proc."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.add(int(entry.name))
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+class ListenProcess:
+    """``python tests/manage.py listen <args>`` against the test database; output is captured."""
+
+    def __init__(self, *args: str, name: str | None = None) -> None:
+        self.name = name or f"pgpubsub-test-{os.getpid()}-{next(_names)}"
+        self.args = list(args)
+        self._log = tempfile.TemporaryFile(prefix="pgpubsub-listen-")
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=database_url(self.name),
+            DJANGO_SETTINGS_MODULE="tests.settings",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            PYTHONUNBUFFERED="1",
+        )
+        self.popen = subprocess.Popen(
+            [sys.executable, str(MANAGE), "listen", *self.args],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, which cleanup can kill whole
+        )
+        self.pid = self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")
+
+    def send(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process has exited within ``timeout`` seconds."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} did not exit within {timeout}s{outputs([self])}"
+            ) from None
+
+    def children(self) -> set[int]:
+        return child_pids(self.pid)
+
+    def backends(self, listening: bool = False) -> list[tuple[int, str]]:
+        return backends(self.name, listening)
+
+    def wait_listening(self, count: int = 1, timeout: float = 30.0) -> list[tuple[int, str]]:
+        """Wait until exactly ``count`` of its sessions have LISTENed; returns them."""
+        return wait_for(
+            lambda: (found := self.backends(listening=True)) and len(found) == count and found,
+            timeout,
+            lambda: f"{count} LISTEN session(s) of {self.name}, have {self.backends(True)}",
+            watch=[self],
+        )
+
+    def wait_no_backends(self, timeout: float = 10.0) -> None:
+        wait_for(
+            lambda: not self.backends(),
+            timeout,
+            lambda: f"the sessions of {self.name} to end, have {self.backends()}",
+        )
+
+    def stop(self) -> None:
+        """Stop it and everything it started (SIGTERM, then SIGKILL), and make sure none of
+        its database sessions outlives the test. For cleanup; asserts nothing."""
+        descendants = self._descendants()
+        if self.alive:
+            self.send(signal.SIGTERM)
+            try:
+                self.popen.wait(CLEANUP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in [self.pid, *descendants]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(CLEANUP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            self.wait_no_backends(5.0)
+        except AssertionError:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND application_name = %s",
+                    [self.name],
+                )
+        self._log.close()
+
+    def _descendants(self) -> set[int]:
+        found: set[int] = set()
+        todo = [self.pid]
+        while todo:
+            children = child_pids(todo.pop()) - found
+            found |= children
+            todo.extend(children)
+        return found
+
+
+class ListenProcesses:
+    """The listen processes of one test; ``stop_all()`` ends every one of them."""
+
+    def __init__(self) -> None:
+        self.started: list[ListenProcess] = []
+
+    def start(self, *args: str, ready: int | None = 1) -> ListenProcess:
+        """Start ``listen <args>``; unless ``ready`` is None, wait until that many of its
+        sessions LISTEN."""
+        process = ListenProcess(*args)
+        self.started.append(process)
+        if ready is not None:
+            process.wait_listening(ready)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()
