@@ -1,0 +1,487 @@
+"""What the workloads stand on: the database server, the processes the runner starts, the two
+sides (this checkout and django-pgpubsub 1.3.1) and the engine that processes notifications."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = Path(__file__).resolve().parent / "project_template"
+THEIRS_REQUIREMENTS = [
+    "django-pgpubsub==1.3.1",
+    "django>=4.2,<5",
+    "django-pgtrigger",
+    "psycopg2-binary",
+]
+
+#: Pause between two checks of a condition, in seconds.
+POLL_INTERVAL = 0.05
+#: Seconds a process gets to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+#: Seconds a short command (makemigrations, migrate, a producer) may take.
+COMMAND_TIMEOUT = 300.0
+#: Seconds the 1.3.1 venv may take to be created and installed.
+VENV_TIMEOUT = 900.0
+
+
+class BenchmarkError(RuntimeError):
+    """A workload could not be measured (a process failed, a condition was not reached)."""
+
+
+# --- database server --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    """The PostgreSQL server of ``--database-url``; the database named in it is only used to
+    connect for CREATE/DROP DATABASE."""
+
+    host: str
+    port: str
+    user: str
+    password: str
+    dbname: str
+    options: dict[str, str]
+
+    @classmethod
+    def from_url(cls, url: str) -> Server:
+        """``postgres://user:pw@host:port/db`` or the Unix-socket form
+        ``postgresql://user:@/db?host=/path/to/socket/dir``."""
+        parsed = urlparse(url)
+        if parsed.scheme not in ("postgres", "postgresql"):
+            raise ValueError(f"Not a PostgreSQL URL: {url!r}")
+        options = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
+        host = options.pop("host", None) or unquote(parsed.hostname or "")
+        port = options.pop("port", None) or str(parsed.port or "")
+        return cls(
+            host=host,
+            port=port,
+            user=unquote(parsed.username or "") or options.pop("user", "postgres"),
+            password=unquote(parsed.password or ""),
+            dbname=unquote(parsed.path.lstrip("/")) or "postgres",
+            options=options,
+        )
+
+    def params(self, dbname: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``psycopg2.connect``."""
+        params: dict[str, Any] = {"dbname": dbname or self.dbname, "user": self.user}
+        if self.host:
+            params["host"] = self.host
+        if self.port:
+            params["port"] = self.port
+        if self.password:
+            params["password"] = self.password
+        params.update(self.options)
+        return params
+
+    def connect(self, dbname: str | None = None, autocommit: bool = True):
+        conn = psycopg2.connect(**self.params(dbname))
+        conn.autocommit = autocommit
+        return conn
+
+    def django_env(self, dbname: str, application_name: str) -> dict[str, str]:
+        """The BENCH_DB_* variables the benchmark project's settings read."""
+        return {
+            "BENCH_DB_NAME": dbname,
+            "BENCH_DB_HOST": self.host,
+            "BENCH_DB_PORT": self.port,
+            "BENCH_DB_USER": self.user,
+            "BENCH_DB_PASSWORD": self.password,
+            "BENCH_DB_OPTIONS": json.dumps({**self.options, "application_name": application_name}),
+        }
+
+    def create_database(self, name: str, template: str | None = None) -> None:
+        suffix = f" TEMPLATE {quote_ident(template)}" if template else ""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(f"CREATE DATABASE {quote_ident(name)}{suffix}")
+        finally:
+            conn.close()
+
+    def drop_database(self, name: str) -> None:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        finally:
+            conn.close()
+
+    def version(self) -> str:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT version()")
+                return cursor.fetchone()[0]
+        finally:
+            conn.close()
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+_database_numbers = itertools.count(1)
+
+
+class Databases:
+    """Fresh databases for runs (``bench_<side>_<pid>_<n>``), each dropped after its run and, as
+    a safety net, all at the end."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.created: list[str] = []
+
+    def new_name(self, side: str) -> str:
+        return f"bench_{side}_{os.getpid()}_{next(_database_numbers)}"
+
+    def create(self, side: str, template: str | None = None) -> str:
+        name = self.new_name(side)
+        self.server.create_database(name, template)
+        self.created.append(name)
+        return name
+
+    def drop(self, name: str) -> None:
+        self.server.drop_database(name)
+        if name in self.created:
+            self.created.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.created):
+            try:
+                self.drop(name)
+            except Exception as exc:  # keep dropping the others
+                print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float,
+    what: str,
+    watch: Iterable[Process] = (),
+    interval: float = POLL_INTERVAL,
+) -> Any:
+    """Check ``condition`` every ``interval`` seconds until it returns a true value (returned)
+    or ``timeout`` seconds pass (BenchmarkError); a watched process that exits fails at once."""
+    deadline = time.monotonic() + timeout
+    watched = list(watch)
+    while True:
+        result = condition()
+        if result:
+            return result
+        for process in watched:
+            if not process.alive():
+                raise BenchmarkError(
+                    f"{process.name} exited with {process.popen.returncode} while waiting for "
+                    f"{what}; its log ends with:\n{process.log_tail()}"
+                )
+        if time.monotonic() >= deadline:
+            tails = "".join(f"\n--- {p.name} log:\n{p.log_tail()}" for p in watched)
+            raise BenchmarkError(f"Timed out after {timeout:.0f}s waiting for {what}{tails}")
+        time.sleep(interval)
+
+
+class Process:
+    """A subprocess in its own session (so it and any child it spawns are stopped together),
+    its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], cwd: Path, env: dict[str, str], log: Path):
+        self.name = name
+        self.log_path = log
+        self.started = time.perf_counter()
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(
+                args,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM to the process group, then SIGKILL after ``timeout`` seconds."""
+        if self.alive():
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"warning: {self.name} ignored SIGTERM; killing it", file=sys.stderr)
+        # Children left behind (a spawned listener whose parent already exited) go too.
+        self._signal_group(signal.SIGKILL)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"warning: {self.name} (pid {self.pid}) did not die", file=sys.stderr)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.popen.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def tree(self) -> list[int]:
+        """This process and its descendants (1.3.1's ``listen`` spawns its listener)."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+        found, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the live process tree."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.tree():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the live process tree."""
+        total = 0
+        for pid in self.tree():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                continue
+        return total
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Processes:
+    """Every process the runner started; ``stop_all()`` runs whatever happened."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: list[Process] = []
+        self._numbers = itertools.count(1)
+
+    def start(self, name: str, args: list[str], cwd: Path, env: dict[str, str]) -> Process:
+        log = self.logs / f"{next(self._numbers):03d}-{name}.log"
+        process = Process(name, args, cwd, env, log)
+        self.running.append(process)
+        return process
+
+    def stop(self, process: Process) -> None:
+        process.stop()
+        if process in self.running:
+            self.running.remove(process)
+
+    def run(
+        self, name: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float
+    ) -> str:
+        """Run a command to completion (stopped after ``timeout`` seconds); its output."""
+        process = self.start(name, args, cwd, env)
+        try:
+            try:
+                process.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise BenchmarkError(
+                    f"{name} did not finish within {timeout:.0f}s; its log ends with:\n"
+                    f"{process.log_tail()}"
+                ) from None
+            if process.popen.returncode != 0:
+                raise BenchmarkError(
+                    f"{name} failed with exit code {process.popen.returncode}:\n"
+                    f"{process.log_tail()}"
+                )
+            return process.log_path.read_text(errors="replace")
+        finally:
+            self.stop(process)
+
+    def stop_all(self) -> None:
+        for process in list(self.running):
+            self.stop(process)
+
+
+# --- the two sides ----------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One implementation under test: its Python, the project generated for it, and the
+    migrated template database each run's fresh database is copied from."""
+
+    name: str  # "ours" or "theirs"
+    python: str
+    project: Path
+    pythonpath: str | None
+    versions: dict[str, str] = field(default_factory=dict)
+    template_db: str = ""
+
+    def env(self, server: Server, dbname: str, application_name: str) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE", "VIRTUAL_ENV", "PYTHONHOME")
+        }
+        if self.pythonpath:
+            env["PYTHONPATH"] = self.pythonpath
+        env["DJANGO_SETTINGS_MODULE"] = "benchsite.settings"
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(server.django_env(dbname, application_name))
+        return env
+
+    def manage(self, *args: str) -> list[str]:
+        return [self.python, str(self.project / "manage.py"), *args]
+
+    def script(self, name: str, *args: str) -> list[str]:
+        return [self.python, str(self.project / name), *args]
+
+
+def ensure_theirs_venv(venv_dir: Path, processes: Processes) -> str:
+    """A venv with django-pgpubsub 1.3.1 from PyPI (made once; reused while its marker exists).
+    Returns its python."""
+    python = venv_dir / "bin" / "python"
+    marker = venv_dir / ".pgpubsub-bench-ready"
+    if marker.exists() and python.exists():
+        return str(python)
+    if venv_dir.exists():
+        shutil.rmtree(venv_dir)
+    venv_dir.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Creating {venv_dir} with {' '.join(THEIRS_REQUIREMENTS)} ...", file=sys.stderr)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    base = getattr(sys, "_base_executable", sys.executable)
+    processes.run("venv", [base, "-m", "venv", str(venv_dir)], ROOT, env, VENV_TIMEOUT)
+    processes.run(
+        "pip-install",
+        [str(python), "-m", "pip", "install", "--quiet", *THEIRS_REQUIREMENTS],
+        ROOT,
+        env,
+        VENV_TIMEOUT,
+    )
+    marker.write_text("\n".join(THEIRS_REQUIREMENTS) + "\n")
+    return str(python)
+
+
+_VERSIONS_SCRIPT = """
+import json, sys, importlib.metadata as m
+out = {"python": sys.version.split()[0]}
+for dist in ("django", "django-pgtrigger", "psycopg2-binary", "django-pgpubsub", "pgpubsub"):
+    try:
+        out[dist] = m.version(dist)
+    except m.PackageNotFoundError:
+        pass
+import pgpubsub
+out["pgpubsub from"] = pgpubsub.__file__
+print(json.dumps(out))
+"""
+
+
+def prepare_side(side: Side, server: Server, databases: Databases, processes: Processes) -> None:
+    """Copy the project, make its migrations and migrate the side's template database."""
+    shutil.copytree(TEMPLATE, side.project, ignore=shutil.ignore_patterns("__pycache__"))
+    (side.project / "benchapp" / "migrations").mkdir()
+    (side.project / "benchapp" / "migrations" / "__init__.py").write_text("")
+    side.template_db = databases.create(side.name)
+    env = side.env(server, side.template_db, f"bench-{side.name}-setup")
+    output = processes.run(
+        f"{side.name}-versions",
+        [side.python, "-c", _VERSIONS_SCRIPT],
+        side.project,
+        env,
+        COMMAND_TIMEOUT,
+    )
+    side.versions = json.loads(output.strip().splitlines()[-1])
+    if side.name == "ours":
+        side.versions["pgpubsub"] = f"{side.versions.get('pgpubsub', '?')} ({git_revision()})"
+    processes.run(
+        f"{side.name}-makemigrations",
+        side.manage("makemigrations", "benchapp", "--noinput"),
+        side.project,
+        env,
+        COMMAND_TIMEOUT,
+    )
+    processes.run(
+        f"{side.name}-migrate",
+        side.manage("migrate", "--noinput"),
+        side.project,
+        env,
+        COMMAND_TIMEOUT,
+    )
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown revision"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown revision"
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+class ListenEngine:
+    """Notifications processed by ``manage.py listen`` (one process, the default options): the
+    engine of both sides today. Another engine (an embedded runtime in gunicorn workers, a
+    ``--threads`` option) only needs the same ``start()``."""
+
+    name = "listen"
+
+    def start(
+        self,
+        processes: Processes,
+        server: Server,
+        side: Side,
+        dbname: str,
+        recover: bool = False,
+    ) -> Process:
+        args = side.manage("listen", *(["--recover"] if recover else []))
+        env = side.env(server, dbname, f"bench-{side.name}-listener")
+        return processes.start(f"{side.name}-listen", args, side.project, env)
+
+
+ENGINES = {"listen": ListenEngine}

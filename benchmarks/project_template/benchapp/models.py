@@ -1,0 +1,25 @@
+from django.db import models
+
+
+class Event(models.Model):
+    """Insert-only source of the lockable trigger channel."""
+
+    key = models.TextField()
+    #: Epoch seconds when the row was inserted (set by the inserting statement).
+    sent_at = models.FloatField()
+
+
+class Effect(models.Model):
+    """The per-message work of the lockable channel: one row per processed Event."""
+
+    key = models.TextField(unique=True)
+    #: Seconds from the Event's insert to its processing.
+    latency = models.FloatField(null=True)
+
+
+class Item(models.Model):
+    """One row per plain message received (``tick-<seq>``; ``probe-<n>`` for readiness probes)."""
+
+    key = models.TextField(unique=True)
+    #: Seconds from ``notify()`` to the listener callback.
+    latency = models.FloatField(null=True)

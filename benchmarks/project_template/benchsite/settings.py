@@ -1,0 +1,32 @@
+"""Settings of the benchmark project. The runner passes the database through BENCH_DB_* variables."""
+
+import json
+import os
+
+SECRET_KEY = "pgpubsub-benchmarks"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ALLOWED_HOSTS = ["*"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "pgtrigger",
+    "pgpubsub",
+    "benchapp",
+]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("BENCH_DB_NAME", "postgres"),
+        "USER": os.environ.get("BENCH_DB_USER", "postgres"),
+        "PASSWORD": os.environ.get("BENCH_DB_PASSWORD", ""),
+        "HOST": os.environ.get("BENCH_DB_HOST", ""),
+        "PORT": os.environ.get("BENCH_DB_PORT", ""),
+        "OPTIONS": json.loads(os.environ.get("BENCH_DB_OPTIONS") or "{}"),
+        # Django's default (0: a connection per request) unless BENCH_CONN_MAX_AGE says otherwise.
+        "CONN_MAX_AGE": json.loads(os.environ.get("BENCH_CONN_MAX_AGE") or "0"),
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+ROOT_URLCONF = "benchsite.urls"
+MIDDLEWARE = []

@@ -1,0 +1,323 @@
+"""``python -m benchmarks``: measure this checkout against django-pgpubsub 1.3.1 and print a
+Markdown table (medians, min-max, ratio ours/theirs)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from benchmarks.harness import (
+    ENGINES,
+    ROOT,
+    BenchmarkError,
+    Databases,
+    Processes,
+    Server,
+    Side,
+    ensure_theirs_venv,
+    prepare_side,
+)
+from benchmarks.workloads import Context, Sizes, Workload, select
+
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
+DEFAULT_VENV_DIR = Path(tempfile.gettempdir()) / "pgpubsub-bench" / "venv-django-pgpubsub-1.3.1"
+FULL = Sizes(events=2000, messages=2000, idle_seconds=10.0, batch=100)
+QUICK = Sizes(events=100, messages=200, idle_seconds=1.0, batch=100)
+NOTES = [
+    "In django-pgpubsub 1.3.1, lockable channels published with `notify()` are never processed "
+    "(the row is stored under the dotted channel name, the listener looks it up by its LISTEN "
+    "name), so exactly-once processing is compared on a lockable *trigger* channel only.",
+    "Ratio is ours/theirs: above 1 is better for throughput, below 1 is better for latency, "
+    "CPU, memory and start-up.",
+    "django-pgpubsub 1.3.1's `listen` runs its listener in a spawned child process: its idle "
+    "CPU and RSS are those of the whole process tree.",
+    "Throughput of workload 1 and of the ceiling is counted from process start (it includes "
+    "interpreter and Django start-up); workload 5 shows the start-up time alone.",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark pgpubsub (this checkout) against django-pgpubsub 1.3.1.",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=DEFAULT_DATABASE_URL,
+        help="A PostgreSQL server where the runner may CREATE and DROP databases "
+        f"(default: {DEFAULT_DATABASE_URL}). Unix sockets: postgresql://user:@/db?host=/dir",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="Runs per workload and side.")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"Small sizes for a smoke run (K={QUICK.events}, M={QUICK.messages}, "
+        f"idle {QUICK.idle_seconds:g}s).",
+    )
+    parser.add_argument("--events", type=int, help=f"K, Events per run (default {FULL.events}).")
+    parser.add_argument(
+        "--messages", type=int, help=f"M, plain messages per run (default {FULL.messages})."
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, help=f"Idle window (default {FULL.idle_seconds:g})."
+    )
+    parser.add_argument(
+        "--only", help="Comma-separated workload numbers or names, e.g. 1,2,ceiling."
+    )
+    parser.add_argument(
+        "--skip-theirs", action="store_true", help="Measure this checkout only (no 1.3.1 venv)."
+    )
+    parser.add_argument(
+        "--venv-dir",
+        type=Path,
+        default=DEFAULT_VENV_DIR,
+        help=f"Where the django-pgpubsub 1.3.1 venv is made once (default: {DEFAULT_VENV_DIR}).",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="Also write the results to this file: JSON if it ends in .json, else Markdown.",
+    )
+    parser.add_argument(
+        "--keep-temp", action="store_true", help="Keep the generated projects and logs."
+    )
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    try:
+        args.workloads = select(args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
+    base = QUICK if args.quick else FULL
+    args.sizes = Sizes(
+        events=args.events or base.events,
+        messages=args.messages or base.messages,
+        idle_seconds=args.idle_seconds if args.idle_seconds is not None else base.idle_seconds,
+        batch=base.batch,
+    )
+    return args
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through every finally: processes, databases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    server = Server.from_url(args.database_url)
+    workdir = Path(tempfile.mkdtemp(prefix="pgpubsub-bench-"))
+    logs = workdir / "logs"
+    logs.mkdir()
+    processes = Processes(logs)
+    databases = Databases(server)
+    failed = False
+    try:
+        sides = [Side("ours", sys.executable, workdir / "ours", str(ROOT))]
+        if not args.skip_theirs:
+            python = ensure_theirs_venv(args.venv_dir, processes)
+            sides.append(Side("theirs", python, workdir / "theirs", None))
+        needs_sides = any(not w.sideless for w in args.workloads)
+        if needs_sides:
+            for side in sides:
+                log(f"preparing {side.name} ({side.python})")
+                prepare_side(side, server, databases, processes)
+        context = Context(server, databases, processes, ENGINES["listen"](), args.sizes)
+        results = measure(context, args.workloads, sides, args.repeat)
+        report = build_report(args, server, sides, results)
+        markdown = render_markdown(report)
+        print(markdown)
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            if args.output.suffix == ".json":
+                args.output.write_text(json.dumps(report, indent=2) + "\n")
+            else:
+                args.output.write_text(markdown)
+            log(f"wrote {args.output}")
+        failed = bool(report["errors"])
+        return 1 if failed else 0
+    except BenchmarkError as exc:
+        failed = True
+        log(f"error: {exc}")
+        return 1
+    finally:
+        processes.stop_all()
+        databases.drop_all()
+        if args.keep_temp or failed:
+            log(f"projects and logs kept in {workdir}")
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def log(message: str) -> None:
+    print(f"[bench {datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def measure(
+    context: Context, workloads: list[Workload], sides: list[Side], repeat: int
+) -> dict[str, dict[str, list[dict[str, float]] | list[str]]]:
+    """workload name -> side name -> the metrics of each run (and "errors" -> messages).
+    Sides alternate: ours first on even repetitions, theirs first on odd ones."""
+    results: dict = {w.name: {"errors": []} for w in workloads}
+    for rep in range(repeat):
+        order = sides if rep % 2 == 0 else list(reversed(sides))
+        for workload in workloads:
+            for side in [None] if workload.sideless else order:
+                label = "ceiling" if side is None else side.name
+                log(f"run {rep + 1}/{repeat}: {workload.number}. {workload.name} [{label}]")
+                try:
+                    metrics = workload.run(context, side)
+                except BenchmarkError as exc:
+                    message = f"{workload.name} [{label}] run {rep + 1}: {exc}"
+                    log(f"error: {message}")
+                    results[workload.name]["errors"].append(message)
+                    continue
+                except Exception:
+                    message = f"{workload.name} [{label}] run {rep + 1}: {traceback.format_exc()}"
+                    log(f"error: {message}")
+                    results[workload.name]["errors"].append(message)
+                    continue
+                log("  " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                results[workload.name].setdefault(label, []).append(metrics)
+    return results
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def build_report(args, server: Server, sides: list[Side], results: dict) -> dict:
+    rows = []
+    for workload in args.workloads:
+        runs = results[workload.name]
+        for metric in workload.metrics:
+            row = {
+                "workload": workload.number,
+                "name": workload.name,
+                "title": workload.title,
+                "metric": metric.label,
+                "key": metric.key,
+                "unit": metric.unit,
+                "higher_is_better": metric.higher_is_better,
+                "digits": metric.digits,
+            }
+            for label in ("ours", "theirs", "ceiling"):
+                values = [run[metric.key] for run in runs.get(label, [])]
+                row[label] = summarize(values)
+                row[f"{label}_runs"] = values
+            if workload.sideless:
+                row["ours"], row["ceiling"] = row["ceiling"], None
+                row["ours_runs"] = row.pop("ceiling_runs")
+            ours, theirs = row["ours"], row["theirs"]
+            row["ratio"] = (
+                ours["median"] / theirs["median"] if ours and theirs and theirs["median"] else None
+            )
+            rows.append(row)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "machine": {
+            "nproc": os.cpu_count(),
+            "cpu": cpu_model(),
+            "platform": platform.platform(),
+            "runner python": platform.python_version(),
+            "postgresql": server.version(),
+        },
+        "sizes": {
+            "K (events)": args.sizes.events,
+            "M (messages)": args.sizes.messages,
+            "idle seconds": args.sizes.idle_seconds,
+            "ceiling batch": args.sizes.batch,
+            "repeat": args.repeat,
+        },
+        "engine": "listen (manage.py listen, one process)",
+        "sides": {side.name: side.versions for side in sides},
+        "rows": rows,
+        "ceiling_share": ceiling_share(rows),
+        "notes": NOTES,
+        "errors": [e for w in args.workloads for e in results[w.name]["errors"]],
+    }
+
+
+def ceiling_share(rows: list[dict]) -> dict[str, float]:
+    """Ours as a fraction of the hand-written ceiling, for the exactly-once workloads."""
+    ceiling = next((r for r in rows if r["name"] == "ceiling" and r["key"] == "rate"), None)
+    if not ceiling or not ceiling["ours"]:
+        return {}
+    share = {}
+    for row in rows:
+        if row["name"] in ("drain", "one-per-tx") and row["key"] == "rate" and row["ours"]:
+            share[row["name"]] = row["ours"]["median"] / ceiling["ours"]["median"]
+    return share
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cell(summary: dict | None, digits: int) -> str:
+    if summary is None:
+        return "—"
+    fmt = f"{{:,.{digits}f}}"
+    return (
+        f"{fmt.format(summary['median'])} "
+        f"[{fmt.format(summary['min'])}–{fmt.format(summary['max'])}]"
+    )
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# pgpubsub benchmarks", ""]
+    lines.append(f"- date: {report['date']}")
+    lines.append(f"- command: `{report['command']}`")
+    for key, value in report["machine"].items():
+        lines.append(f"- {key}: {value}")
+    lines.append("- sizes: " + ", ".join(f"{k} {v}" for k, v in report["sizes"].items()))
+    lines.append(f"- engine: {report['engine']}")
+    for side, versions in report["sides"].items():
+        shown = {k: v for k, v in versions.items() if k != "pgpubsub from"}
+        lines.append(f"- {side}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    lines += [
+        "",
+        "| # | workload | metric | ours median [min–max] | theirs (1.3.1) median [min–max] | ours/theirs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        unit = f" ({row['unit']})" if row["unit"] else ""
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "—"
+        lines.append(
+            f"| {row['workload']} | {row['title']} | {row['metric']}{unit} | "
+            f"{_cell(row['ours'], row['digits'])} | {_cell(row['theirs'], row['digits'])} | "
+            f"{ratio} |"
+        )
+    if report["ceiling_share"]:
+        lines.append("")
+        lines.append(
+            "Ours as a share of the hand-written ceiling (workload 6, throughput from process "
+            "start): "
+            + ", ".join(f"{name} {share:.0%}" for name, share in report["ceiling_share"].items())
+        )
+    lines += ["", "Notes:"]
+    lines += [f"- {note}" for note in report["notes"]]
+    if report["errors"]:
+        lines += ["", "Errors:"]
+        lines += [f"- {error}" for error in report["errors"]]
+    return "\n".join(lines) + "\n"
