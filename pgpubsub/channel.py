@@ -29,9 +29,9 @@ registry: defaultdict[type[BaseChannel], list[Callable]] = defaultdict(list)
 # LISTEN name -> channel class, for registered channels (kept beside ``registry`` for O(1) lookup).
 _by_listen_name: dict[str, type[BaseChannel]] = {}
 
-# (trigger channel, callback) -> the row operations the callback was registered for
-# (``post_delete_listener`` -> {"DELETE"}). Callbacks absent here get every message.
-_trigger_operations: dict[tuple[type[BaseChannel], Callable], set[str]] = {}
+# (trigger channel, callback) -> the (timing, operation) pairs the callback was registered for
+# (``post_delete_listener`` -> {("AFTER", "DELETE")}). Callbacks absent here get every message.
+_trigger_operations: dict[tuple[type[BaseChannel], Callable], set[tuple[str, str]]] = {}
 
 
 def _load_json(payload: Any, parse_float: Callable[[str], Any] | None = None) -> Any:
@@ -188,6 +188,17 @@ class TriggerChannel(BaseChannel):
     old: models.Model | None
     new: models.Model | None
     context: dict[str, Any] | None = None
+    #: ``BEFORE`` or ``AFTER``: when the trigger that sent the message fired (None in messages
+    #: from versions that did not send it).
+    when: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def build_from_payload(cls, notification_payload: dict | str, callbacks: list[Callable]):
+        # Parsed once, here: deserialize() gets the parsed object and the timing is read from it.
+        data = _load_json(notification_payload, parse_float=decimal.Decimal)
+        channel = super().build_from_payload(data, callbacks)
+        channel.when = data.get("when")
+        return channel
 
     @classmethod
     def pass_context_to_listeners(cls) -> bool:
@@ -208,13 +219,16 @@ class TriggerChannel(BaseChannel):
         return "DELETE" if self.new is None else "UPDATE"
 
     def execute_callbacks(self) -> None:
-        """Call each callback registered for this message's operation (a channel with both a
-        ``post_insert_listener`` and a ``post_delete_listener`` gives each only its own rows)."""
+        """Call each callback registered for this message's timing and operation (a channel
+        with a ``pre_save_listener``, a ``post_save_listener`` and a ``post_delete_listener``
+        gives each only its own rows, once)."""
         kwargs = self.signature
-        operation = self.operation
+        operation, when = self.operation, self.when
         for callback in self.callbacks:
-            operations = _trigger_operations.get((type(self), callback))
-            if operations is None or operation in operations:
+            wanted = _trigger_operations.get((type(self), callback))
+            if wanted is None or any(
+                op == operation and (when is None or timing == when) for timing, op in wanted
+            ):
                 callback(**kwargs)
 
     @classmethod

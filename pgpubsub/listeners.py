@@ -155,7 +155,7 @@ def _trigger_action_listener(
     def decorate(callback: F) -> F:
         register(callback)
         _trigger_operations.setdefault((channel_cls, callback), set()).update(
-            _operation_names(operation)
+            (str(when), op_name) for op_name in _operation_names(operation)
         )
         return callback
 

@@ -15,7 +15,8 @@ def _literal(text: str) -> str:
 
 
 class Notify(pgtrigger.Trigger):
-    """Sends ``{"app", "model", "old", "new", "context"}`` to ``channel`` (default: ``name``)."""
+    """Sends ``{"app", "model", "old", "new", "context", "when"}`` to ``channel`` (default:
+    ``name``); ``when`` is ``BEFORE`` or ``AFTER``."""
 
     def __init__(self, *, channel: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -37,7 +38,8 @@ class Notify(pgtrigger.Trigger):
                 'model', {_literal(model.__name__)},
                 'old', to_jsonb(OLD),
                 'new', to_jsonb(NEW),
-                'context', COALESCE(NULLIF(notification_context_text, '')::jsonb, '{{}}'::jsonb)
+                'context', COALESCE(NULLIF(notification_context_text, '')::jsonb, '{{}}'::jsonb),
+                'when', TG_WHEN
             );
             {self._publish()}
             RETURN COALESCE(NEW, OLD);

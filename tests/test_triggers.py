@@ -9,6 +9,7 @@ from django.db import transaction
 from django.test import override_settings
 
 import pgpubsub
+from pgpubsub.channel import BaseChannel
 from pgpubsub.listen import process_notifications
 from pgpubsub.models import Notification
 from tests.testapp import channels
@@ -193,3 +194,37 @@ def test_context_is_ignored_in_an_aborted_transaction(django_db_setup):
             pass
         connection.needs_rollback = True
         pgpubsub.set_notification_context({"ignored": True})  # must not raise
+
+
+def test_before_and_after_listeners_of_one_channel_each_run_once(listening):
+    post = Post.objects.create(content="timed")
+    post.delete()
+    process_notifications(listening)
+
+    names = [name for name, _ in received if name.startswith("PostTimings")]
+    assert names == ["PostTimings.before", "PostTimings.after", "PostTimings.delete"]
+    assert all(
+        kwargs["new"] is None or kwargs["new"].content == "timed"
+        for name, kwargs in received
+        if name.startswith("PostTimings")
+    )
+
+
+def test_messages_without_timing_reach_every_listener_of_their_operation():
+    """Rows stored by earlier versions carry no "when": both timings' listeners get them."""
+    payload = {
+        "app": "testapp",
+        "model": "Post",
+        "old": None,
+        "new": {
+            "id": 7,
+            "content": "old format",
+            "author_id": None,
+            "date": "2024-01-01T00:00:00+00:00",
+            "read_count": 0,
+        },
+        "context": {},
+    }
+    callbacks = BaseChannel.get(channels.PostTimings.listen_safe_name())[1]
+    channels.PostTimings.build_from_payload(payload, callbacks).execute_callbacks()
+    assert [name for name, _ in received] == ["PostTimings.before", "PostTimings.after"]

@@ -101,3 +101,10 @@ class DocumentDeleting(TriggerChannel):
     """Plain trigger channel that fires BEFORE a document is deleted."""
 
     model = Document
+
+
+@dataclass
+class PostTimings(TriggerChannel):
+    """Plain trigger channel with listeners before and after the same writes."""
+
+    model = Post

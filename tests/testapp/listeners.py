@@ -87,3 +87,18 @@ def record_child(old, new) -> None:
 @pgpubsub.pre_delete_listener(channels.DocumentDeleting)
 def record_document_deleting(old, new) -> None:
     received.append(("DocumentDeleting", {"old": old, "new": new}))
+
+
+@pgpubsub.pre_save_listener(channels.PostTimings)
+def record_before_save(old, new) -> None:
+    received.append(("PostTimings.before", {"old": old, "new": new}))
+
+
+@pgpubsub.post_save_listener(channels.PostTimings)
+def record_after_save(old, new) -> None:
+    received.append(("PostTimings.after", {"old": old, "new": new}))
+
+
+@pgpubsub.post_delete_listener(channels.PostTimings)
+def record_after_delete(old, new) -> None:
+    received.append(("PostTimings.delete", {"old": old, "new": new}))
