@@ -32,16 +32,20 @@ def is_psycopg3(raw: Any) -> bool:
 
 
 class NotifyBuffer:
-    """Notifications a psycopg 3 connection delivered while it ran a statement."""
+    """Notifications a psycopg 3 connection delivered while it ran a statement, appended to
+    ``items`` as they arrive (psycopg 2 keeps them in ``connection.notifies`` itself)."""
 
     def __init__(self, raw: Any) -> None:
         self.items: list[Any] = []
         self._raw = raw
-        raw.add_notify_handler(self.items.append)
+        raw.add_notify_handler(self._received)
+
+    def _received(self, notification: Any) -> None:
+        self.items.append(notification)  # ``items`` may be replaced: look it up each time
 
     def close(self) -> None:
         try:
-            self._raw.remove_notify_handler(self.items.append)
+            self._raw.remove_notify_handler(self._received)
         except ValueError:
             pass
 

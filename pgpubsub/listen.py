@@ -49,27 +49,28 @@ class ConnectionWrapper:
     def __init__(self, raw: Any) -> None:
         self.connection = raw
         self.assembler = Assembler()
+        # psycopg 3 hands notifications to a handler while the connection runs queries; the
+        # buffer's list plays the part of psycopg 2's ``connection.notifies``.
         self._buffer = NotifyBuffer(raw) if is_psycopg3(raw) else None
-        self._notifies: list[Any] = []
 
     @property
     def notifies(self) -> list[Any]:
         if self._buffer is None:
             return self.connection.notifies
-        return self._notifies
+        return self._buffer.items
 
     @notifies.setter
     def notifies(self, value: list[Any]) -> None:
         if self._buffer is None:
             self.connection.notifies = value
         else:
-            self._notifies = value
+            self._buffer.items = value
 
     def poll(self) -> None:
         if self._buffer is None:
             self.connection.poll()
         else:
-            self._notifies.extend(drain(self.connection, self._buffer))
+            self._buffer.items.extend(drain(self.connection))
 
     def stop(self) -> None:
         if self._buffer is not None:
@@ -81,11 +82,13 @@ def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
     connection; notifications then arrive as that connection runs queries or polls."""
     selected = _selected(channels)
     connection = connections[conf.database_alias()]
+    connection.ensure_connection()
+    wrapper = ConnectionWrapper(connection.connection)  # collecting before the first LISTEN
     with connection.cursor() as cursor:
         for channel_cls in selected:
             logger.info("Listening on %s", channel_cls.name())
             cursor.execute(f"LISTEN {quote_channel(channel_cls.listen_safe_name())}")
-    return ConnectionWrapper(connection.connection)
+    return wrapper
 
 
 def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
@@ -131,7 +134,6 @@ def listen(
     processor = Processor(alias)
     assembler = Assembler()
     conn = ListenConnection(alias)
-    _stop.clear()
     delay = 0.5
     catch_up = recover
     try:
@@ -146,17 +148,20 @@ def listen(
                     catch_up = False
                 if not POLL:
                     return
-                for notification in conn.wait(WAIT_TIMEOUT):
+                received = conn.wait(WAIT_TIMEOUT)
+                if received:
+                    # Once per batch, not per message: with CONN_MAX_AGE = 0 it reconnects.
+                    close_old_connections()
+                for notification in received:
                     text = assembler.feed(notification.channel, notification.payload)
                     if text is not None:
-                        close_old_connections()
                         processor.process(notification.channel, text)
                 delay = 0.5
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
                 conn.close()
-                close_old_connections()
+                connections[alias].close()  # the processing connection may be the broken one
                 pause = min(MAX_RECONNECT_DELAY, delay) * random.uniform(0.5, 1.0)
                 logger.warning(
                     "Lost the database connection (%s); reconnecting in %.1fs", exc, pause
@@ -165,6 +170,7 @@ def listen(
                 delay *= 2
                 catch_up = True  # notifications sent while disconnected are only in the table
     finally:
+        _stop.clear()  # here, not on entry: a stop() that came before the loop still counts
         conn.close()
         connections[alias].close()
 

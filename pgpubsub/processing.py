@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from django.db import transaction
+from django.db import connections, transaction
 
 from pgpubsub import store, wire
 from pgpubsub.channel import BaseChannel
@@ -18,8 +18,9 @@ logger = logging.getLogger(__name__)
 class Processor:
     """Processes notifications on the calling thread's Django connection for ``using``.
 
-    Failures are logged with their traceback and counted; they never propagate, so one bad
-    message or callback cannot stop a listener. A failed lockable message stays stored.
+    Failures are logged with their traceback and counted; they do not propagate, so one bad
+    message or callback cannot stop a listener. A failed lockable message stays stored. The one
+    exception is a lost database connection: that is raised, for the caller to reconnect.
     """
 
     def __init__(self, using: str = "default") -> None:
@@ -34,6 +35,24 @@ class Processor:
                 self.processed += 1
             else:
                 self.failed += 1
+
+    def _open_connection(self) -> object:
+        """The driver connection stored-row work is about to run on (opened if need be)."""
+        db = connections[self.using]
+        db.ensure_connection()
+        return db.connection
+
+    def _connection_lost(self, used: object | None) -> bool:
+        """After a failure: True when the connection the work ran on (``used``; None if the
+        work did not need one) broke. A broken connection is closed; Django may already have
+        replaced it (``atomic()`` does when its rollback fails)."""
+        db = connections[self.using]
+        if used is not None and db.connection is not used:
+            return True
+        if db.connection is None or db.is_usable():
+            return False
+        db.close()
+        return True
 
     def process(self, channel_name: str, payload: str) -> None:
         """Handle one whole (re-assembled) notification received on ``channel_name``."""
@@ -57,6 +76,8 @@ class Processor:
         try:
             channel_cls.build_from_payload(payload, callbacks).execute_callbacks()
         except Exception:
+            # A plain message is not kept, so there is nothing to retry: repair and go on.
+            self._connection_lost(None)
             logger.exception("Listener of %s failed on message %.200r", channel_cls.name(), payload)
             self._count(False)
         else:
@@ -65,7 +86,10 @@ class Processor:
     def process_stored_row(
         self, channel_cls: type[BaseChannel], callbacks: list[Callable], row_id: int
     ) -> bool:
-        """Claim, run and acknowledge stored row ``row_id``. False if someone else has it."""
+        """Claim, run and acknowledge stored row ``row_id``. False if someone else has it.
+
+        Raises the error when the connection broke: the row stays stored for a catch-up."""
+        used = self._open_connection()
         try:
             with transaction.atomic(using=self.using):
                 row = store.claim(channel_cls, row_id, self.using)
@@ -74,6 +98,8 @@ class Processor:
                 channel_cls.build_from_payload(row.payload, callbacks).execute_callbacks()
                 store.acknowledge(row, self.using)
         except Exception:
+            if self._connection_lost(used):
+                raise
             logger.exception(
                 "Listener of %s failed on stored notification %s; it stays stored",
                 channel_cls.name(),
@@ -91,6 +117,7 @@ class Processor:
         callbacks = callbacks[1] if callbacks else []
         done = 0
         last_id = 0
+        used = self._open_connection()
         while True:
             with transaction.atomic(using=self.using):
                 rows = store.claim_batch(channel_cls, last_id, self.using)
@@ -105,6 +132,8 @@ class Processor:
                             ).execute_callbacks()
                             store.acknowledge(row, self.using)
                     except Exception:
+                        if self._connection_lost(used):
+                            raise
                         logger.exception(
                             "Listener of %s failed on stored notification %s; it stays stored",
                             channel_cls.name(),

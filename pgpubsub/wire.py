@@ -24,7 +24,8 @@ CHUNK_EXPIRY = 60.0
 
 def row_id(payload: str) -> int | None:
     """The stored row id a lockable notification refers to, or None for other payloads."""
-    return int(payload) if payload.isdigit() else None
+    # isdigit() alone also accepts characters such as "²" that int() refuses.
+    return int(payload) if payload.isascii() and payload.isdigit() else None
 
 
 class Assembler:

@@ -129,7 +129,8 @@ def pid_alive(pid: int) -> bool:
 class ListenProcess:
     """``python tests/manage.py listen <args>`` against the test database; output is captured."""
 
-    def __init__(self, *args: str, name: str | None = None) -> None:
+    def __init__(self, *args: str, name: str | None = None, env: dict | None = None) -> None:
+        extra_env = env
         self.name = name or f"pgpubsub-test-{os.getpid()}-{next(_names)}"
         self.args = list(args)
         self._log = tempfile.TemporaryFile(prefix="pgpubsub-listen-")
@@ -140,6 +141,7 @@ class ListenProcess:
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
             PYTHONUNBUFFERED="1",
         )
+        env.update(extra_env or {})
         self.popen = subprocess.Popen(
             [sys.executable, str(MANAGE), "listen", *self.args],
             cwd=ROOT,
@@ -248,10 +250,10 @@ class ListenProcesses:
     def __init__(self) -> None:
         self.started: list[ListenProcess] = []
 
-    def start(self, *args: str, ready: int | None = 1) -> ListenProcess:
-        """Start ``listen <args>``; unless ``ready`` is None, wait until that many of its
-        sessions LISTEN."""
-        process = ListenProcess(*args)
+    def start(self, *args: str, ready: int | None = 1, env: dict | None = None) -> ListenProcess:
+        """Start ``listen <args>`` (with ``env`` added to its environment); unless ``ready`` is
+        None, wait until that many of its sessions LISTEN."""
+        process = ListenProcess(*args, env=env)
         self.started.append(process)
         if ready is not None:
             process.wait_listening(ready)

@@ -4,7 +4,8 @@ import os
 import signal
 
 import pytest
-from django.db import transaction
+from django.core.management import CommandError, call_command
+from django.db import connection, transaction
 
 import pgpubsub
 from pgpubsub.models import Notification
@@ -88,11 +89,6 @@ def test_end_to_end_then_sigterm(processes):
     listener.wait_no_backends(10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--loglevel does not override a LOGGING setting that configures the pgpubsub "
-    "logger (tests/settings.py sets it to WARNING), so no info line is printed",
-)
 @pytest.mark.timeout(60)
 def test_loglevel_info_logs_the_channels(processes):
     listener = processes.start("--loglevel", "info")
@@ -101,6 +97,13 @@ def test_loglevel_info_logs_the_channels(processes):
         lambda: "Listening on" in listener.output(), 5, "the 'Listening on' line", watch=[listener]
     )
     assert channels.Job.name() in listener.output()
+    listening_lines = [line for line in listener.output().splitlines() if "Listening on" in line]
+    assert len(listening_lines) == 1, listening_lines  # one handler: no duplicated lines
+
+
+def test_unknown_loglevel_is_a_clear_error():
+    with pytest.raises(CommandError, match="'loud' is not a logging level"):
+        call_command("listen", "--loglevel", "loud")
 
 
 @pytest.mark.timeout(60)
@@ -180,6 +183,54 @@ def test_failing_callback_does_not_stop_the_listener(processes):
     assert not Effect.objects.filter(key="doomed").exists()  # rolled back with the failure
     assert "job doomed failed on purpose" in listener.output(), outputs([listener])
     assert listener.wait_listening(1)
+
+
+def terminate_backends(process: ListenProcess) -> int:
+    pids = [pid for pid, _ in process.backends()]
+    with connection.cursor() as cursor:
+        for pid in pids:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    return len(pids)
+
+
+@pytest.mark.timeout(90)
+def test_listener_reconnects_after_its_sessions_are_terminated(processes):
+    listener = processes.start()
+    send_jobs("before-", 5)
+    wait_processed("before-", 5, [listener])
+    (old_session,) = listener.wait_listening(1)
+
+    # Both sessions (LISTEN and processing) go, as on a failover or an idle-session reaper.
+    assert terminate_backends(listener) == 2
+    send_jobs("meanwhile-", 5)  # stored; its NOTIFYs reach no one
+    (new_session,) = listener.wait_listening(1)
+    assert new_session[0] != old_session[0]
+    send_jobs("after-", 5)
+
+    wait_processed("meanwhile-", 5, [listener])
+    wait_processed("after-", 5, [listener])
+    assert listener.alive, outputs([listener])
+    assert "Lost the database connection" in listener.output(), outputs([listener])
+    assert Effect.objects.filter(key__startswith="meanwhile-").count() == 5  # each once
+
+
+@pytest.mark.timeout(90)
+def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(processes):
+    """With persistent connections the processing session outlives a message; when it dies,
+    the message that finds it dead is not counted as a listener failure and left behind."""
+    listener = processes.start(env={"PGPUBSUB_TEST_CONN_MAX_AGE": "600"})
+    send_jobs("warm-", 1)
+    wait_processed("warm-", 1, [listener])
+    (listening_pid, _) = listener.wait_listening(1)[0]
+    processing = [pid for pid, _ in listener.backends() if pid != listening_pid]
+    assert len(processing) == 1, listener.backends()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", processing)
+
+    send_jobs("next-", 5)
+    wait_processed("next-", 5, [listener])
+    assert "failed on stored notification" not in listener.output(), outputs([listener])
+    assert listener.alive
 
 
 @pytest.mark.timeout(120)

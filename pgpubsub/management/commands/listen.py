@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 
 from django.core.management import BaseCommand, CommandError
@@ -58,7 +59,10 @@ class Command(BaseCommand):
             help="First process every stored notification of the channels.",
         )
         parser.add_argument(
-            "--loglevel", default="info", help="Logging level, e.g. debug (default: info)."
+            "--loglevel",
+            default=None,
+            help="Logging level of pgpubsub's messages, e.g. debug (default: info, unless the "
+            "LOGGING setting sets one for the 'pgpubsub' logger).",
         )
         parser.add_argument(
             "--logformat",
@@ -67,7 +71,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        logging.basicConfig(format=options["logformat"], level=options["loglevel"].upper())
+        self._configure_logging(options["loglevel"], options["logformat"])
         channels = options["channels"]
         for name in channels or []:
             try:
@@ -87,7 +91,9 @@ class Command(BaseCommand):
             return
         from pgpubsub.supervisor import Supervisor
 
-        extra = ["--loglevel", options["loglevel"], "--logformat", options["logformat"]]
+        extra = ["--logformat", options["logformat"]]
+        if options["loglevel"]:
+            extra += ["--loglevel", options["loglevel"]]
         if not restart:
             extra.append("--no-restart-on-failure")
         status = Supervisor(
@@ -101,6 +107,21 @@ class Command(BaseCommand):
         if status:
             raise CommandError("A listener process failed")
 
+    @staticmethod
+    def _configure_logging(loglevel: str | None, logformat: str) -> None:
+        """As django-pgpubsub 1.x: a root handler with ``--logformat`` unless logging already has
+        one. ``--loglevel`` also sets the level of the ``pgpubsub`` logger, so it wins over a
+        level the LOGGING setting gave that logger."""
+        level = (loglevel or "info").upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise CommandError(
+                f"--loglevel {loglevel!r} is not a logging level (debug, info, warning, error)"
+            )
+        logging.basicConfig(format=logformat, level=level)
+        package_logger = logging.getLogger("pgpubsub")
+        if loglevel or package_logger.level == logging.NOTSET:
+            package_logger.setLevel(level)
+
     def _run_listener(self, channels, recover: bool, restart: bool) -> None:
         from pgpubsub import listen as listen_module
 
@@ -110,8 +131,9 @@ class Command(BaseCommand):
             stopping.append(signum)
             listen_module.stop()
 
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            signal.signal(signal.SIGTERM, request_stop)
+            signal.signal(signal.SIGINT, request_stop)
         while True:
             try:
                 listen_module.listen(channels, recover=recover, autorestart_on_failure=restart)
