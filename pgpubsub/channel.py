@@ -15,7 +15,7 @@ from pydoc import locate
 from typing import Any, ClassVar
 
 from django.db import connections, models
-from django.db.utils import DEFAULT_DB_ALIAS, InternalError
+from django.db.utils import InternalError
 
 from pgpubsub import conf
 from pgpubsub.codec import Codec, codec_for
@@ -38,7 +38,10 @@ def _load_json(payload: Any, parse_float: Callable[[str], Any] | None = None) ->
     """Payloads arrive as JSON text, as parsed JSON, or (rows of older versions) as JSON text
     stored inside a JSON string; unwrap until a JSON object remains."""
     while isinstance(payload, str | bytes):
-        payload = json.loads(payload, parse_float=parse_float)
+        try:
+            payload = json.loads(payload, parse_float=parse_float)
+        except ValueError as exc:
+            raise InvalidPayload(f"Payload is not JSON ({exc}): {payload!r:.200}") from None
     return payload
 
 
@@ -261,7 +264,7 @@ def set_notification_context(context: dict[str, Any], using: str | None = None) 
     The context lasts for the session, or for the current transaction when
     ``PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT`` is set (then an atomic block is required).
     """
-    conn = connections[using or DEFAULT_DB_ALIAS]
+    conn = connections[using or conf.database_alias()]
     if conn.needs_rollback:
         return
     local = conf.tx_bound_notification_context()

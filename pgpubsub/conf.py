@@ -27,7 +27,8 @@ def tx_bound_notification_context() -> bool:
 
 
 def database_alias() -> str:
-    """``PGPUBSUB_DATABASE`` (default ``"default"``): the alias listeners connect to."""
+    """``PGPUBSUB_DATABASE`` (default ``"default"``): the alias listeners connect to, and the
+    one ``notify()`` and ``set_notification_context()`` use unless given ``using``."""
     return _get("PGPUBSUB_DATABASE", "default")
 
 

@@ -7,9 +7,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import connections
-from django.db.utils import DEFAULT_DB_ALIAS
 
-from pgpubsub import wire
+from pgpubsub import conf, wire
 from pgpubsub.channel import BaseChannel, Channel, locate_channel, select_channels
 from pgpubsub.exceptions import InvalidChannel
 
@@ -32,7 +31,7 @@ def notify(channel: type[Channel] | str, using: str | None = None, **kwargs: Any
     message = channel_cls(**kwargs)
     serialized = message.serialize()
     listen_name = channel_cls.listen_safe_name()
-    with connections[using or DEFAULT_DB_ALIAS].cursor() as cursor:
+    with connections[using or conf.database_alias()].cursor() as cursor:
         if channel_cls.lock_notifications:
             cursor.execute("SELECT pgpubsub_store(%s, %s::jsonb)", [listen_name, serialized])
         else:
@@ -51,7 +50,7 @@ def process_stored_notifications(
     Sends one empty-payload NOTIFY per channel.
     """
     selected = select_channels(None if channels is None else list(channels))
-    with connections[using or DEFAULT_DB_ALIAS].cursor() as cursor:
+    with connections[using or conf.database_alias()].cursor() as cursor:
         for channel_cls in selected:
             if channel_cls.lock_notifications:
                 logger.info(

@@ -553,3 +553,11 @@ def test_a_channel_class_defined_again_under_the_same_name_replaces_the_old_one(
     pgpubsub.listener(new)(after)
     assert BaseChannel.get(new.listen_safe_name()) == (new, [before, after])
     assert old not in registry
+
+
+@pytest.mark.parametrize("payload", ["not json", "{'single': 'quotes'}", '"still not json'])
+def test_a_payload_that_is_not_json_is_an_invalid_payload(payload):
+    from pgpubsub.exceptions import InvalidPayload
+
+    with pytest.raises(InvalidPayload, match="not JSON"):
+        channels.Message.build_from_payload(payload, [])

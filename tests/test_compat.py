@@ -197,3 +197,14 @@ def test_wrapper_notifies_can_be_cleared_to_simulate_a_missed_notification(liste
     pgpubsub.process_stored_notifications()
     listen_module.process_notifications(listening)
     assert Effect.objects.get().key == "missed"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_compatibility_notify_is_what_the_wrapper_collects(listening):
+    """``pgpubsub.compatibility.Notify`` is the type of the items in ``wrapper.notifies`` on
+    whichever driver Django uses."""
+    from pgpubsub.compatibility import Notify
+
+    pgpubsub.notify(channels.Message, key="typed")
+    listening.poll()
+    assert listening.notifies and all(isinstance(item, Notify) for item in listening.notifies)

