@@ -49,13 +49,20 @@ def process_stored_notifications(
 
     Sends one empty-payload NOTIFY per channel.
     """
-    selected = select_channels(None if channels is None else list(channels))
+    if channels is None:
+        selected = list(select_channels())
+    else:
+        named = [locate_channel(channel) for channel in channels]
+        # Named channels count even where this process registered no listener for them.
+        selected = list(dict.fromkeys([*select_channels(named), *named]))
+    lockable = [channel_cls for channel_cls in selected if channel_cls.lock_notifications]
+    if not lockable:
+        logger.warning("process_stored_notifications(): no lockable channel selected")
     with connections[using or conf.database_alias()].cursor() as cursor:
-        for channel_cls in selected:
-            if channel_cls.lock_notifications:
-                logger.info(
-                    "Asking listeners of %s to process stored notifications", channel_cls.name()
-                )
-                cursor.execute(
-                    "SELECT pg_notify(%s, %s)", [channel_cls.listen_safe_name(), wire.RECOVER]
-                )
+        for channel_cls in lockable:
+            logger.info(
+                "Asking listeners of %s to process stored notifications", channel_cls.name()
+            )
+            cursor.execute(
+                "SELECT pg_notify(%s, %s)", [channel_cls.listen_safe_name(), wire.RECOVER]
+            )

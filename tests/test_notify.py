@@ -1,11 +1,13 @@
 """notify() and process_stored_notifications()."""
 
+import dataclasses
+
 import pytest
 from django.db import connection, transaction
 from django.test import override_settings
 
 import pgpubsub
-from pgpubsub.channel import ChannelNotFound
+from pgpubsub.channel import Channel, ChannelNotFound
 from pgpubsub.exceptions import InvalidChannel, InvalidPayload
 from pgpubsub.listen import process_notifications
 from pgpubsub.models import Notification
@@ -179,3 +181,21 @@ def test_a_listener_filter_that_cannot_be_imported_is_a_clear_error(listening):
 
     with pytest.raises(ImproperlyConfigured, match="PGPUBSUB_LISTENER_FILTER"):
         conf.listener_filter_provider()
+
+
+@dataclasses.dataclass
+class Unheard(Channel):
+    """A lockable channel no process here listens to."""
+
+    lock_notifications = True
+    key: str
+
+
+def test_process_stored_notifications_of_a_named_channel_without_local_listeners(listening):
+    with connection.cursor() as cursor:
+        cursor.execute(f'LISTEN "{Unheard.listen_safe_name()}"')
+    pgpubsub.process_stored_notifications([Unheard])
+    listening.poll()
+    notes = list(listening.notifies)
+    listening.notifies = []
+    assert [(n.channel, n.payload) for n in notes] == [(Unheard.listen_safe_name(), "")]
