@@ -103,7 +103,8 @@ class BaseChannel:
     def build_from_payload(cls, notification_payload: dict | str, callbacks: list[Callable]):
         """An instance of the channel built from a payload, carrying ``callbacks``."""
         channel = cls(**cls.deserialize(notification_payload))
-        channel.callbacks.extend(callbacks)
+        # Set here too: a subclass's __post_init__ may not call ours.
+        channel.callbacks = [*getattr(channel, "callbacks", ()), *callbacks]
         return channel
 
     @property
@@ -125,7 +126,9 @@ def _resolve_hints(cls: type) -> dict[str, Any] | None:
     return {
         name: hint
         for name, hint in hints.items()
-        if typing.get_origin(hint) is not ClassVar and hint is not ClassVar
+        if typing.get_origin(hint) is not ClassVar
+        and hint is not ClassVar
+        and not isinstance(hint, dataclasses.InitVar)  # constructor arguments, not fields
     }
 
 
@@ -151,7 +154,8 @@ class Channel(BaseChannel):
             hints = _resolve_hints(cls)
             if hints is None:
                 hints = typing.get_type_hints(cls)  # raises the NameError for the user to see
-            field_names = {field.name for field in dataclasses.fields(cls)}
+            # Fields set in __post_init__ (init=False) are not sent: the receiver computes them.
+            field_names = {field.name for field in dataclasses.fields(cls) if field.init}
             cached = cls._build_codecs({k: v for k, v in hints.items() if k in field_names})
             cls._pgpubsub_codecs = cached
             cls._pgpubsub_fields_checked = True

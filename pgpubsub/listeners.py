@@ -37,7 +37,7 @@ def _sent_arguments(channel_cls: type[BaseChannel]) -> set[str]:
         if conf.pass_context_to_listeners():
             names.add("context")
         return names
-    return {field.name for field in dataclasses.fields(channel_cls) if field.init}
+    return {field.name for field in dataclasses.fields(channel_cls)}
 
 
 def check_signature(channel_cls: type[BaseChannel], callback: Callable) -> None:

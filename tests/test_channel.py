@@ -561,3 +561,33 @@ def test_a_payload_that_is_not_json_is_an_invalid_payload(payload):
 
     with pytest.raises(InvalidPayload, match="not JSON"):
         channels.Message.build_from_payload(payload, [])
+
+
+@dataclasses.dataclass
+class Derived(Channel):
+    """A channel with a constructor-only argument and a field computed from the others."""
+
+    first: str
+    last: str
+    shout: dataclasses.InitVar[bool] = False
+    full: str = dataclasses.field(init=False, default="")
+
+    def __post_init__(self, shout: bool) -> None:  # does not call super().__post_init__()
+        self.full = f"{self.first} {self.last}"
+        if shout:
+            self.full = self.full.upper()
+
+
+def test_init_var_and_init_false_fields_are_not_sent_but_rebuilt():
+    payload = Derived(first="Ada", last="Lovelace", shout=True).serialize()
+    assert json.loads(payload) == {"kwargs": {"first": "Ada", "last": "Lovelace"}}
+    calls = []
+    received_message = Derived.build_from_payload(payload, [lambda **kw: calls.append(kw)])
+    assert received_message.full == "Ada Lovelace"  # computed again, with the default shout
+    received_message.execute_callbacks()
+    assert calls == [{"first": "Ada", "last": "Lovelace", "full": "Ada Lovelace"}]
+
+
+def test_listeners_of_a_channel_with_computed_fields_must_accept_them():
+    with pytest.raises(ListenerSignatureError, match="full"):
+        pgpubsub.listener(Derived)(lambda first, last: None)
