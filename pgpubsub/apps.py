@@ -19,4 +19,6 @@ class PgpubsubConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
+        from pgpubsub import checks  # noqa: F401  (registers the system checks)
+
         post_migrate.connect(_install_functions, sender=self, dispatch_uid="pgpubsub_functions")
