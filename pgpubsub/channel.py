@@ -15,7 +15,7 @@ from pydoc import locate
 from typing import Any, ClassVar
 
 from django.db import connections, models
-from django.db.utils import InternalError
+from django.db.utils import DEFAULT_DB_ALIAS, InternalError
 
 from pgpubsub import conf
 from pgpubsub.codec import Codec, codec_for
@@ -268,7 +268,7 @@ def set_notification_context(context: dict[str, Any], using: str | None = None) 
     The context lasts for the session, or for the current transaction when
     ``PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT`` is set (then an atomic block is required).
     """
-    conn = connections[using or conf.database_alias()]
+    conn = connections[using or DEFAULT_DB_ALIAS]
     if conn.needs_rollback:
         return
     local = conf.tx_bound_notification_context()

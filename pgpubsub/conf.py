@@ -27,9 +27,21 @@ def tx_bound_notification_context() -> bool:
 
 
 def database_alias() -> str:
-    """``PGPUBSUB_DATABASE`` (default ``"default"``): the alias listeners connect to, and the
-    one ``notify()`` and ``set_notification_context()`` use unless given ``using``."""
+    """``PGPUBSUB_DATABASE`` (default ``"default"``): the alias the LISTEN connection is built
+    from. It needs a direct connection or session pooling; messages are processed on
+    :func:`notifications_alias`."""
     return _get("PGPUBSUB_DATABASE", "default")
+
+
+def notifications_alias() -> str:
+    """The alias stored notifications live in: ``"default"`` unless a database router sends
+    the ``Notification`` model elsewhere. Lockable messages are stored, claimed and processed
+    there, so a listener's writes on it commit together with the acknowledgement."""
+    from django.db import router
+
+    from pgpubsub.models import Notification
+
+    return router.db_for_write(Notification)
 
 
 def listener_filter_provider() -> Any | None:

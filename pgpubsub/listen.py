@@ -81,7 +81,7 @@ def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
     """LISTEN to the selected channels (all with listeners by default) on this thread's Django
     connection; notifications then arrive as that connection runs queries or polls."""
     selected = _selected(channels)
-    connection = connections[conf.database_alias()]
+    connection = connections[conf.notifications_alias()]
     connection.ensure_connection()
     wrapper = ConnectionWrapper(connection.connection)  # collecting before the first LISTEN
     with connection.cursor() as cursor:
@@ -93,7 +93,7 @@ def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
 
 def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
     """Process every notification that has arrived, in arrival order, on this thread."""
-    processor = Processor(conf.database_alias())
+    processor = Processor(conf.notifications_alias())
     connection_wrapper.poll()
     while connection_wrapper.notifies:
         notification = connection_wrapper.notifies.pop(0)
@@ -106,7 +106,7 @@ def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
 
 def recover(channels: list[Any] | None = None, processor: Processor | None = None) -> int:
     """Process every stored notification of the selected lockable channels on this thread."""
-    processor = processor or Processor(conf.database_alias())
+    processor = processor or Processor(conf.notifications_alias())
     return sum(
         processor.process_stored_channel(channel_cls)
         for channel_cls in _selected(channels)
@@ -130,10 +130,10 @@ def listen(
     stored notifications, so nothing stored is missed."""
     selected = _selected(channels)
     names = [channel_cls.listen_safe_name() for channel_cls in selected]
-    alias = conf.database_alias()
+    alias = conf.notifications_alias()
     processor = Processor(alias)
     assembler = Assembler()
-    conn = ListenConnection(alias)
+    conn = ListenConnection(conf.database_alias())
     delay = 0.5
     catch_up = recover
     try:

@@ -31,7 +31,7 @@ def notify(channel: type[Channel] | str, using: str | None = None, **kwargs: Any
     message = channel_cls(**kwargs)
     serialized = message.serialize()
     listen_name = channel_cls.listen_safe_name()
-    with connections[using or conf.database_alias()].cursor() as cursor:
+    with connections[using or conf.notifications_alias()].cursor() as cursor:
         if channel_cls.lock_notifications:
             cursor.execute("SELECT pgpubsub_store(%s, %s::jsonb)", [listen_name, serialized])
         else:
@@ -58,7 +58,7 @@ def process_stored_notifications(
     lockable = [channel_cls for channel_cls in selected if channel_cls.lock_notifications]
     if not lockable:
         logger.warning("process_stored_notifications(): no lockable channel selected")
-    with connections[using or conf.database_alias()].cursor() as cursor:
+    with connections[using or conf.notifications_alias()].cursor() as cursor:
         for channel_cls in lockable:
             logger.info(
                 "Asking listeners of %s to process stored notifications", channel_cls.name()
