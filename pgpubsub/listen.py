@@ -96,12 +96,22 @@ def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
     processor = Processor(conf.notifications_alias())
     connection_wrapper.poll()
     while connection_wrapper.notifies:
-        notification = connection_wrapper.notifies.pop(0)
-        text = connection_wrapper.assembler.feed(notification.channel, notification.payload)
-        if text is not None:
-            processor.process(notification.channel, text)
+        # Take what has arrived; more may arrive (on this connection) while it is processed.
+        arrived = list(connection_wrapper.notifies)
+        del connection_wrapper.notifies[: len(arrived)]
+        processor.process_many(_whole_messages(connection_wrapper.assembler, arrived))
         if not connection_wrapper.notifies:
             connection_wrapper.poll()
+
+
+def _whole_messages(assembler: Assembler, notifications: list[Any]) -> list[tuple[str, str]]:
+    """(channel, text) of each whole message among ``notifications`` (chunks are collected)."""
+    whole = []
+    for notification in notifications:
+        text = assembler.feed(notification.channel, notification.payload)
+        if text is not None:
+            whole.append((notification.channel, text))
+    return whole
 
 
 def recover(channels: list[Any] | None = None, processor: Processor | None = None) -> int:
@@ -152,10 +162,7 @@ def listen(
                 if received:
                     # Once per batch, not per message: with CONN_MAX_AGE = 0 it reconnects.
                     close_old_connections()
-                for notification in received:
-                    text = assembler.feed(notification.channel, notification.payload)
-                    if text is not None:
-                        processor.process(notification.channel, text)
+                processor.process_many(_whole_messages(assembler, received))
                 delay = 0.5
             except Exception as exc:
                 if not _is_connection_error(exc):

@@ -1,11 +1,16 @@
 """From a received notification to its listeners: plain messages run their callbacks; lockable
-messages are claimed, run and acknowledged in one transaction, so each runs exactly once."""
+messages are claimed, run and acknowledged in one transaction, so each runs exactly once.
+
+Lockable messages that arrive together are handled together: one query claims them, each runs
+in a savepoint of the same transaction, and one query deletes those that succeeded. A message's
+effects still commit if and only if its acknowledgement does.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from django.db import connections, transaction
 
@@ -29,12 +34,10 @@ class Processor:
         self.failed = 0
         self._lock = threading.Lock()
 
-    def _count(self, ok: bool) -> None:
+    def _count(self, processed: int = 0, failed: int = 0) -> None:
         with self._lock:
-            if ok:
-                self.processed += 1
-            else:
-                self.failed += 1
+            self.processed += processed
+            self.failed += failed
 
     def _open_connection(self) -> object:
         """The driver connection stored-row work is about to run on (opened if need be)."""
@@ -56,21 +59,36 @@ class Processor:
 
     def process(self, channel_name: str, payload: str) -> None:
         """Handle one whole (re-assembled) notification received on ``channel_name``."""
-        found = BaseChannel.get(channel_name)
-        if found is None:
-            logger.warning("Ignoring notification on channel %s: no listener for it", channel_name)
-            return
-        channel_cls, callbacks = found
-        if not channel_cls.lock_notifications:
-            if payload != wire.RECOVER:
-                self._run_plain(channel_cls, callbacks, payload)
-            return
-        row_id = wire.row_id(payload)
-        if row_id is not None:
-            self.process_stored_row(channel_cls, callbacks, row_id)
-        else:
-            # The recovery request, or a full payload from a trigger written by an older version.
-            self.process_stored_channel(channel_cls)
+        self.process_many([(channel_name, payload)])
+
+    def process_many(self, notifications: Iterable[tuple[str, str]]) -> None:
+        """Handle whole notifications ``(channel name, payload)`` in arrival order; consecutive
+        lockable ones of a channel are claimed and acknowledged together."""
+        pending_channel: type[BaseChannel] | None = None
+        pending_ids: list[int] = []
+        for channel_name, payload in notifications:
+            found = BaseChannel.get(channel_name)
+            if found is None:
+                logger.warning(
+                    "Ignoring notification on channel %s: no listener for it", channel_name
+                )
+                continue
+            channel_cls, callbacks = found
+            row_id = wire.row_id(payload) if channel_cls.lock_notifications else None
+            if pending_ids and (row_id is None or channel_cls is not pending_channel):
+                self.process_stored_rows(pending_channel, pending_ids)
+                pending_ids = []
+            if row_id is not None:
+                pending_channel = channel_cls
+                pending_ids.append(row_id)
+            elif not channel_cls.lock_notifications:
+                if payload != wire.RECOVER:
+                    self._run_plain(channel_cls, callbacks, payload)
+            else:
+                # The recovery request, or a full payload from a trigger of an older version.
+                self.process_stored_channel(channel_cls)
+        if pending_ids:
+            self.process_stored_rows(pending_channel, pending_ids)
 
     def _run_plain(self, channel_cls: type[BaseChannel], callbacks: list[Callable], payload: str):
         try:
@@ -79,70 +97,103 @@ class Processor:
             # A plain message is not kept, so there is nothing to retry: repair and go on.
             self._connection_lost(None)
             logger.exception("Listener of %s failed on message %.200r", channel_cls.name(), payload)
-            self._count(False)
+            self._count(failed=1)
         else:
-            self._count(True)
+            self._count(processed=1)
 
     def process_stored_row(
         self, channel_cls: type[BaseChannel], callbacks: list[Callable], row_id: int
     ) -> bool:
-        """Claim, run and acknowledge stored row ``row_id``. False if someone else has it.
+        """Claim, run and acknowledge stored row ``row_id``. False if it was not processed
+        (someone else has it, it is gone, or a listener failed)."""
+        return self.process_stored_rows(channel_cls, [row_id], callbacks) == 1
 
-        Raises the error when the connection broke: the row stays stored for a catch-up."""
+    def process_stored_rows(
+        self,
+        channel_cls: type[BaseChannel],
+        row_ids: list[int],
+        callbacks: list[Callable] | None = None,
+    ) -> int:
+        """Claim the stored rows ``row_ids`` of the channel that no one else holds, run and
+        acknowledge them in one transaction. Returns how many succeeded.
+
+        Raises the error when the connection broke: the rows stay stored for a catch-up."""
         used = self._open_connection()
         try:
             with transaction.atomic(using=self.using):
-                row = store.claim(channel_cls, row_id, self.using)
-                if row is None:
-                    return False
-                channel_cls.build_from_payload(row.payload, callbacks).execute_callbacks()
-                store.acknowledge(row, self.using)
+                rows = store.claim_ids(channel_cls, row_ids, self.using)
+                done = self._run_claimed(channel_cls, callbacks, rows, used)
         except Exception:
             if self._connection_lost(used):
                 raise
             logger.exception(
-                "Listener of %s failed on stored notification %s; it stays stored",
+                "Processing stored notifications %s of %s failed; they stay stored",
+                row_ids,
                 channel_cls.name(),
-                row_id,
             )
-            self._count(False)
-            return False
-        self._count(True)
-        return True
+            self._count(failed=len(row_ids))
+            return 0
+        self._count(processed=done)
+        return done
 
     def process_stored_channel(self, channel_cls: type[BaseChannel]) -> int:
         """Process every stored row of the channel that no one else holds, in batches of
-        ``store.BATCH_SIZE`` per transaction (a savepoint per row). Returns how many succeeded."""
-        callbacks = BaseChannel.get(channel_cls.listen_safe_name())
-        callbacks = callbacks[1] if callbacks else []
-        done = 0
-        last_id = 0
+        ``store.BATCH_SIZE`` per transaction. Returns how many succeeded."""
         used = self._open_connection()
+        total = 0
+        last_id = 0
         while True:
-            with transaction.atomic(using=self.using):
-                rows = store.claim_batch(channel_cls, last_id, self.using)
-                if not rows:
-                    break
-                for row in rows:
-                    last_id = row.pk
-                    try:
-                        with transaction.atomic(using=self.using):
-                            channel_cls.build_from_payload(
-                                row.payload, callbacks
-                            ).execute_callbacks()
-                            store.acknowledge(row, self.using)
-                    except Exception:
-                        if self._connection_lost(used):
-                            raise
-                        logger.exception(
-                            "Listener of %s failed on stored notification %s; it stays stored",
-                            channel_cls.name(),
-                            row.pk,
-                        )
-                        self._count(False)
-                    else:
-                        done += 1
-                        self._count(True)
-        if done:
-            logger.info("Processed %s stored notifications of %s", done, channel_cls.name())
-        return done
+            try:
+                with transaction.atomic(using=self.using):
+                    rows = store.claim_batch(channel_cls, last_id, self.using)
+                    if not rows:
+                        break
+                    last_id = rows[-1].pk
+                    done = self._run_claimed(channel_cls, None, rows, used)
+            except Exception:
+                if self._connection_lost(used):
+                    raise
+                logger.exception(
+                    "Processing the stored notifications of %s failed; they stay stored",
+                    channel_cls.name(),
+                )
+                self._count(failed=1)
+                break
+            self._count(processed=done)
+            total += done
+        if total:
+            logger.info("Processed %s stored notifications of %s", total, channel_cls.name())
+        return total
+
+    def _run_claimed(
+        self,
+        channel_cls: type[BaseChannel],
+        callbacks: list[Callable] | None,
+        rows: list[store.StoredRow],
+        used: object,
+    ) -> int:
+        """Inside the claiming transaction: run each row's callbacks in a savepoint of its own,
+        then delete the rows that succeeded. Returns how many did."""
+        if not rows:
+            return 0
+        if callbacks is None:
+            found = BaseChannel.get(channel_cls.listen_safe_name())
+            callbacks = found[1] if found else []
+        succeeded = []
+        for row in rows:
+            try:
+                with transaction.atomic(using=self.using):
+                    channel_cls.build_from_payload(row.payload, callbacks).execute_callbacks()
+            except Exception:
+                if self._connection_lost(used):
+                    raise
+                logger.exception(
+                    "Listener of %s failed on stored notification %s; it stays stored",
+                    channel_cls.name(),
+                    row.pk,
+                )
+                self._count(failed=1)
+            else:
+                succeeded.append(row.pk)
+        store.acknowledge(succeeded, self.using)
+        return len(succeeded)

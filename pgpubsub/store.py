@@ -1,4 +1,4 @@
-"""Every query on stored notifications: claim one by id, claim a batch, acknowledge."""
+"""Every query on stored notifications: claim rows by id, claim a batch, acknowledge."""
 
 from __future__ import annotations
 
@@ -41,17 +41,17 @@ def _locked(using: str):
     )
 
 
-def claim(channel_cls: type[BaseChannel], row_id: int, using: str) -> StoredRow | None:
-    """Lock the stored row ``row_id`` of the channel for this transaction, or None when it is
-    gone, locked by another listener, or excluded by ``PGPUBSUB_LISTENER_FILTER``."""
+def claim_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> list[StoredRow]:
+    """Lock those of the stored rows ``row_ids`` of the channel that are there, not locked by
+    another listener and not excluded by ``PGPUBSUB_LISTENER_FILTER``, for this transaction;
+    oldest first."""
     rows = (
         _locked(using)
-        .filter(pk=row_id, channel__in=stored_names(channel_cls))
-        .order_by()
-        .values_list("pk", Cast("payload", TextField()))[:1]
+        .filter(pk__in=row_ids, channel__in=stored_names(channel_cls))
+        .order_by("pk")
+        .values_list("pk", Cast("payload", TextField()))
     )
-    row = next(iter(rows), None)
-    return StoredRow(*row) if row else None
+    return [StoredRow(*row) for row in rows]
 
 
 def claim_batch(
@@ -68,6 +68,7 @@ def claim_batch(
     return [StoredRow(*row) for row in rows]
 
 
-def acknowledge(row: StoredRow, using: str) -> None:
-    """Delete a processed row (inside the transaction that processed it)."""
-    Notification.objects.using(using).filter(pk=row.pk)._raw_delete(using)
+def acknowledge(row_ids: list[int], using: str) -> None:
+    """Delete processed rows (inside the transaction that processed them)."""
+    if row_ids:
+        Notification.objects.using(using).filter(pk__in=row_ids)._raw_delete(using)

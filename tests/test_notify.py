@@ -110,6 +110,21 @@ def test_a_failing_lockable_callback_rolls_back_and_keeps_the_row(listening):
     ]
 
 
+def test_messages_arriving_together_are_processed_each_on_its_own(listening):
+    """Lockable messages that arrive together are claimed together; a failing one in their
+    midst rolls back alone and stays stored, the others commit and are gone."""
+    with transaction.atomic():
+        for key, text in [("a", "ok"), ("b", "fail"), ("c", "ok"), ("d", "ok")]:
+            pgpubsub.notify(channels.Job, key=key, text=text)
+    listening.poll()
+    assert len(listening.notifies) == 4  # one batch
+    process_notifications(listening)
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["a", "c", "d"]
+    (left,) = Notification.objects.all()
+    assert left.payload["kwargs"]["key"] == "b"
+    assert [kwargs["key"] for name, kwargs in received if name == "Job"] == ["a", "c", "d"]
+
+
 def _store_silently(channel_cls, key, name=None):
     """A stored row nobody was notified about (as after a listener outage)."""
     return Notification.objects.create(

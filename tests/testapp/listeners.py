@@ -36,6 +36,8 @@ def record_message_again(key: str, text: str) -> None:
 @pgpubsub.listener(channels.Job)
 def run_job(key: str, text: str) -> None:
     Effect.objects.create(key=key, channel="Job", value=text[:100], pid=os.getpid())
+    if text == "fail":
+        raise RuntimeError(f"job {key} failed on purpose")
     received.append(("Job", {"key": key, "text": text}))
 
 
