@@ -34,6 +34,12 @@ _by_listen_name: dict[str, type[BaseChannel]] = {}
 _trigger_operations: dict[tuple[type[BaseChannel], Callable], set[tuple[str, str]]] = {}
 
 
+def listen_name(dotted_name: str) -> str:
+    """The Postgres channel name of the channel class at ``dotted_name``: ``pgpubsub_`` and 5
+    hex digits of its sha1 (as django-pgpubsub 1.x names them)."""
+    return f"pgpubsub_{hashlib.sha1(dotted_name.encode()).hexdigest()[:5]}"
+
+
 def _load_json(payload: Any, parse_float: Callable[[str], Any] | None = None) -> Any:
     """Payloads arrive as JSON text, as parsed JSON, or (rows of older versions) as JSON text
     stored inside a JSON string; unwrap until a JSON object remains."""
@@ -65,8 +71,7 @@ class BaseChannel:
         """The Postgres channel name: ``pgpubsub_`` and 5 hex digits of the sha1 of ``name()``."""
         cached = cls.__dict__.get("_pgpubsub_listen_name")
         if cached is None:
-            digest = hashlib.sha1(cls.name().encode()).hexdigest()[:5]
-            cached = f"pgpubsub_{digest}"
+            cached = listen_name(cls.name())
             cls._pgpubsub_listen_name = cached
         return cached
 

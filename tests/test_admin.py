@@ -1,0 +1,343 @@
+"""The admin of stored notifications, driven over real HTTP against a live server: log in, list,
+filter, search, read a payload, have rows processed now, delete them."""
+
+from __future__ import annotations
+
+import html
+import http.cookiejar
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+import pytest
+from django.contrib.auth.models import Permission
+
+import pgpubsub
+from pgpubsub.channel import Channel
+from pgpubsub.connection import ListenConnection
+from pgpubsub.models import Notification
+from tests.processes import ROOT, ListenProcesses, wait_for
+from tests.testapp import channels
+from tests.testapp.models import Author, Effect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHANGELIST = "/admin/pgpubsub/notification/"
+PASSWORD = "admin-password"
+#: Seconds to wait for a notification or a listener's work.
+TIMEOUT = 20.0
+#: A LISTEN name no channel of the test app has.
+UNKNOWN_CHANNEL = "pgpubsub_fffff"
+
+
+class Browser:
+    """An HTTP client with a cookie jar, for the admin of a live server."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.cookies = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+
+    def request(self, path: str, data: dict | None = None) -> tuple[int, str]:
+        """(status, body) of a GET, or of a POST of ``data`` (redirects are followed)."""
+        body = None
+        if data is not None:
+            data = {**data, "csrfmiddlewaretoken": self.csrf_token()}
+            body = urllib.parse.urlencode(data, doseq=True).encode()
+        try:
+            with self.opener.open(self.base_url + path, body, timeout=TIMEOUT) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.read().decode()
+
+    def get(self, path: str, **params: str) -> str:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        status, text = self.request(path + query)
+        assert status == 200, text
+        return text
+
+    def post(self, path: str, data: dict) -> str:
+        status, text = self.request(path, data)
+        assert status == 200, text
+        return text
+
+    def csrf_token(self) -> str:
+        return next(cookie.value for cookie in self.cookies if cookie.name == "csrftoken")
+
+    def log_in(self, username: str, password: str) -> None:
+        self.get("/admin/login/")  # sets the CSRF cookie
+        page = self.post(
+            "/admin/login/?next=/admin/",
+            {"username": username, "password": password, "next": "/admin/"},
+        )
+        assert "Log out" in page, page
+
+    def action(self, name: str, ids: list[int], **extra: str) -> str:
+        """Run a changelist action on the rows ``ids``."""
+        return self.post(
+            CHANGELIST,
+            {"action": name, "_selected_action": [str(pk) for pk in ids], "index": "0", **extra},
+        )
+
+
+@pytest.fixture
+def browser(live_server, django_user_model) -> Browser:
+    django_user_model.objects.create_superuser("admin", "admin@example.com", PASSWORD)
+    client = Browser(live_server.url)
+    client.log_in("admin", PASSWORD)
+    return client
+
+
+@pytest.fixture
+def processes():
+    started = ListenProcesses()
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def listen_connection():
+    """A dedicated connection (the live server and this thread each have their own)."""
+    conn = ListenConnection("default")
+    conn.connect()
+    yield conn
+    conn.close()
+
+
+@dataclass
+class Unregistered(Channel):
+    """A lockable channel without listeners (so not in the channel registry)."""
+
+    lock_notifications = True
+    key: str
+
+
+def store_job(key: str, text: str = "") -> Notification:
+    pgpubsub.notify(channels.Job, key=key, text=text)
+    return Notification.objects.get(payload__kwargs__key=key)
+
+
+def listed_ids(page: str) -> list[int]:
+    """Row ids in the changelist, top to bottom."""
+    return [int(pk) for pk in re.findall(r'<th class="field-id"><a href="[^"]*">(\d+)</a>', page)]
+
+
+def cells(page: str, column: str) -> list[str]:
+    return [
+        html.unescape(text)
+        for text in re.findall(rf'<td class="field-{column}[^"]*">(.*?)</td>', page, re.S)
+    ]
+
+
+def filter_choices(page: str) -> dict[str, str]:
+    """Label -> channel value of the channel filter's choices."""
+    return {
+        html.unescape(label): urllib.parse.parse_qs(html.unescape(query))["channel"][0]
+        for query, label in re.findall(r'<a href="\?([^"]*channel=[^"]*)"[^>]*>([^<]+)</a>', page)
+    }
+
+
+def messages(page: str) -> list[str]:
+    block = re.search(r'<ul class="messagelist">(.*?)</ul>', page, re.S)
+    return [html.unescape(m) for m in re.findall(r"<li[^>]*>(.*?)</li>", block.group(1), re.S)]
+
+
+def receive(conn: ListenConnection, count: int) -> list[tuple[str, str]]:
+    """(channel, payload) of ``count`` notifications, waiting at most TIMEOUT seconds in all,
+    plus any that arrived with them."""
+    received: list[tuple[str, str]] = []
+    deadline = time.monotonic() + TIMEOUT
+    while len(received) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"received {received}, expected {count} notifications"
+        received += [(n.channel, n.payload) for n in conn.wait(min(remaining, 1.0))]
+    return received + [(n.channel, n.payload) for n in conn.wait(0)]
+
+
+def test_changelist_lists_stored_rows_oldest_first(browser):
+    job = store_job("first")
+    Author.objects.create(name="Ann")  # a lockable trigger channel: its row has a db_version
+    trigger = Notification.objects.get(channel=channels.AuthorTrigger.listen_safe_name())
+    unknown = Notification.objects.create(channel=UNKNOWN_CHANNEL, payload={"kwargs": {}})
+    pgpubsub.notify(channels.Message, key="plain")  # not lockable: never stored
+
+    page = browser.get(CHANGELIST)
+
+    assert listed_ids(page) == [job.pk, trigger.pk, unknown.pk]
+    assert cells(page, "channel_name") == [
+        "tests.testapp.channels.Job",
+        "tests.testapp.channels.AuthorTrigger",
+        UNKNOWN_CHANNEL,
+    ]
+    assert all(re.fullmatch(r"\d+s", age) for age in cells(page, "age")), cells(page, "age")
+    assert cells(page, "db_version") == ["-", str(trigger.db_version), "-"]
+    assert trigger.db_version is not None
+    assert f"{CHANGELIST}add/" not in page  # no "Add" button
+
+
+def test_no_adding_and_no_editing(browser):
+    row = store_job("job", text="before")
+
+    assert browser.request(f"{CHANGELIST}add/")[0] == 403
+    page = browser.get(f"{CHANGELIST}{row.pk}/change/")
+    assert 'name="_save"' not in page
+    status, _ = browser.request(
+        f"{CHANGELIST}{row.pk}/change/", {"channel": "other", "payload": "{}"}
+    )
+    assert status == 403
+    row.refresh_from_db()
+    assert row.channel == channels.Job.listen_safe_name()
+
+
+def test_filter_by_channel(browser):
+    jobs = [store_job("a").pk, store_job("b").pk]
+    # A row as django-pgpubsub 1.x notify() stored it: under the channel's dotted name.
+    jobs.append(Notification.objects.create(channel=channels.Job.name(), payload={}).pk)
+    unknown = Notification.objects.create(channel=UNKNOWN_CHANNEL, payload={"kwargs": {}}).pk
+
+    choices = filter_choices(browser.get(CHANGELIST))
+
+    assert choices == {
+        "tests.testapp.channels.Job": "tests.testapp.channels.Job",
+        UNKNOWN_CHANNEL: UNKNOWN_CHANNEL,
+    }
+    job_page = browser.get(CHANGELIST, channel=choices["tests.testapp.channels.Job"])
+    assert listed_ids(job_page) == jobs
+    assert listed_ids(browser.get(CHANGELIST, channel=UNKNOWN_CHANNEL)) == [unknown]
+
+
+def test_search_by_channel_name_and_id(browser):
+    jobs = [store_job("a").pk, store_job("b").pk]
+    unknown = Notification.objects.create(channel=UNKNOWN_CHANNEL, payload={"kwargs": {}}).pk
+
+    assert listed_ids(browser.get(CHANGELIST, q="testapp.channels.job")) == jobs
+    assert listed_ids(browser.get(CHANGELIST, q=channels.Job.listen_safe_name())) == jobs
+    assert listed_ids(browser.get(CHANGELIST, q="fffff")) == [unknown]
+    assert listed_ids(browser.get(CHANGELIST, q=str(jobs[1]))) == [jobs[1]]
+    assert listed_ids(browser.get(CHANGELIST, q="no such thing")) == []
+
+
+def test_change_page_shows_the_payload_as_escaped_pretty_json(browser):
+    text = '<script>alert("x")</script> & ünïcode'
+    row = store_job("shown", text=text)
+
+    page = browser.get(f"{CHANGELIST}{row.pk}/change/")
+
+    assert "<script>alert" not in page
+    pre = re.search(r"<pre[^>]*>(.*?)</pre>", page, re.S).group(1)
+    shown = html.unescape(pre)
+    assert json.loads(shown) == {"kwargs": {"key": "shown", "text": text}}
+    assert '\n  "kwargs": {\n    "key": "shown",' in shown
+    assert "tests.testapp.channels.Job" in page
+
+
+def test_process_now_sends_each_selected_rows_notify(browser, listen_connection):
+    rows = [store_job(f"job-{n}") for n in range(3)]
+    # A row as django-pgpubsub 1.x notify() stored it: under the channel's dotted name.
+    legacy = Notification.objects.create(
+        channel=channels.Job.name(), payload={"kwargs": {"key": "legacy", "text": ""}}
+    )
+    # ... and one of a channel that this process has no listener for.
+    unregistered = Notification.objects.create(channel=Unregistered.name(), payload={})
+    listen_connection.listen([channels.Job.listen_safe_name(), Unregistered.listen_safe_name()])
+    selected = [rows[0].pk, rows[2].pk, legacy.pk, unregistered.pk]
+
+    page = browser.action("process_now", selected)
+
+    assert "Sent 4 notifications; running listeners will process them." in messages(page)
+    # Sent in one transaction: they arrive together, and nothing else comes with them.
+    assert sorted(receive(listen_connection, 4)) == sorted(
+        [
+            (channels.Job.listen_safe_name(), str(rows[0].pk)),
+            (channels.Job.listen_safe_name(), str(rows[2].pk)),
+            (channels.Job.listen_safe_name(), str(legacy.pk)),
+            (Unregistered.listen_safe_name(), str(unregistered.pk)),
+        ]
+    )
+    assert Notification.objects.count() == 5  # the rows stay until a listener processes them
+
+
+def test_process_now_has_a_running_listener_process_the_rows(browser, processes):
+    rows = [store_job(f"late-{n}", text="work") for n in range(3)]
+    legacy = Notification.objects.create(
+        channel=channels.Job.name(), payload={"kwargs": {"key": "late-legacy", "text": "work"}}
+    )
+    # Started after the rows were stored: their NOTIFY is gone, and without --recover the
+    # listener does not look at the table.
+    processes.start()
+    assert Notification.objects.count() == 4
+
+    page = browser.action("process_now", [row.pk for row in rows] + [legacy.pk])
+
+    assert "Sent 4 notifications; running listeners will process them." in messages(page)
+    wait_for(
+        lambda: (
+            Notification.objects.count() == 0
+            and Effect.objects.filter(key__startswith="late-").count() == 4
+        ),
+        TIMEOUT,
+        lambda: f"rows processed; {Notification.objects.count()} still stored",
+        watch=processes.started,
+    )
+    assert sorted(Effect.objects.values_list("key", flat=True)) == [
+        "late-0",
+        "late-1",
+        "late-2",
+        "late-legacy",
+    ]
+
+
+def test_process_now_needs_the_change_permission(live_server, django_user_model, browser):
+    row = store_job("job")
+    viewer = django_user_model.objects.create_user("viewer", password=PASSWORD, is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_notification"))
+    client = Browser(live_server.url)
+    client.log_in("viewer", PASSWORD)
+
+    assert 'value="process_now"' in browser.get(CHANGELIST)
+    page = client.get(CHANGELIST)
+    assert listed_ids(page) == [row.pk]
+    assert 'value="process_now"' not in page
+    assert 'value="delete_selected"' not in page
+
+
+def test_delete_selected_asks_then_deletes(browser):
+    rows = [store_job(f"job-{n}").pk for n in range(3)]
+
+    confirm = browser.action("delete_selected", rows[:2])
+    assert "Are you sure" in confirm
+    assert Notification.objects.count() == 3
+
+    page = browser.action("delete_selected", rows[:2], post="yes")
+
+    assert "Successfully deleted 2 notifications." in messages(page)
+    assert list(Notification.objects.values_list("pk", flat=True)) == [rows[2]]
+    assert listed_ids(page) == [rows[2]]
+
+
+def test_importable_without_the_admin_app():
+    """Without django.contrib.admin installed the module imports and registers nothing."""
+    code = (
+        "import django\n"
+        "from django.conf import settings\n"
+        "settings.configure(INSTALLED_APPS=['django.contrib.contenttypes', "
+        "'django.contrib.auth', 'pgtrigger', 'pgpubsub'])\n"
+        "django.setup()\n"
+        "import pgpubsub.admin\n"
+        "print(pgpubsub.admin.NotificationAdmin.__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "NotificationAdmin"
