@@ -25,6 +25,12 @@ DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{o
 # Tests of listeners with persistent connections set this in the environment of a subprocess.
 if os.environ.get("PGPUBSUB_TEST_CONN_MAX_AGE"):
     DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["PGPUBSUB_TEST_CONN_MAX_AGE"])
+# ... and this one to LISTEN through an alias of its own (as behind a transaction-pooling PgBouncer).
+if os.environ.get("PGPUBSUB_TEST_LISTEN_ALIAS"):
+    _listen = {**DATABASES["default"], "OPTIONS": dict(DATABASES["default"]["OPTIONS"])}
+    _listen["OPTIONS"]["application_name"] = os.environ["PGPUBSUB_TEST_LISTEN_ALIAS"]
+    DATABASES["listen"] = _listen
+    PGPUBSUB_DATABASE = "listen"
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "tests.urls"
 # What the admin needs (tests/test_admin.py drives it over HTTP).

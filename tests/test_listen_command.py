@@ -9,7 +9,14 @@ from django.db import connection, transaction
 
 import pgpubsub
 from pgpubsub.models import Notification
-from tests.processes import ListenProcess, ListenProcesses, outputs, pid_alive, wait_for
+from tests.processes import (
+    ListenProcess,
+    ListenProcesses,
+    backends,
+    outputs,
+    pid_alive,
+    wait_for,
+)
 from tests.testapp import channels
 from tests.testapp.models import Author, Effect, Post
 
@@ -231,6 +238,25 @@ def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(proce
     wait_processed("next-", 5, [listener])
     assert "failed on stored notification" not in listener.output(), outputs([listener])
     assert listener.alive
+
+
+@pytest.mark.timeout(60)
+def test_pgpubsub_database_names_the_listen_connection_only(processes):
+    """With PGPUBSUB_DATABASE = "listen", LISTEN runs on that alias; messages are claimed and
+    processed on "default", where listeners write (so both commit together)."""
+    listener = processes.start(ready=None, env={"PGPUBSUB_TEST_LISTEN_ALIAS": "listen-alias"})
+    listening = "listen-alias"
+    wait_for(
+        lambda: len(backends(listening, listening=True)) == 1,
+        30,
+        "a LISTEN session on the 'listen' alias",
+        watch=[listener],
+    )
+    send_jobs("aliased-", 5)
+    wait_processed("aliased-", 5, [listener])
+    assert not listener.backends(listening=True)  # nothing LISTENs on the default alias
+    assert listener.backends()  # ... which processed the messages
+    assert len(backends(listening)) == 1
 
 
 @pytest.mark.timeout(120)
