@@ -28,7 +28,9 @@ WAIT_TIMEOUT = 1.0
 #: Longest pause between reconnection attempts, in seconds.
 MAX_RECONNECT_DELAY = 30.0
 
-_stop = threading.Event()
+# The stop events of the listen() calls running now (several threads may each run one).
+_running: set[threading.Event] = set()
+_running_lock = threading.Lock()
 
 
 def _selected(channels: list[Any] | None) -> dict[type[BaseChannel], list]:
@@ -92,8 +94,11 @@ def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
 
 
 def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
-    """Process every notification that has arrived, in arrival order, on this thread."""
-    processor = Processor(conf.notifications_alias())
+    """Process every notification that has arrived, in arrival order, on this thread.
+
+    As in django-pgpubsub 1.x, a listener's exception reaches the caller: here once everything
+    that had arrived was processed (the first exception, when there are several)."""
+    processor = Processor(conf.notifications_alias(), raise_errors=True)
     connection_wrapper.poll()
     while connection_wrapper.notifies:
         # Take what has arrived; more may arrive (on this connection) while it is processed.
@@ -125,8 +130,10 @@ def recover(channels: list[Any] | None = None, processor: Processor | None = Non
 
 
 def stop() -> None:
-    """Make a running ``listen()`` return after its current message."""
-    _stop.set()
+    """Make every running ``listen()`` return after the message in hand."""
+    with _running_lock:
+        for event in _running:
+            event.set()
 
 
 def listen(
@@ -139,15 +146,19 @@ def listen(
     ``POLL = False``). A lost connection is re-opened, re-LISTENed and followed by a recovery of
     stored notifications, so nothing stored is missed."""
     selected = _selected(channels)
+    conf.listener_filter_provider()  # a broken PGPUBSUB_LISTENER_FILTER fails here, once
     names = [channel_cls.listen_safe_name() for channel_cls in selected]
     alias = conf.notifications_alias()
-    processor = Processor(alias)
+    stopping = threading.Event()
+    processor = Processor(alias, stopping=stopping)
     assembler = Assembler()
     conn = ListenConnection(conf.database_alias())
     delay = 0.5
     catch_up = recover
+    with _running_lock:
+        _running.add(stopping)
     try:
-        while not _stop.is_set():
+        while not stopping.is_set():
             try:
                 if not conn.connected:
                     conn.connect()
@@ -163,6 +174,9 @@ def listen(
                     # Once per batch, not per message: with CONN_MAX_AGE = 0 it reconnects.
                     close_old_connections()
                 processor.process_many(_whole_messages(assembler, received))
+                if processor.catch_up_needed:  # the processing connection broke meanwhile
+                    processor.catch_up_needed = False
+                    catch_up = True
                 delay = 0.5
             except Exception as exc:
                 if not _is_connection_error(exc):
@@ -173,11 +187,12 @@ def listen(
                 logger.warning(
                     "Lost the database connection (%s); reconnecting in %.1fs", exc, pause
                 )
-                _stop.wait(pause)
+                stopping.wait(pause)
                 delay *= 2
                 catch_up = True  # notifications sent while disconnected are only in the table
     finally:
-        _stop.clear()  # here, not on entry: a stop() that came before the loop still counts
+        with _running_lock:
+            _running.discard(stopping)
         conn.close()
         connections[alias].close()
 

@@ -1,9 +1,14 @@
 """From a received notification to its listeners: plain messages run their callbacks; lockable
 messages are claimed, run and acknowledged in one transaction, so each runs exactly once.
 
-Lockable messages that arrive together are handled together: one query claims them, each runs
-in a savepoint of the same transaction, and one query deletes those that succeeded. A message's
-effects still commit if and only if its acknowledgement does.
+Lockable messages that arrive together are handled together, up to ``store.BATCH_SIZE`` at a
+time: one query claims them, each runs in a savepoint of its own, and one query deletes those
+that succeeded. A message's effects commit if and only if its acknowledgement does:
+
+- deferred constraints are checked at the end of each message's savepoint, so a message that
+  violates one fails alone instead of failing the commit of the whole batch;
+- should the commit still fail, each message of the batch is processed again in a transaction
+  of its own.
 """
 
 from __future__ import annotations
@@ -19,25 +24,50 @@ from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
 
+# Checks the deferred constraints a message's work left pending (a violation raises here, in
+# the message's savepoint), then defers them again as Django declares its foreign keys.
+# One statement (a DO block), so that it also runs where multi-statement queries are refused.
+_CHECK_DEFERRED = (
+    "DO $pgpubsub$ BEGIN SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS ALL DEFERRED; "
+    "END $pgpubsub$"
+)
+
 
 class Processor:
     """Processes notifications on the calling thread's Django connection for ``using``.
 
-    Failures are logged with their traceback and counted; they do not propagate, so one bad
-    message or callback cannot stop a listener. A failed lockable message stays stored. The one
-    exception is a lost database connection: that is raised, for the caller to reconnect.
+    Failures are logged with their traceback and counted; they do not propagate (unless
+    ``raise_errors``), so one bad message or callback cannot stop a listener. A failed lockable
+    message stays stored. When the connection breaks while a lockable message is processed,
+    the message stays stored and ``catch_up_needed`` is set: the caller should process the
+    stored messages once the connection is back.
     """
 
-    def __init__(self, using: str = "default") -> None:
+    def __init__(
+        self,
+        using: str = "default",
+        raise_errors: bool = False,
+        stopping: threading.Event | None = None,
+    ) -> None:
         self.using = using
+        self.raise_errors = raise_errors
+        self.stopping = stopping
         self.processed = 0
         self.failed = 0
+        self.catch_up_needed = False
+        self.first_error: BaseException | None = None
         self._lock = threading.Lock()
 
     def _count(self, processed: int = 0, failed: int = 0) -> None:
         with self._lock:
             self.processed += processed
             self.failed += failed
+
+    def _failure(self, error: BaseException, message: str, *args: object) -> None:
+        logger.error(message, *args, exc_info=error)
+        self._count(failed=1)
+        if self.first_error is None:
+            self.first_error = error
 
     def _open_connection(self) -> object:
         """The driver connection stored-row work is about to run on (opened if need be)."""
@@ -63,7 +93,10 @@ class Processor:
 
     def process_many(self, notifications: Iterable[tuple[str, str]]) -> None:
         """Handle whole notifications ``(channel name, payload)`` in arrival order; consecutive
-        lockable ones of a channel are claimed and acknowledged together."""
+        lockable ones of a channel are claimed and acknowledged together.
+
+        With ``raise_errors``, the first failure is raised once all of them were handled."""
+        self.first_error = None
         pending_channel: type[BaseChannel] | None = None
         pending_ids: list[int] = []
         for channel_name, payload in notifications:
@@ -75,7 +108,11 @@ class Processor:
                 continue
             channel_cls, callbacks = found
             row_id = wire.row_id(payload) if channel_cls.lock_notifications else None
-            if pending_ids and (row_id is None or channel_cls is not pending_channel):
+            if pending_ids and (
+                row_id is None
+                or channel_cls is not pending_channel
+                or len(pending_ids) >= store.BATCH_SIZE
+            ):
                 self.process_stored_rows(pending_channel, pending_ids)
                 pending_ids = []
             if row_id is not None:
@@ -89,15 +126,21 @@ class Processor:
                 self.process_stored_channel(channel_cls)
         if pending_ids:
             self.process_stored_rows(pending_channel, pending_ids)
+        if self.raise_errors and self.first_error is not None:
+            raise self.first_error
 
     def _run_plain(self, channel_cls: type[BaseChannel], callbacks: list[Callable], payload: str):
+        """Run the callbacks of a plain message in a transaction (their writes commit together,
+        or not at all)."""
         try:
-            channel_cls.build_from_payload(payload, callbacks).execute_callbacks()
-        except Exception:
+            with transaction.atomic(using=self.using):
+                channel_cls.build_from_payload(payload, callbacks).execute_callbacks()
+        except Exception as error:
             # A plain message is not kept, so there is nothing to retry: repair and go on.
             self._connection_lost(None)
-            logger.exception("Listener of %s failed on message %.200r", channel_cls.name(), payload)
-            self._count(failed=1)
+            self._failure(
+                error, "Listener of %s failed on message %.200r", channel_cls.name(), payload
+            )
         else:
             self._count(processed=1)
 
@@ -113,54 +156,59 @@ class Processor:
         channel_cls: type[BaseChannel],
         row_ids: list[int],
         callbacks: list[Callable] | None = None,
+        raise_on_disconnect: bool = False,
     ) -> int:
         """Claim the stored rows ``row_ids`` of the channel that no one else holds, run and
         acknowledge them in one transaction. Returns how many succeeded.
 
-        Raises the error when the connection broke: the rows stay stored for a catch-up."""
+        When the connection breaks, the rows stay stored: the error is raised with
+        ``raise_on_disconnect``, else ``catch_up_needed`` is set."""
         used = self._open_connection()
         try:
             with transaction.atomic(using=self.using):
                 rows = store.claim_ids(channel_cls, row_ids, self.using)
                 done = self._run_claimed(channel_cls, callbacks, rows, used)
-        except Exception:
+        except Exception as error:
             if self._connection_lost(used):
-                raise
-            logger.exception(
-                "Processing stored notifications %s of %s failed; they stay stored",
-                row_ids,
+                if raise_on_disconnect:
+                    raise
+                logger.warning(
+                    "The database connection broke while processing %s; its stored "
+                    "notifications stay stored for the catch-up",
+                    channel_cls.name(),
+                )
+                self.catch_up_needed = True
+                if self.first_error is None:
+                    self.first_error = error
+                return 0
+            if len(row_ids) > 1:
+                # A failure at commit time: give each message a transaction of its own.
+                return sum(
+                    self.process_stored_rows(channel_cls, [pk], callbacks, raise_on_disconnect)
+                    for pk in row_ids
+                )
+            self._failure(
+                error,
+                "Processing stored notification %s of %s failed; it stays stored",
+                row_ids[0],
                 channel_cls.name(),
             )
-            self._count(failed=len(row_ids))
             return 0
         self._count(processed=done)
         return done
 
     def process_stored_channel(self, channel_cls: type[BaseChannel]) -> int:
         """Process every stored row of the channel that no one else holds, in batches of
-        ``store.BATCH_SIZE`` per transaction. Returns how many succeeded."""
-        used = self._open_connection()
+        ``store.BATCH_SIZE`` per transaction, until none is left or ``stopping`` is set.
+        Returns how many succeeded. Raises the error when the connection breaks."""
         total = 0
         last_id = 0
-        while True:
-            try:
-                with transaction.atomic(using=self.using):
-                    rows = store.claim_batch(channel_cls, last_id, self.using)
-                    if not rows:
-                        break
-                    last_id = rows[-1].pk
-                    done = self._run_claimed(channel_cls, None, rows, used)
-            except Exception:
-                if self._connection_lost(used):
-                    raise
-                logger.exception(
-                    "Processing the stored notifications of %s failed; they stay stored",
-                    channel_cls.name(),
-                )
-                self._count(failed=1)
+        while not (self.stopping is not None and self.stopping.is_set()):
+            ids = store.pending_ids(channel_cls, last_id, self.using)
+            if not ids:
                 break
-            self._count(processed=done)
-            total += done
+            last_id = ids[-1]
+            total += self.process_stored_rows(channel_cls, ids, raise_on_disconnect=True)
         if total:
             logger.info("Processed %s stored notifications of %s", total, channel_cls.name())
         return total
@@ -179,20 +227,24 @@ class Processor:
         if callbacks is None:
             found = BaseChannel.get(channel_cls.listen_safe_name())
             callbacks = found[1] if found else []
+        in_batch = len(rows) > 1
         succeeded = []
         for row in rows:
             try:
                 with transaction.atomic(using=self.using):
                     channel_cls.build_from_payload(row.payload, callbacks).execute_callbacks()
-            except Exception:
+                    if in_batch:
+                        with connections[self.using].cursor() as cursor:
+                            cursor.execute(_CHECK_DEFERRED)
+            except Exception as error:
                 if self._connection_lost(used):
                     raise
-                logger.exception(
+                self._failure(
+                    error,
                     "Listener of %s failed on stored notification %s; it stays stored",
                     channel_cls.name(),
                     row.pk,
                 )
-                self._count(failed=1)
             else:
                 succeeded.append(row.pk)
         store.acknowledge(succeeded, self.using)

@@ -1,4 +1,4 @@
-"""Every query on stored notifications: claim rows by id, claim a batch, acknowledge."""
+"""Every query on stored notifications: find pending rows, claim rows by id, acknowledge."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pgpubsub import conf
 from pgpubsub.channel import BaseChannel
 from pgpubsub.models import Notification
 
-#: Rows claimed per transaction when processing a channel's backlog.
-BATCH_SIZE = 100
+#: Most stored rows claimed per transaction: enough to share a commit among many messages,
+#: few enough that concurrent listeners share a burst and a slow listener holds few rows.
+BATCH_SIZE = 20
 
 
 class StoredRow(NamedTuple):
@@ -54,18 +55,17 @@ def claim_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) ->
     return [StoredRow(*row) for row in rows]
 
 
-def claim_batch(
+def pending_ids(
     channel_cls: type[BaseChannel], after_id: int, using: str, limit: int = BATCH_SIZE
-) -> list[StoredRow]:
-    """Lock up to ``limit`` unlocked stored rows of the channel with ids above ``after_id``,
-    oldest first."""
-    rows = (
-        _locked(using)
-        .filter(channel__in=stored_names(channel_cls), pk__gt=after_id)
+) -> list[int]:
+    """Ids of up to ``limit`` stored rows of the channel above ``after_id``, oldest first,
+    without locking them (claiming them skips those another listener holds)."""
+    return list(
+        Notification.objects.using(using)
+        .filter(_listener_filter(), channel__in=stored_names(channel_cls), pk__gt=after_id)
         .order_by("pk")
-        .values_list("pk", Cast("payload", TextField()))[:limit]
+        .values_list("pk", flat=True)[:limit]
     )
-    return [StoredRow(*row) for row in rows]
 
 
 def acknowledge(row_ids: list[int], using: str) -> None:

@@ -209,9 +209,18 @@ def test_listener_reconnects_after_its_sessions_are_terminated(processes):
 
     # Both sessions (LISTEN and processing) go, as on a failover or an idle-session reaper.
     assert terminate_backends(listener) == 2
-    send_jobs("meanwhile-", 5)  # stored; its NOTIFYs reach no one
-    (new_session,) = listener.wait_listening(1)
-    assert new_session[0] != old_session[0]
+    wait_for(
+        lambda: old_session[0] not in {pid for pid, _ in listener.backends()},
+        10,
+        "the terminated LISTEN session to end",
+    )
+    # Stored without a NOTIFY: only the catch-up after the reconnection can find these.
+    for number in range(5):
+        Notification.objects.create(
+            channel=channels.Job.listen_safe_name(),
+            payload={"kwargs": {"key": f"meanwhile-{number}", "text": "work"}},
+        )
+    listener.wait_listening(1)
     send_jobs("after-", 5)
 
     wait_processed("meanwhile-", 5, [listener])
@@ -234,8 +243,15 @@ def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(proce
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", processing)
 
+    post = Post.objects.create(content="read me")
+    with transaction.atomic():  # one batch: a lockable message, then a plain one
+        pgpubsub.notify(channels.Job, key="in-batch", text="work")
+        pgpubsub.notify(channels.PostReads, model_id=post.pk, model_type="post")
     send_jobs("next-", 5)
     wait_processed("next-", 5, [listener])
+    assert effects("in-batch") == 1  # kept stored when its connection broke, then caught up
+    # The plain message after the lockable one that met the dead connection was not lost.
+    assert Post.objects.get(pk=post.pk).read_count == 1
     assert "failed on stored notification" not in listener.output(), outputs([listener])
     assert listener.alive
 

@@ -3,7 +3,7 @@
 import dataclasses
 
 import pytest
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.test import override_settings
 
 import pgpubsub
@@ -13,7 +13,7 @@ from pgpubsub.listen import process_notifications
 from pgpubsub.models import Notification
 from tests.testapp import channels
 from tests.testapp.listeners import received
-from tests.testapp.models import Effect
+from tests.testapp.models import Effect, Post
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -102,7 +102,10 @@ def test_bad_input_fails_at_notify_and_sends_nothing(listening):
 def test_a_failing_lockable_callback_rolls_back_and_keeps_the_row(listening):
     pgpubsub.notify(channels.FailingJob, key="boom")
     pgpubsub.notify(channels.Job, key="after")
-    process_notifications(listening)
+    # As in django-pgpubsub 1.x, the listener's exception reaches the caller, here after the
+    # other messages that had arrived were processed.
+    with pytest.raises(RuntimeError, match="job boom failed on purpose"):
+        process_notifications(listening)
     assert not Effect.objects.filter(key="boom").exists()
     assert Effect.objects.filter(key="after").exists()
     assert list(Notification.objects.values_list("channel", flat=True)) == [
@@ -118,11 +121,36 @@ def test_messages_arriving_together_are_processed_each_on_its_own(listening):
             pgpubsub.notify(channels.Job, key=key, text=text)
     listening.poll()
     assert len(listening.notifies) == 4  # one batch
-    process_notifications(listening)
+    with pytest.raises(RuntimeError, match="job b failed on purpose"):
+        process_notifications(listening)
     assert sorted(Effect.objects.values_list("key", flat=True)) == ["a", "c", "d"]
     (left,) = Notification.objects.all()
     assert left.payload["kwargs"]["key"] == "b"
     assert [kwargs["key"] for name, kwargs in received if name == "Job"] == ["a", "c", "d"]
+
+
+def test_a_message_failing_only_at_commit_time_fails_alone(listening):
+    """A deferred foreign key violated by one message of a batch fails that message, not the
+    commit of the others."""
+    with transaction.atomic():
+        for key, text in [("a", "ok"), ("b", "dangling"), ("c", "ok")]:
+            pgpubsub.notify(channels.Job, key=key, text=text)
+    with pytest.raises(IntegrityError):
+        process_notifications(listening)
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["a", "c"]
+    assert [row.payload["kwargs"]["key"] for row in Notification.objects.all()] == ["b"]
+    assert not Post.objects.filter(content="b").exists()
+    # Caught in b's own savepoint: no message had to run a second time.
+    assert [kwargs["key"] for name, kwargs in received if name == "Job"] == ["a", "b", "c"]
+
+
+def test_a_plain_listener_s_writes_roll_back_when_it_fails(listening):
+    pgpubsub.notify(channels.Message, key="undone", text="write-then-fail")
+    pgpubsub.notify(channels.Message, key="next", text="fine")
+    with pytest.raises(RuntimeError, match="message undone failed on purpose"):
+        process_notifications(listening)
+    assert not Effect.objects.filter(key="undone").exists()
+    assert [kwargs["key"] for name, kwargs in received if name == "Message"] == ["undone", "next"]
 
 
 def _store_silently(channel_cls, key, name=None):

@@ -26,6 +26,9 @@ def record_everything(**kwargs) -> None:
 @pgpubsub.listener(channels.Message)
 def record_message(key: str, text: str) -> None:
     received.append(("Message", {"key": key, "text": text}))
+    if text == "write-then-fail":
+        Effect.objects.create(key=key, channel="Message")
+        raise RuntimeError(f"message {key} failed on purpose")
 
 
 @pgpubsub.listener(channels.Message)
@@ -38,6 +41,8 @@ def run_job(key: str, text: str) -> None:
     Effect.objects.create(key=key, channel="Job", value=text[:100], pid=os.getpid())
     if text == "fail":
         raise RuntimeError(f"job {key} failed on purpose")
+    if text == "dangling":  # violates a deferred foreign key: fails only at commit
+        Post.objects.create(author_id=2_000_000_000, content=key)
     received.append(("Job", {"key": key, "text": text}))
 
 
@@ -92,15 +97,15 @@ def record_document_deleting(old, new) -> None:
 
 
 @pgpubsub.pre_save_listener(channels.PostTimings)
-def record_before_save(old, new) -> None:
+def record_before_save(old, new, **extra) -> None:
     received.append(("PostTimings.before", {"old": old, "new": new}))
 
 
 @pgpubsub.post_save_listener(channels.PostTimings)
-def record_after_save(old, new) -> None:
+def record_after_save(old, new, **extra) -> None:
     received.append(("PostTimings.after", {"old": old, "new": new}))
 
 
 @pgpubsub.post_delete_listener(channels.PostTimings)
-def record_after_delete(old, new) -> None:
+def record_after_delete(old, new, **extra) -> None:
     received.append(("PostTimings.delete", {"old": old, "new": new}))

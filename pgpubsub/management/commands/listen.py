@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import BaseCommand, CommandError
 
 from pgpubsub.channel import locate_channel
@@ -134,11 +135,11 @@ class Command(BaseCommand):
         if threading.current_thread() is threading.main_thread():  # only it may set handlers
             signal.signal(signal.SIGTERM, request_stop)
             signal.signal(signal.SIGINT, request_stop)
-        while True:
+        while not stopping:
             try:
                 listen_module.listen(channels, recover=recover, autorestart_on_failure=restart)
                 return
-            except ChannelNotFound as exc:
+            except (ChannelNotFound, ImproperlyConfigured) as exc:
                 raise CommandError(str(exc)) from exc
             except Exception:
                 if not restart or stopping:
