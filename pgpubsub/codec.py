@@ -69,7 +69,17 @@ def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
 # --- scalars -------------------------------------------------------------------------------------
 
 
+# Values a ``str`` field takes and converts, as django-pgpubsub 1.x did (its listeners got
+# ``str(value)``).
+_STR_CONVERTIBLE = (int, float, decimal.Decimal, uuid.UUID)
+
+
 def _encode_str(value: Any, where: str) -> str:
+    if isinstance(value, _STR_CONVERTIBLE) and not isinstance(value, bool):
+        try:
+            value = str(value)
+        except ValueError:  # an int too long for str()
+            _fail(where, "str", value)
     if not isinstance(value, str):
         _fail(where, "str", value)
     if not value.isascii():
@@ -83,6 +93,8 @@ def _encode_str(value: Any, where: str) -> str:
 
 
 def _decode_str(value: Any, where: str) -> str:
+    if isinstance(value, int | float | decimal.Decimal):  # stored by 1.x from a number
+        return str(value)
     if not isinstance(value, str):
         _fail(where, "a JSON string", value)
     return value
@@ -93,6 +105,8 @@ _LONG_INT_BITS = 4000
 
 
 def _encode_int(value: Any, where: str) -> int:
+    if isinstance(value, str) and value.strip().lstrip("+-").isdecimal():
+        value = int(value)  # as django-pgpubsub 1.x, whose listeners got int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(where, "int", value)
     value = int(value)
@@ -503,7 +517,9 @@ def codec_for(tp: Any, where: str) -> Codec:
             raise InvalidChannel(
                 f"{where}: tuple needs item types, e.g. tuple[int, str] or tuple[int, ...]"
             )
-        if len(args) == 2 and args[1] is Ellipsis:
+        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1 and args[0] != ():
+            # tuple[X] is read as tuple[X, ...]: django-pgpubsub 1.x took it for a tuple of
+            # any length (a one-item tuple still round-trips).
             return _sequence_codec(tuple, codec_for(args[0], f"{where}[]"))
         if not args or args == ((),):
             return _tuple_codec([])

@@ -581,15 +581,15 @@ class Strict(Channel):
 
 
 REFUSED_VALUES = [
-    ("number", "1", "Strict.number"),
     ("number", True, "Strict.number"),
     ("number", 1.0, "Strict.number"),
     ("number", Decimal(1), "Strict.number"),
+    ("number", "1.5", "Strict.number"),
+    ("number", "one", "Strict.number"),
     ("number", 10**5000, "Strict.number"),  # longer than Python writes as text
     ("ratio", True, "Strict.ratio"),
     ("ratio", "1.5", "Strict.ratio"),
     ("ratio", 10**400, "Strict.ratio"),  # no float that large
-    ("text", 1, "Strict.text"),
     ("text", b"bytes", "Strict.text"),
     ("text", "nul \x00 inside", "Strict.text"),
     ("text", "lone \ud800 surrogate", "Strict.text"),
@@ -606,10 +606,7 @@ REFUSED_VALUES = [
     ("colour", Shade.LIGHT, "Strict.colour"),
     ("names", "abc", "Strict.names"),
     ("names", ["ok", "nul\x00"], "Strict.names[1]"),
-    ("names", ["ok", 2], "Strict.names[1]"),
     ("labels", {"a\x00": 1}, "Strict.labels key"),
-    ("labels", {1: 1}, "Strict.labels key"),
-    ("labels", {"a": "1"}, "Strict.labels['a']"),
     ("anything", math.nan, "Strict.anything"),
     ("anything", math.inf, "Strict.anything"),
     ("anything", [1, [math.nan]], "Strict.anything[1][0]"),
@@ -624,6 +621,40 @@ REFUSED_VALUES = [
     ("anything", "\udfff", "Strict.anything"),
     ("loose", {(1, 2): 3}, "Strict.loose key"),
 ]
+
+
+# Values django-pgpubsub 1.x converted to the field's type (its listeners got ``str(value)`` or
+# ``int(value)``): converted the same way, so producers keep working after the upgrade.
+CONVERTED_VALUES = [
+    ("number", "1", 1),
+    ("number", "-42", -42),
+    ("text", 1, "1"),
+    ("text", 2.5, "2.5"),
+    ("text", Decimal("1.50"), "1.50"),
+    ("text", uuid.UUID(int=1), str(uuid.UUID(int=1))),
+    ("names", ["ok", 2], ["ok", "2"]),
+    ("labels", {1: 1}, {"1": 1}),
+    ("labels", {"a": "1"}, {"a": 1}),
+]
+
+
+@pytest.mark.parametrize("field, value, expected", CONVERTED_VALUES, ids=short)
+def test_values_1_x_converted_are_converted_alike(field, value, expected):
+    received_value = getattr(
+        Strict.build_from_payload(Strict(**{field: value}).serialize(), []), field
+    )
+    assert received_value == expected
+    assert type(received_value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "stored, expected",
+    [({"text": 7}, "7"), ({"number": "5"}, 5), ({"text": 1.5}, "1.5")],
+    ids=str,
+)
+def test_rows_stored_by_1_x_with_unconverted_values_are_read(stored, expected):
+    (field,) = stored
+    assert getattr(Strict.build_from_payload({"kwargs": stored}, []), field) == expected
 
 
 @pytest.mark.parametrize("field, value, where", REFUSED_VALUES, ids=short)
@@ -797,3 +828,14 @@ def test_a_payload_value_of_the_wrong_shape_is_refused_naming_the_field(field, r
     payload["kwargs"][field] = raw
     with pytest.raises(InvalidPayload, match=rf"Legacy\.{field}"):
         Legacy.deserialize(json.dumps(payload))
+
+
+@dataclasses.dataclass
+class OldStyleTuple(Channel):
+    ids: tuple[int]  # django-pgpubsub 1.x read this as a tuple of any length
+
+
+@pytest.mark.parametrize("ids", [(), (1,), (1, 2, 3)], ids=str)
+def test_a_one_argument_tuple_field_takes_any_length_as_in_1_x(ids):
+    message = OldStyleTuple.build_from_payload(OldStyleTuple(ids=ids).serialize(), [])
+    assert message.ids == ids and isinstance(message.ids, tuple)
