@@ -283,7 +283,13 @@ def set_notification_context(context: dict[str, Any], using: str | None = None) 
             "wrap the code in transaction.atomic(), or set "
             "PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT = False for a session-wide context."
         )
-    text = json.dumps(context, ensure_ascii=False, default=str)
+    try:
+        # NaN and Infinity would be accepted here but make every later trigger fail.
+        text = json.dumps(context, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError as exc:
+        raise InvalidPayload(f"Notification context is not valid JSON: {exc}") from None
+    if _contains_nul(json.loads(text)):
+        raise InvalidPayload("Notification context contains U+0000 (NUL), which jsonb refuses")
     with conn.cursor() as cursor:
         try:
             cursor.execute(
@@ -293,6 +299,16 @@ def set_notification_context(context: dict[str, Any], using: str | None = None) 
             if TX_ABORTED_ERROR_MESSAGE in str(exc):
                 return
             raise
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(key) or _contains_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(item) for item in value)
+    return False
 
 
 def locate_channel(channel: type[BaseChannel] | str) -> type[BaseChannel]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -15,18 +16,27 @@ from pgpubsub.exceptions import InvalidChannel
 logger = logging.getLogger(__name__)
 
 
-def notify(channel: type[Channel] | str, using: str | None = None, **kwargs: Any) -> str:
+def notify(channel: type[Channel] | str, **kwargs: Any) -> str:
     """Send a message with fields ``kwargs`` to ``channel`` (a class or its dotted path).
 
     The message is delivered when the current transaction commits (at once in autocommit).
     For a lockable channel it is also stored, in the same transaction, until processed.
-    Returns the serialised payload.
+    ``using=alias`` picks the database connection, unless the channel has a field of that
+    name. Returns the serialised payload.
     """
     channel_cls = locate_channel(channel)
     if not issubclass(channel_cls, Channel):
         raise InvalidChannel(
             f"{channel_cls.name()} is a {channel_cls.__mro__[1].__name__}; notify() sends to "
             "Channel subclasses (trigger channels are fed by their database triggers)."
+        )
+    fields = {field.name for field in dataclasses.fields(channel_cls)}
+    using = kwargs.pop("using", None) if "using" not in fields else None
+    unknown = set(kwargs) - {field.name for field in dataclasses.fields(channel_cls) if field.init}
+    if unknown:
+        raise TypeError(
+            f"{channel_cls.name()} has no field(s) {sorted(unknown)}; its fields are "
+            f"{sorted(fields)}."
         )
     message = channel_cls(**kwargs)
     serialized = message.serialize()

@@ -91,7 +91,7 @@ def test_bad_input_fails_at_notify_and_sends_nothing(listening):
     with pytest.raises(InvalidChannel, match="trigger"):
         pgpubsub.notify(channels.AuthorTrigger, old=None, new=None)
     with pytest.raises(InvalidPayload, match="Job.key"):
-        pgpubsub.notify(channels.Job, key=42)
+        pgpubsub.notify(channels.Job, key=b"bytes")
     with pytest.raises(TypeError):
         pgpubsub.notify(channels.Job, wrong="field")
     process_notifications(listening)
@@ -242,3 +242,22 @@ def test_process_stored_notifications_of_a_named_channel_without_local_listeners
     notes = list(listening.notifies)
     listening.notifies = []
     assert [(n.channel, n.payload) for n in notes] == [(Unheard.listen_safe_name(), "")]
+
+
+@dataclasses.dataclass
+class Routed(Channel):
+    """A channel with a field named like notify()'s database argument."""
+
+    using: str
+
+
+def test_a_field_named_using_is_a_field(listening):
+    with connection.cursor() as cursor:
+        cursor.execute(f'LISTEN "{Routed.listen_safe_name()}"')
+    payload = pgpubsub.notify(Routed, using="replica")
+    assert Routed.build_from_payload(payload, []).using == "replica"
+
+
+def test_an_unknown_field_is_named_with_the_channel():
+    with pytest.raises(TypeError, match=r"Message has no field\(s\) \['txt'\]"):
+        pgpubsub.notify(channels.Message, key="k", txt="typo")

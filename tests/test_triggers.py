@@ -10,6 +10,7 @@ from django.test import override_settings
 
 import pgpubsub
 from pgpubsub.channel import BaseChannel
+from pgpubsub.exceptions import InvalidPayload
 from pgpubsub.listen import process_notifications
 from pgpubsub.models import Notification
 from tests.testapp import channels
@@ -228,3 +229,14 @@ def test_messages_without_timing_reach_every_listener_of_their_operation():
     callbacks = BaseChannel.get(channels.PostTimings.listen_safe_name())[1]
     channels.PostTimings.build_from_payload(payload, callbacks).execute_callbacks()
     assert [name for name, _ in received] == ["PostTimings.before", "PostTimings.after"]
+
+
+@pytest.mark.parametrize(
+    "context, problem",
+    [({"ratio": float("nan")}, "not valid JSON"), ({"note": "a\x00b"}, "NUL")],
+    ids=["nan", "nul"],
+)
+def test_a_context_jsonb_would_refuse_is_refused_at_once(django_db_setup, context, problem):
+    with pytest.raises(InvalidPayload, match=problem):
+        pgpubsub.set_notification_context(context)
+    Author.objects.create(name="still writable")  # the session's later trigger writes work
