@@ -34,6 +34,15 @@ def _forked_worker(channels: list[str] | None, recover: bool) -> None:
     listen_module.listen(channels, recover=recover, autorestart_on_failure=False)
 
 
+def _command_prefix() -> list[str]:
+    """How to run a management command again: through the project's own ``manage.py`` when
+    that is what started us (it may set things up before Django loads), else ``-m django``."""
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) != "__main__.py" and os.path.isfile(script):
+        return [sys.executable, os.path.abspath(script)]
+    return [sys.executable, "-m", "django"]
+
+
 class _Child:
     """One running worker: a spawned ``manage.py listen --worker`` or a forked process."""
 
@@ -98,7 +107,7 @@ class Supervisor:
             process.start()
             child = _Child(process)
         else:
-            args = [sys.executable, "-m", "django", "listen", "--worker", *self.extra_args]
+            args = [*_command_prefix(), "listen", "--worker", *self.extra_args]
             if recover:
                 args.append("--recover")
             if self.channels:
@@ -111,7 +120,8 @@ class Supervisor:
         return child
 
     def run(self) -> int:
-        """Supervise until stopped; returns 0, or 1 if a child failed and restarts are off."""
+        """Supervise until stopped; returns 0, or 1 if a child failed while restarts were off
+        (with restarts on, a replaced child is not a failure of the whole)."""
         previous = {
             signum: signal.signal(signum, lambda *_: self.stopping.set())
             for signum in (signal.SIGTERM, signal.SIGINT)
@@ -129,9 +139,9 @@ class Supervisor:
                         "Listener process %s (pid %s) exited with code %s", slot, child.pid, code
                     )
                     self.children[slot] = None
-                    if code != 0:
-                        status = 1
                     if not self.restart:
+                        if code != 0:
+                            status = 1
                         continue
                     pause = RESTART_DELAY - (time.monotonic() - child.started)
                     if pause > 0 and self.stopping.wait(pause):

@@ -310,10 +310,6 @@ def test_callbacks_receive_the_declared_types():
     assert str(kwargs["price"]) == "9.90"
 
 
-def test_execute_callbacks_with_no_callbacks_does_nothing():
-    Greeting.build_from_payload('{"kwargs": {"name": "x"}}', []).execute_callbacks()
-
-
 # --- listener signatures, checked when decorating ---------------------------------------------------
 
 

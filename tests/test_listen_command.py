@@ -2,6 +2,7 @@
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -101,7 +102,7 @@ def test_loglevel_info_logs_the_channels(processes):
     listener = processes.start("--loglevel", "info")
     # Logged just after the LISTEN statements that start() waited for.
     wait_for(
-        lambda: "Listening on" in listener.output(), 5, "the 'Listening on' line", watch=[listener]
+        lambda: "Listening on" in listener.output(), 30, "the 'Listening on' line", watch=[listener]
     )
     assert channels.Job.name() in listener.output()
     listening_lines = [line for line in listener.output().splitlines() if "Listening on" in line]
@@ -280,6 +281,9 @@ def test_supervisor_replaces_a_killed_child(processes):
     supervisor = processes.start("--processes", "2", ready=2)
     children = supervisor.children()
     assert len(children) == 2, (children, outputs([supervisor]))
+    for pid in children:  # started through the project's manage.py, as the supervisor was
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert command[1].endswith(b"tests/manage.py") and b"--worker" in command, command
 
     send_jobs("first-", 200)
     wait_processed("first-", 200, [supervisor])
@@ -305,7 +309,8 @@ def test_supervisor_replaces_a_killed_child(processes):
     )
 
     supervisor.send(signal.SIGTERM)
-    supervisor.wait(40)  # its exit code reports the child that was killed
+    # The killed child was replaced: a clean stop afterwards is a success.
+    assert supervisor.wait(40) == 0, outputs([supervisor])
     wait_for(
         lambda: not any(pid_alive(pid) for pid in replaced),
         10,

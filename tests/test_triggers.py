@@ -197,6 +197,22 @@ def test_context_is_ignored_in_an_aborted_transaction(django_db_setup):
         pgpubsub.set_notification_context({"ignored": True})  # must not raise
 
 
+def test_context_is_ignored_when_postgres_has_aborted_the_transaction(django_db_setup):
+    """Django does not know yet (no atomic block has exited): Postgres refuses the statement."""
+    from django.db import DatabaseError, connection
+
+    with pytest.raises(DatabaseError), transaction.atomic():
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1/0")
+        except DatabaseError:
+            pass
+        assert not connection.needs_rollback
+        pgpubsub.set_notification_context({"ignored": True})  # must not raise
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")  # the transaction is still aborted, as before
+
+
 def test_before_and_after_listeners_of_one_channel_each_run_once(listening):
     post = Post.objects.create(content="timed")
     post.delete()
