@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from django.db import connections, transaction
@@ -23,6 +24,9 @@ from pgpubsub import store, wire
 from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between progress lines while a channel's backlog is processed.
+PROGRESS_INTERVAL = 5.0
 
 # Checks the deferred constraints a message's work left pending (a violation raises here, in
 # the message's savepoint), then defers them again as Django declares its foreign keys.
@@ -203,12 +207,21 @@ class Processor:
         Returns how many succeeded. Raises the error when the connection breaks."""
         total = 0
         last_id = 0
+        next_report = time.monotonic() + PROGRESS_INTERVAL
         while not (self.stopping is not None and self.stopping.is_set()):
             ids = store.pending_ids(channel_cls, last_id, self.using)
             if not ids:
                 break
             last_id = ids[-1]
             total += self.process_stored_rows(channel_cls, ids, raise_on_disconnect=True)
+            if time.monotonic() >= next_report:  # a long recovery says how far it got
+                logger.info(
+                    "Processed %s stored notifications of %s so far (up to id %s)",
+                    total,
+                    channel_cls.name(),
+                    last_id,
+                )
+                next_report = time.monotonic() + PROGRESS_INTERVAL
         if total:
             logger.info("Processed %s stored notifications of %s", total, channel_cls.name())
         return total

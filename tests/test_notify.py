@@ -1,6 +1,7 @@
 """notify() and process_stored_notifications()."""
 
 import dataclasses
+import logging
 
 import pytest
 from django.db import IntegrityError, connection, transaction
@@ -261,3 +262,18 @@ def test_a_field_named_using_is_a_field(listening):
 def test_an_unknown_field_is_named_with_the_channel():
     with pytest.raises(TypeError, match=r"Message has no field\(s\) \['txt'\]"):
         pgpubsub.notify(channels.Message, key="k", txt="typo")
+
+
+def test_a_long_recovery_reports_its_progress(django_db_setup, monkeypatch, caplog):
+    from pgpubsub import processing
+    from pgpubsub.listen import recover
+
+    for number in range(45):
+        _store_silently(channels.Job, f"backlog-{number}")
+    monkeypatch.setattr(processing, "PROGRESS_INTERVAL", 0.0)
+    with caplog.at_level(logging.INFO, logger="pgpubsub"):
+        assert recover([channels.Job]) == 45
+    progress = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
+    assert len(progress) == 3  # one line per batch of 20 here
+    assert progress[0].startswith("Processed 20 stored notifications of tests.testapp.channels.Job")
+    assert any("Processed 45 stored notifications" in r.getMessage() for r in caplog.records)
