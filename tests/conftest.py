@@ -17,6 +17,16 @@ def _clear_received():
 
 
 @pytest.fixture
+def processes():
+    """Starts ``manage.py listen`` subprocesses (``processes.start(...)``); stops them after."""
+    from tests.processes import ListenProcesses
+
+    started = ListenProcesses()
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
 def listening(django_db_setup):
     """LISTEN on this thread's connection (as django-pgpubsub 1.x tests do); yields the wrapper."""
     from django.db import connection

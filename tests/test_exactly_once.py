@@ -12,18 +12,11 @@ from django.db.models import Count
 import pgpubsub
 from pgpubsub.listen import listen_to_channels, process_notifications
 from pgpubsub.models import Notification
-from tests.processes import ListenProcesses, outputs, wait_for
+from tests.processes import outputs, wait_for
 from tests.testapp import channels
 from tests.testapp.models import Author, Effect, Post
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def processes():
-    started = ListenProcesses()
-    yield started
-    started.stop_all()
 
 
 def send_jobs(prefix: str, count: int, per_transaction: int) -> set[str]:

@@ -12,7 +12,6 @@ import pgpubsub
 from pgpubsub.models import Notification
 from tests.processes import (
     ListenProcess,
-    ListenProcesses,
     backends,
     outputs,
     pid_alive,
@@ -22,13 +21,6 @@ from tests.testapp import channels
 from tests.testapp.models import Author, Effect, Post
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def processes():
-    started = ListenProcesses()
-    yield started
-    started.stop_all()
 
 
 def stored(channel=None) -> int:
