@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import connections, transaction
 
-from pgpubsub import store, wire
+from pgpubsub import signals, store, wire
 from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class Processor:
     def _run_plain(self, channel_cls: type[BaseChannel], callbacks: list[Callable], payload: str):
         """Run the callbacks of a plain message in a transaction (their writes commit together,
         or not at all)."""
+        started = time.perf_counter()
         try:
             with transaction.atomic(using=self.using):
                 channel_cls.build_from_payload(payload, callbacks).execute_callbacks()
@@ -145,8 +146,21 @@ class Processor:
             self._failure(
                 error, "Listener of %s failed on message %.200r", channel_cls.name(), payload
             )
+            signals.send(
+                signals.message_failed,
+                channel_cls,
+                duration=time.perf_counter() - started,
+                row_id=None,
+                error=error,
+            )
         else:
             self._count(processed=1)
+            signals.send(
+                signals.message_processed,
+                channel_cls,
+                duration=time.perf_counter() - started,
+                row_id=None,
+            )
 
     def process_stored_row(
         self, channel_cls: type[BaseChannel], callbacks: list[Callable], row_id: int
@@ -198,8 +212,10 @@ class Processor:
                 channel_cls.name(),
             )
             return 0
-        self._count(processed=done)
-        return done
+        self._count(processed=len(done))
+        for row_id, duration in done:  # committed: now they count as processed
+            signals.send(signals.message_processed, channel_cls, duration=duration, row_id=row_id)
+        return len(done)
 
     def process_stored_channel(self, channel_cls: type[BaseChannel]) -> int:
         """Process every stored row of the channel that no one else holds, in batches of
@@ -232,17 +248,18 @@ class Processor:
         callbacks: list[Callable] | None,
         rows: list[store.StoredRow],
         used: object,
-    ) -> int:
+    ) -> list[tuple[int, float]]:
         """Inside the claiming transaction: run each row's callbacks in a savepoint of its own,
-        then delete the rows that succeeded. Returns how many did."""
+        then delete the rows that succeeded. Returns (id, duration) of each that did."""
         if not rows:
-            return 0
+            return []
         if callbacks is None:
             found = BaseChannel.get(channel_cls.listen_safe_name())
             callbacks = found[1] if found else []
         in_batch = len(rows) > 1
         succeeded = []
         for row in rows:
+            started = time.perf_counter()
             try:
                 with transaction.atomic(using=self.using):
                     channel_cls.build_from_payload(row.payload, callbacks).execute_callbacks()
@@ -258,7 +275,14 @@ class Processor:
                     channel_cls.name(),
                     row.pk,
                 )
+                signals.send(
+                    signals.message_failed,
+                    channel_cls,
+                    duration=time.perf_counter() - started,
+                    row_id=row.pk,
+                    error=error,
+                )
             else:
-                succeeded.append(row.pk)
-        store.acknowledge(succeeded, self.using)
-        return len(succeeded)
+                succeeded.append((row.pk, time.perf_counter() - started))
+        store.acknowledge([pk for pk, _ in succeeded], self.using)
+        return succeeded
