@@ -256,3 +256,26 @@ def test_a_context_jsonb_would_refuse_is_refused_at_once(django_db_setup, contex
     with pytest.raises(InvalidPayload, match=problem):
         pgpubsub.set_notification_context(context)
     Author.objects.create(name="still writable")  # the session's later trigger writes work
+
+
+def test_insert_and_update_decorators_each_get_their_own_rows(listening):
+    author = Author.objects.create(name="Ann")
+    author.name = "Anna"
+    author.save()
+    author.save()  # an update that does not rename
+    process_notifications(listening)
+
+    events = [
+        (name, kwargs["old"] and kwargs["old"].name, kwargs["new"].name)
+        for name, kwargs in received
+        if name.startswith("Author")
+    ]
+    # Triggers of one timing fire in the order of their names (pgpubsub_0105c first).
+    assert events == [
+        ("AuthorEvents.pre_insert", None, "Ann"),
+        ("AuthorEvents.pre_update", "Ann", "Anna"),
+        ("AuthorRenamed", "Ann", "Anna"),  # its own trigger's condition: renames only
+        ("AuthorEvents.post_update", "Ann", "Anna"),
+        ("AuthorEvents.pre_update", "Anna", "Anna"),
+        ("AuthorEvents.post_update", "Anna", "Anna"),
+    ]

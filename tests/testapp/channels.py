@@ -108,3 +108,17 @@ class PostTimings(TriggerChannel):
     """Plain trigger channel with listeners before and after the same writes."""
 
     model = Post
+
+
+@dataclass
+class AuthorEvents(TriggerChannel):
+    """Plain trigger channel for the decorators the other channels do not use."""
+
+    model = Author
+
+
+@dataclass
+class AuthorRenamed(TriggerChannel):
+    """Fed by a trigger of its own (``trigger_listener``): updates that change the name."""
+
+    model = Author

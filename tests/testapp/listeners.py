@@ -3,9 +3,11 @@
 
 import os
 
+import pgtrigger
 from django.db.models import F
 
 import pgpubsub
+from pgpubsub.triggers import Notify
 from tests.testapp import channels
 from tests.testapp.models import Effect, Post
 
@@ -109,3 +111,31 @@ def record_after_save(old, new, **extra) -> None:
 @pgpubsub.post_delete_listener(channels.PostTimings)
 def record_after_delete(old, new, **extra) -> None:
     received.append(("PostTimings.delete", {"old": old, "new": new}))
+
+
+@pgpubsub.pre_insert_listener(channels.AuthorEvents)
+def record_author_pre_insert(old, new, **extra) -> None:
+    received.append(("AuthorEvents.pre_insert", {"old": old, "new": new}))
+
+
+@pgpubsub.pre_update_listener(channels.AuthorEvents)
+def record_author_pre_update(old, new, **extra) -> None:
+    received.append(("AuthorEvents.pre_update", {"old": old, "new": new}))
+
+
+@pgpubsub.post_update_listener(channels.AuthorEvents)
+def record_author_post_update(old, new, **extra) -> None:
+    received.append(("AuthorEvents.post_update", {"old": old, "new": new}))
+
+
+@pgpubsub.trigger_listener(
+    channels.AuthorRenamed,
+    Notify(
+        name=channels.AuthorRenamed.listen_safe_name(),
+        when=pgtrigger.After,
+        operation=pgtrigger.Update,
+        condition=pgtrigger.Condition('OLD."name" IS DISTINCT FROM NEW."name"'),
+    ),
+)
+def record_author_renamed(old, new, **extra) -> None:
+    received.append(("AuthorRenamed", {"old": old, "new": new}))
