@@ -24,17 +24,10 @@ from django.utils.html import format_html
 from django.utils.translation import ngettext
 
 from pgpubsub.channel import BaseChannel, listen_name, registry
+from pgpubsub.health import channel_label
 from pgpubsub.models import Notification
 
 _LISTEN_NAME = re.compile(r"^pgpubsub_[0-9a-f]{5}$")
-
-
-def channel_label(stored: str) -> str:
-    """The dotted class name of the registered channel with LISTEN name ``stored``, else
-    ``stored`` itself (a channel this process has no listener for, or a row of django-pgpubsub
-    1.x stored under the dotted name)."""
-    found = BaseChannel.get(stored)
-    return found[0].name() if found else stored
 
 
 def wire_channel(stored: str) -> str:

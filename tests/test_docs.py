@@ -68,6 +68,10 @@ HARNESS_TIMEOUT = 90
 # Blocks that are not code, by (document, index of the block in the document).
 NOT_CODE = {
     ("docs/architecture.md", 0): "a diagram of the data path",
+    (
+        "docs/operations.md",
+        1,
+    ): "output of `pgpubsub status`, whose format tests/test_status.py checks",
 }
 
 # Python blocks that another test runs as written: (test file, how it finds the block, why).

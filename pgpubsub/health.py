@@ -1,0 +1,80 @@
+"""What an operator needs to know about the database side of pgpubsub, without any payload:
+the stored backlog per channel, the age of its oldest row, and how full PostgreSQL's
+notification queue is."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from django.db import connections
+from django.db.models import Count, Min
+from django.utils import timezone
+
+from pgpubsub import conf
+from pgpubsub.channel import BaseChannel
+
+
+@dataclass
+class ChannelBacklog:
+    channel: str  # the dotted class name when this process knows the channel, else as stored
+    stored: int
+    oldest_age_seconds: float | None  # None for rows older than the created_at column
+
+
+@dataclass
+class DatabaseStatus:
+    database: str
+    stored: int
+    oldest_age_seconds: float | None
+    notification_queue_usage: float  # pg_notification_queue_usage(): 0.0 (empty) to 1.0 (full)
+    channels: list[ChannelBacklog] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def channel_label(stored_name: str) -> str:
+    """The dotted class name of the registered channel with LISTEN name ``stored_name``, else
+    ``stored_name`` itself (a channel this process has no listener for, or a row stored by
+    django-pgpubsub 1.x under the dotted name)."""
+    found = BaseChannel.get(stored_name)
+    return found[0].name() if found else stored_name
+
+
+def _age(created: datetime.datetime | None, now: datetime.datetime) -> float | None:
+    return None if created is None else max(0.0, (now - created).total_seconds())
+
+
+def database_status(using: str | None = None) -> DatabaseStatus:
+    """The stored backlog of database ``using`` (the alias of stored notifications by
+    default), oldest channels first."""
+    from pgpubsub.models import Notification
+
+    alias = using or conf.notifications_alias()
+    now = timezone.now()
+    per_channel = (
+        Notification.objects.using(alias)
+        .order_by()
+        .values("channel")
+        .annotate(stored=Count("id"), oldest=Min("created_at"))
+    )
+    channels = sorted(
+        (
+            ChannelBacklog(channel_label(row["channel"]), row["stored"], _age(row["oldest"], now))
+            for row in per_channel
+        ),
+        key=lambda backlog: (-(backlog.oldest_age_seconds or 0.0), backlog.channel),
+    )
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_notification_queue_usage()")
+        (usage,) = cursor.fetchone()
+    ages = [backlog.oldest_age_seconds for backlog in channels if backlog.oldest_age_seconds]
+    return DatabaseStatus(
+        database=alias,
+        stored=sum(backlog.stored for backlog in channels),
+        oldest_age_seconds=max(ages) if ages else None,
+        notification_queue_usage=float(usage),
+        channels=channels,
+    )
