@@ -77,6 +77,16 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                 id="pgpubsub.E005",
             )
         )
+    try:
+        conf.health_max_backlog_age()
+    except ImproperlyConfigured as exc:
+        errors.append(
+            Error(
+                str(exc),
+                hint="Set PGPUBSUB_HEALTH_MAX_BACKLOG_AGE to a number of seconds, e.g. 300.",
+                id="pgpubsub.E010",
+            )
+        )
     errors.extend(_check_listener_filter())
     return errors
 

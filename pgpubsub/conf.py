@@ -44,6 +44,17 @@ def notifications_alias() -> str:
     return router.db_for_write(Notification)
 
 
+def health_max_backlog_age() -> float:
+    """``PGPUBSUB_HEALTH_MAX_BACKLOG_AGE`` (default ``300``): seconds the oldest stored
+    notification may wait before the health view reports a failure."""
+    value = _get("PGPUBSUB_HEALTH_MAX_BACKLOG_AGE", 300)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ImproperlyConfigured(
+            f"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE must be a positive number of seconds, not {value!r}"
+        )
+    return float(value)
+
+
 def listener_filter_provider() -> Any | None:
     """``PGPUBSUB_LISTENER_FILTER`` (default ``None``): dotted path of a ``ListenerFilterProvider``.
 

@@ -109,6 +109,8 @@ def test_database_alias_with_an_engine_that_does_not_import():
         ({"PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT": None}, "pgpubsub.E004"),
         ({"PGPUBSUB_DATABASE": None}, "pgpubsub.E005"),
         ({"PGPUBSUB_DATABASE": ["default"]}, "pgpubsub.E005"),
+        ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": "300"}, "pgpubsub.E010"),
+        ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": 0}, "pgpubsub.E010"),
     ],
 )
 def test_settings_of_the_wrong_type(overrides, expected):

@@ -1,4 +1,9 @@
 from django.contrib import admin
 from django.urls import path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+from pgpubsub.views import health
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("pgpubsub/health/", health),
+]
