@@ -30,9 +30,10 @@ def drain(params: dict, batch: int) -> dict:
                     break
                 for _, payload in claimed:
                     new = payload["new"]
+                    now = time.time()
                     cursor.execute(
-                        "INSERT INTO effect (key, latency) VALUES (%s, %s)",
-                        [f"event-{new['id']}", time.time() - new["sent_at"]],
+                        "INSERT INTO effect (key, latency, done_at) VALUES (%s, %s, %s)",
+                        [f"event-{new['id']}", now - new["sent_at"], now],
                     )
                 cursor.execute(
                     "DELETE FROM queue WHERE id = ANY(%s)", [[row_id for row_id, _ in claimed]]

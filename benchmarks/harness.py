@@ -198,6 +198,31 @@ def wait_for(
         time.sleep(interval)
 
 
+#: Clock ticks per second of utime/stime in /proc/<pid>/stat.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU time of a process tree at one instant, two ways: per thread, in nanoseconds, from
+    ``/proc/<pid>/task/<tid>/schedstat`` (the scheduler's exact run time), and for the whole
+    tree in clock ticks (utime + stime of ``/proc/<pid>/stat``, 10 ms each on most kernels)."""
+
+    threads: dict[tuple[int, int], int]  # (pid, tid) -> nanoseconds on a CPU
+    ticks: int
+
+    def seconds_until(self, later: CpuSample) -> tuple[float, str]:
+        """CPU seconds used between this sample and ``later``, and the resolution it was
+        measured with. Per-thread nanoseconds unless a thread ended in between (its time is
+        then gone from the per-thread sum) or the kernel lacks schedstat: clock ticks then."""
+        if self.threads and later.threads and self.threads.keys() <= later.threads.keys():
+            nanoseconds = sum(
+                runtime - self.threads.get(key, 0) for key, runtime in later.threads.items()
+            )
+            return nanoseconds / 1e9, "ns"
+        return (later.ticks - self.ticks) / CLOCK_TICKS, "tick"
+
+
 class Process:
     """A subprocess in its own session (so it and any child it spawns are stopped together),
     its output in a log file."""
@@ -206,6 +231,7 @@ class Process:
         self.name = name
         self.log_path = log
         self.started = time.perf_counter()
+        self.started_at = time.time()  # epoch, to compare with the times the listeners record
         with open(log, "wb") as out:
             self.popen = subprocess.Popen(
                 args,
@@ -263,17 +289,27 @@ class Process:
             todo.extend(children.get(pid, []))
         return found
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the live process tree."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
+    def cpu_sample(self) -> CpuSample:
+        """The CPU time used so far by the live process tree (see ``CpuSample``)."""
+        threads: dict[tuple[int, int], int] = {}
+        ticks = 0
         for pid in self.tree():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / ticks
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            try:
+                tids = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    runtime = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]
+                except (OSError, IndexError):
+                    continue
+                threads[(pid, tid)] = int(runtime)
+        return CpuSample(threads, ticks)
 
     def rss_bytes(self) -> int:
         """Resident memory of the live process tree."""
@@ -465,9 +501,9 @@ def git_revision() -> str:
 
 
 class ListenEngine:
-    """Notifications processed by ``manage.py listen`` (one process, the default options): the
-    engine of both sides today. Another engine (an embedded runtime in gunicorn workers, a
-    ``--threads`` option) only needs the same ``start()``."""
+    """Notifications processed by ``manage.py listen`` (default options; ``--processes N`` for
+    the scaling workloads): the engine of both sides today. Another engine (an embedded runtime
+    in gunicorn workers, a ``--threads`` option) only needs the same ``start()``."""
 
     name = "listen"
 
@@ -478,8 +514,12 @@ class ListenEngine:
         side: Side,
         dbname: str,
         recover: bool = False,
+        workers: int = 1,
     ) -> Process:
+        """``manage.py listen`` (``--recover``), with ``--processes N`` when ``workers`` > 1."""
         args = side.manage("listen", *(["--recover"] if recover else []))
+        if workers > 1:
+            args += ["--processes", str(workers)]
         env = side.env(server, dbname, f"bench-{side.name}-listener")
         return processes.start(f"{side.name}-listen", args, side.project, env)
 

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks.harness import (
+    CLOCK_TICKS,
     ENGINES,
     ROOT,
     BenchmarkError,
@@ -30,8 +31,24 @@ from benchmarks.workloads import Context, Sizes, Workload, select
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 DEFAULT_VENV_DIR = Path(tempfile.gettempdir()) / "pgpubsub-bench" / "venv-django-pgpubsub-1.3.1"
-FULL = Sizes(events=2000, messages=2000, idle_seconds=10.0, batch=100)
-QUICK = Sizes(events=100, messages=200, idle_seconds=1.0, batch=100)
+FULL = Sizes(
+    events=2000,
+    messages=2000,
+    idle_seconds=30.0,
+    batch=100,
+    backlog=10000,
+    rate=200.0,
+    paced_seconds=10.0,
+)
+QUICK = Sizes(
+    events=100,
+    messages=200,
+    idle_seconds=1.0,
+    batch=100,
+    backlog=0,
+    rate=200.0,
+    paced_seconds=1.0,
+)
 NOTES = [
     "In django-pgpubsub 1.3.1, lockable channels published with `notify()` are never processed "
     "(the row is stored under the dotted channel name, the listener looks it up by its LISTEN "
@@ -39,9 +56,16 @@ NOTES = [
     "Ratio is ours/theirs: above 1 is better for throughput, below 1 is better for latency, "
     "CPU, memory and start-up.",
     "django-pgpubsub 1.3.1's `listen` runs its listener in a spawned child process: its idle "
-    "CPU and RSS are those of the whole process tree.",
-    "Throughput of workload 1 and of the ceiling is counted from process start (it includes "
-    "interpreter and Django start-up); workload 5 shows the start-up time alone.",
+    "CPU and RSS are those of the whole process tree. Its `--processes 2` works: the parent "
+    "spawns two listener processes, each LISTENing on every channel (with `--recover`, each "
+    "runs its own recovery); ours runs two listener processes under a supervisor.",
+    'Throughput "from listener start" (workloads 1, 9, 11) and the ceiling\'s "from process '
+    'start" include interpreter and Django start-up (workload 5 shows it alone); "first to '
+    'last effect" is the processing alone (callback times of the first and last row).',
+    "Workload 8 paces its producer: message n is sent at start + n/R, one per transaction "
+    "(trigger rows: the runner's INSERTs; plain: the side's `notify()`), so its latencies are "
+    "those of a listener that is not saturated, as long as R is below its capacity "
+    "(workloads 2 and 4).",
 ]
 
 
@@ -61,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help=f"Small sizes for a smoke run (K={QUICK.events}, M={QUICK.messages}, "
-        f"idle {QUICK.idle_seconds:g}s).",
+        f"idle {QUICK.idle_seconds:g}s, paced {QUICK.paced_seconds:g}s, no backlog workload "
+        "unless --backlog is given).",
     )
     parser.add_argument("--events", type=int, help=f"K, Events per run (default {FULL.events}).")
     parser.add_argument(
@@ -69,6 +94,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--idle-seconds", type=float, help=f"Idle window (default {FULL.idle_seconds:g})."
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        help=f"B, rows of the backlog workloads 11 and 12 (default {FULL.backlog}; not run with "
+        "--quick unless given).",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help=f"R, messages per second of the paced producer (default {FULL.rate:g}).",
+    )
+    parser.add_argument(
+        "--paced-seconds",
+        type=float,
+        help=f"How long the paced producer sends, per channel (default {FULL.paced_seconds:g}).",
     )
     parser.add_argument(
         "--only", help="Comma-separated workload numbers or names, e.g. 1,2,ceiling."
@@ -93,6 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    for name in ("events", "messages", "backlog"):
+        if getattr(args, name) is not None and getattr(args, name) < 2:
+            parser.error(f"--{name} must be at least 2")
+    for name in ("rate", "paced_seconds", "idle_seconds"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     try:
         args.workloads = select(args.only)
     except ValueError as exc:
@@ -101,9 +148,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = Sizes(
         events=args.events or base.events,
         messages=args.messages or base.messages,
-        idle_seconds=args.idle_seconds if args.idle_seconds is not None else base.idle_seconds,
+        idle_seconds=args.idle_seconds or base.idle_seconds,
         batch=base.batch,
+        backlog=args.backlog or base.backlog,
+        rate=args.rate or base.rate,
+        paced_seconds=args.paced_seconds or base.paced_seconds,
     )
+    args.skipped = [w for w in args.workloads if w.needs_backlog and not args.sizes.backlog]
+    args.workloads = [w for w in args.workloads if w not in args.skipped]
     return args
 
 
@@ -121,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     processes = Processes(logs)
     databases = Databases(server)
     failed = False
+    for workload in args.skipped:
+        log(f"skipping {workload.number}. {workload.name}: no backlog size B (--quick)")
     try:
         sides = [Side("ours", sys.executable, workdir / "ours", str(ROOT))]
         if not args.skip_theirs:
@@ -239,29 +293,99 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
         "sizes": {
             "K (events)": args.sizes.events,
             "M (messages)": args.sizes.messages,
+            "B (backlog)": args.sizes.backlog if not args.skipped else "not run",
+            "R (paced rate, /s)": args.sizes.rate,
+            "paced seconds": args.sizes.paced_seconds,
             "idle seconds": args.sizes.idle_seconds,
             "ceiling batch": args.sizes.batch,
             "repeat": args.repeat,
         },
-        "engine": "listen (manage.py listen, one process)",
+        "engine": "listen (`manage.py listen`, one process; `--processes 2` in workloads 9, 10)",
         "sides": {side.name: side.versions for side in sides},
         "rows": rows,
-        "ceiling_share": ceiling_share(rows),
-        "notes": NOTES,
+        "summary": summary_lines(rows),
+        "notes": NOTES + idle_notes(args, results),
         "errors": [e for w in args.workloads for e in results[w.name]["errors"]],
     }
 
 
-def ceiling_share(rows: list[dict]) -> dict[str, float]:
-    """Ours as a fraction of the hand-written ceiling, for the exactly-once workloads."""
-    ceiling = next((r for r in rows if r["name"] == "ceiling" and r["key"] == "rate"), None)
-    if not ceiling or not ceiling["ours"]:
-        return {}
-    share = {}
+def _median(rows: list[dict], name: str, key: str, label: str) -> float | None:
     for row in rows:
-        if row["name"] in ("drain", "one-per-tx") and row["key"] == "rate" and row["ours"]:
-            share[row["name"]] = row["ours"]["median"] / ceiling["ours"]["median"]
-    return share
+        if row["name"] == name and row["key"] == key:
+            return row[label]["median"] if row[label] else None
+    return None
+
+
+#: Summary lines: (what, workload, metric, reference workload, its metric), per side.
+_SHARES = (
+    ("drain, from process start", "drain", "rate", "ceiling", "rate"),
+    (
+        "drain, first to last effect vs the loop alone",
+        "drain",
+        "processing_rate",
+        "ceiling",
+        "loop_rate",
+    ),
+    ("one-per-tx vs the loop alone", "one-per-tx", "rate", "ceiling", "loop_rate"),
+    ("bulk vs the loop alone", "bulk", "rate", "ceiling", "loop_rate"),
+)
+_SCALING = (
+    ("drain, first to last effect", "drain-2p", "processing_rate", "drain", "processing_rate"),
+    ("one-per-tx", "one-per-tx-2p", "rate", "one-per-tx", "rate"),
+)
+_BACKLOG = (
+    ("drain, first to last effect", "backlog", "processing_rate", "drain", "processing_rate"),
+    ("bulk", "bulk-backlog", "rate", "bulk", "rate"),
+)
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """Ours as a share of the ceiling, 2 processes against 1, and backlog B against K."""
+    lines = []
+    shares = []
+    for what, name, key, ref_name, ref_key in _SHARES:
+        ours = _median(rows, name, key, "ours")
+        ceiling = _median(rows, ref_name, ref_key, "ours")  # the ceiling's row keeps it there
+        if ours and ceiling:
+            shares.append(f"{what} {ours / ceiling:.0%}")
+    if shares:
+        lines.append(
+            "Ours as a share of the hand-written ceiling (workload 6): " + "; ".join(shares)
+        )
+    for title, table in (
+        ("Scaling, `--processes 2` / `--processes 1` (workloads 9, 10 / 1, 2)", _SCALING),
+        ("Backlog, B rows / K rows (workloads 11, 12 / 1, 7)", _BACKLOG),
+    ):
+        parts = []
+        for what, name, key, ref_name, ref_key in table:
+            for label in ("ours", "theirs"):
+                value = _median(rows, name, key, label)
+                reference = _median(rows, ref_name, ref_key, label)
+                if value and reference:
+                    parts.append(f"{what} {label} {value / reference:.2f}x")
+        if parts:
+            lines.append(f"{title}: " + "; ".join(parts))
+    return lines
+
+
+def idle_notes(args, results: dict) -> list[str]:
+    """How precisely idle CPU was measured."""
+    runs = [run for label in ("ours", "theirs") for run in results.get("idle", {}).get(label, [])]
+    if not runs:
+        return []
+    window = args.sizes.idle_seconds
+    if all(run["cpu_in_ns"] for run in runs):
+        return [
+            f"Idle CPU is read per thread from `/proc/<pid>/task/<tid>/schedstat` (the "
+            f"scheduler's run time in nanoseconds) for the whole process tree at the start and end "
+            f"of a {window:g} s window: well below the 0.01 ms/s shown."
+        ]
+    tick_ms = 1000.0 / CLOCK_TICKS
+    return [
+        f"Idle CPU fell back to clock ticks (utime + stime of `/proc/<pid>/stat`, "
+        f"{tick_ms:g} ms each) in some runs: resolution {tick_ms / window:.2f} ms/s over the "
+        f"{window:g} s window."
+    ]
 
 
 def cpu_model() -> str:
@@ -308,13 +432,9 @@ def render_markdown(report: dict) -> str:
             f"{_cell(row['ours'], row['digits'])} | {_cell(row['theirs'], row['digits'])} | "
             f"{ratio} |"
         )
-    if report["ceiling_share"]:
+    if report["summary"]:
         lines.append("")
-        lines.append(
-            "Ours as a share of the hand-written ceiling (workload 6, throughput from process "
-            "start): "
-            + ", ".join(f"{name} {share:.0%}" for name, share in report["ceiling_share"].items())
-        )
+        lines += [f"- {line}" for line in report["summary"]]
     lines += ["", "Notes:"]
     lines += [f"- {note}" for note in report["notes"]]
     if report["errors"]:

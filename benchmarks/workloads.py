@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import sys
@@ -46,10 +47,17 @@ class Sizes:
     messages: int  # M: plain messages per plain workload
     idle_seconds: float
     batch: int  # rows per transaction of the ceiling loop
+    backlog: int  # B: stored rows of the backlog workload (0: not run)
+    rate: float  # messages per second of the paced producer (workload 8)
+    paced_seconds: float  # how long the paced producer sends, per channel
 
     def wait_timeout(self, count: int) -> float:
         """Seconds to wait for ``count`` messages: generous for 1.3.1's ~100 rows/s."""
         return 60.0 + count / 10.0
+
+    @property
+    def paced_count(self) -> int:
+        return max(1, round(self.rate * self.paced_seconds))
 
 
 @dataclass
@@ -74,8 +82,12 @@ class Context:
             self.databases.drop(dbname)
 
     @contextlib.contextmanager
-    def listener(self, side: Side, dbname: str, recover: bool = False) -> Iterator[Process]:
-        process = self.engine.start(self.processes, self.server, side, dbname, recover=recover)
+    def listener(
+        self, side: Side, dbname: str, recover: bool = False, workers: int = 1
+    ) -> Iterator[Process]:
+        process = self.engine.start(
+            self.processes, self.server, side, dbname, recover=recover, workers=workers
+        )
         try:
             yield process
         finally:
@@ -100,6 +112,8 @@ class Workload:
     run: Callable[[Context, Side | None], dict[str, float]]
     #: Runs once per repetition, not per side (the hand-written ceiling).
     sideless: bool = False
+    #: Runs only when the backlog size B is set (the full run; not ``--quick``).
+    needs_backlog: bool = False
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -115,7 +129,7 @@ def counter(conn, sql: str, target: int) -> Callable[[], bool]:
     return lambda: scalar(conn, sql) >= target
 
 
-def percentiles(conn, table: str, where: str) -> dict[str, float]:
+def percentiles(conn, table: str, where: str, prefix: str = "") -> dict[str, float]:
     """p50 and p99 of the ``latency`` column, in milliseconds."""
     with conn.cursor() as cursor:
         cursor.execute(
@@ -123,12 +137,38 @@ def percentiles(conn, table: str, where: str) -> dict[str, float]:
             f"percentile_cont(0.99) WITHIN GROUP (ORDER BY latency) FROM {table} WHERE {where}"
         )
         p50, p99 = cursor.fetchone()
-    return {"p50_ms": p50 * 1000.0, "p99_ms": p99 * 1000.0}
+    return {f"{prefix}p50_ms": p50 * 1000.0, f"{prefix}p99_ms": p99 * 1000.0}
 
 
-def wait_ready(conn, listener: Process) -> None:
-    """Send plain probe messages until the listener has processed one: it then LISTENs on
-    every channel (both sides LISTEN on all channels before waiting)."""
+def rate_since(conn, started_at: float, table: str = "benchapp_effect", where: str = "true"):
+    """Rows per second from ``started_at`` (epoch seconds) to the last row's callback time, as
+    the listener recorded it (``done_at``): not rounded up to the runner's next check."""
+    count, last = _one(conn, f"SELECT count(*), max(done_at) FROM {table} WHERE {where}")
+    if not count or last <= started_at:
+        raise BenchmarkError(f"cannot time {count} rows of {table}")
+    return count / (last - started_at)
+
+
+def processing_rate(conn) -> float:
+    """Effects per second from the first effect's callback to the last one's, so without the
+    listener's start-up."""
+    count, first, last = _one(
+        conn, "SELECT count(*), min(done_at), max(done_at) FROM benchapp_effect"
+    )
+    if count < 2 or last <= first:
+        raise BenchmarkError(f"cannot time the processing of {count} effects")
+    return (count - 1) / (last - first)
+
+
+def _one(conn, sql: str, params: list | None = None) -> tuple:
+    with conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
+def wait_ready(conn, listener: Process, workers: int = 1) -> None:
+    """Send plain probe messages until ``workers`` listening processes have each processed one:
+    they then LISTEN on every channel (both sides LISTEN on all channels before waiting)."""
     probes = 0
 
     def probe_processed() -> bool:
@@ -137,82 +177,133 @@ def wait_ready(conn, listener: Process) -> None:
         payload = json.dumps({"kwargs": {"seq": -probes, "sent": time.time()}})
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [TICK_LISTEN_NAME, payload])
-        return scalar(conn, "SELECT count(*) FROM benchapp_item WHERE key LIKE 'probe-%'") > 0
+        listening = scalar(
+            conn,
+            "SELECT count(DISTINCT split_part(key, '-', 3)) FROM benchapp_item "
+            "WHERE key LIKE 'probe-%'",
+        )
+        return listening >= workers
 
     wait_for(
         probe_processed,
         READY_TIMEOUT,
-        f"{listener.name} to process a probe message",
+        f"{listener.name} to process a probe message in {workers} process(es)",
         watch=[listener],
         interval=PROBE_INTERVAL,
     )
 
 
-def check_effects(conn, expected: int) -> None:
+def wait_effects(ctx: Context, conn, side: Side, events: int, listener: Process) -> None:
+    """Until ``events`` effects exist."""
+    wait_for(
+        counter(conn, "SELECT count(*) FROM benchapp_effect", events),
+        ctx.sizes.wait_timeout(events),
+        f"{events} effects of {side.name}",
+        watch=[listener],
+    )
+
+
+def check_exactly_once(conn, listener: Process, expected: int) -> None:
+    """Exactly ``expected`` effects, and every stored row deleted (acknowledged)."""
+    wait_for(
+        lambda: scalar(conn, "SELECT count(*) FROM pgpubsub_notification") == 0,
+        30.0,
+        "the stored rows to be deleted",
+        watch=[listener],
+    )
     done = scalar(conn, "SELECT count(*) FROM benchapp_effect")
     if done != expected:
         raise BenchmarkError(f"expected {expected} effects (exactly once), found {done}")
 
 
-# --- 1. lockable trigger drain, bulk, with --recover ----------------------------------------
+def paced(count: int, rate: float, send: Callable[[int], object]) -> float:
+    """Call ``send(n)`` for n < count on a fixed schedule, n at start + n / rate (a late send
+    does not shift the later ones); the most a send was late, in milliseconds."""
+    start = time.perf_counter()
+    late = 0.0
+    for n in range(count):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            late = max(late, -delay)
+        send(n)
+    return late * 1000.0
 
 
-def drain_bulk(ctx: Context, side: Side) -> dict[str, float]:
-    events = ctx.sizes.events
+# --- 1, 9, 11. lockable trigger drain: rows stored, then ``listen --recover`` -----------------
+
+
+def drain_stored(ctx: Context, side: Side, size: str = "events", workers: int = 1):
+    """``size`` rows (``Sizes.events`` or ``Sizes.backlog``) inserted in one statement while no
+    listener runs, then ``listen --recover`` (``--processes workers``) drains them."""
+    events = getattr(ctx.sizes, size)
     with ctx.fresh_database(side) as (dbname, conn):
         with conn.cursor() as cursor:
             cursor.execute(INSERT_EVENTS, [events])
         stored = scalar(conn, "SELECT count(*) FROM pgpubsub_notification")
         if stored != events:
             raise BenchmarkError(f"{side.name}: the trigger stored {stored} of {events} rows")
-        with ctx.listener(side, dbname, recover=True) as listener:
-            wait_for(
-                counter(conn, "SELECT count(*) FROM benchapp_effect", events),
-                ctx.sizes.wait_timeout(events),
-                f"{events} effects of {side.name}",
-                watch=[listener],
-            )
-            elapsed = time.perf_counter() - listener.started
-            wait_for(
-                lambda: scalar(conn, "SELECT count(*) FROM pgpubsub_notification") == 0,
-                30.0,
-                "the stored rows to be deleted",
-                watch=[listener],
-            )
-            check_effects(conn, events)
-    return {"rate": events / elapsed}
+        with ctx.listener(side, dbname, recover=True, workers=workers) as listener:
+            wait_effects(ctx, conn, side, events, listener)
+            check_exactly_once(conn, listener, events)
+        return {
+            "rate": rate_since(conn, listener.started_at),
+            "processing_rate": processing_rate(conn),
+        }
 
 
-# --- 2. lockable trigger, one row per transaction, listener running -------------------------
+# --- 2, 10. lockable trigger, one row per transaction, listener running ---------------------
 
 
-def one_per_transaction(ctx: Context, side: Side) -> dict[str, float]:
+def one_per_transaction(ctx: Context, side: Side, workers: int = 1) -> dict[str, float]:
     events = ctx.sizes.events
     with ctx.fresh_database(side) as (dbname, conn):
-        with ctx.listener(side, dbname) as listener:
-            wait_ready(conn, listener)
-            started = time.perf_counter()
+        with ctx.listener(side, dbname, workers=workers) as listener:
+            wait_ready(conn, listener, workers)
+            started_at = time.time()
             with conn.cursor() as cursor:
                 for n in range(events):
                     cursor.execute(INSERT_EVENT, [f"event-{n}"])
-            wait_for(
-                counter(conn, "SELECT count(*) FROM benchapp_effect", events),
-                ctx.sizes.wait_timeout(events),
-                f"{events} effects of {side.name}",
-                watch=[listener],
-            )
-            elapsed = time.perf_counter() - started
-            check_effects(conn, events)
-            return {"rate": events / elapsed, **percentiles(conn, "benchapp_effect", "true")}
+            inserted = time.time() - started_at
+            wait_effects(ctx, conn, side, events, listener)
+            check_exactly_once(conn, listener, events)
+            return {
+                "rate": rate_since(conn, started_at),
+                **percentiles(conn, "benchapp_effect", "true"),
+                "insert_rate": events / inserted,
+            }
+
+
+# --- 7, 12. lockable trigger, rows in one transaction, listener running ---------------------
+
+
+def bulk_live(ctx: Context, side: Side, size: str = "events") -> dict[str, float]:
+    """``size`` rows (``Sizes.events`` or ``Sizes.backlog``) inserted in one statement (one
+    transaction, like ``bulk_create``) while the listener runs: as many notifications arrive at
+    once, and as many rows are stored."""
+    events = getattr(ctx.sizes, size)
+    with ctx.fresh_database(side) as (dbname, conn):
+        with ctx.listener(side, dbname) as listener:
+            wait_ready(conn, listener)
+            started_at = time.time()
+            with conn.cursor() as cursor:
+                cursor.execute(INSERT_EVENTS, [events])
+            wait_effects(ctx, conn, side, events, listener)
+            check_exactly_once(conn, listener, events)
+            return {
+                "rate": rate_since(conn, started_at),
+                **percentiles(conn, "benchapp_effect", "true"),
+            }
 
 
 # --- 3. plain notify() send rate -------------------------------------------------------------
 
 
-def run_driver(ctx: Context, side: Side, dbname: str, messages: int) -> dict:
+def run_driver(ctx: Context, side: Side, dbname: str, messages: int, rate: float = 0.0) -> dict:
     output = ctx.processes.run(
         f"{side.name}-send",
-        side.script("driver.py", "send", str(messages)),
+        side.script("driver.py", "send", str(messages), *([f"{rate:g}"] if rate else [])),
         side.project,
         side.env(ctx.server, dbname, f"bench-{side.name}-sender"),
         COMMAND_TIMEOUT + ctx.sizes.wait_timeout(messages),
@@ -229,6 +320,20 @@ def notify_rate(ctx: Context, side: Side) -> dict[str, float]:
 
 # --- 4. plain channel end to end --------------------------------------------------------------
 
+TICKS = "SELECT count(*) FROM benchapp_item WHERE key LIKE 'tick-%'"
+
+
+def wait_ticks(ctx: Context, conn, side: Side, messages: int, listener: Process) -> None:
+    wait_for(
+        counter(conn, TICKS, messages),
+        ctx.sizes.wait_timeout(messages),
+        f"{messages} plain messages received by {side.name}",
+        watch=[listener],
+    )
+    received = scalar(conn, TICKS)
+    if received != messages:
+        raise BenchmarkError(f"sent {messages} plain messages, received {received}")
+
 
 def plain_end_to_end(ctx: Context, side: Side) -> dict[str, float]:
     messages = ctx.sizes.messages
@@ -236,20 +341,9 @@ def plain_end_to_end(ctx: Context, side: Side) -> dict[str, float]:
         with ctx.listener(side, dbname) as listener:
             wait_ready(conn, listener)
             sent = run_driver(ctx, side, dbname, messages)
-            wait_for(
-                counter(
-                    conn, "SELECT count(*) FROM benchapp_item WHERE key LIKE 'tick-%'", messages
-                ),
-                ctx.sizes.wait_timeout(messages),
-                f"{messages} plain messages received by {side.name}",
-                watch=[listener],
-            )
-            elapsed = time.time() - sent["started"]
-            received = scalar(conn, "SELECT count(*) FROM benchapp_item WHERE key LIKE 'tick-%'")
-            if received != messages:
-                raise BenchmarkError(f"sent {messages} plain messages, received {received}")
+            wait_ticks(ctx, conn, side, messages, listener)
             return {
-                "rate": messages / elapsed,
+                "rate": rate_since(conn, sent["started"], "benchapp_item", "key LIKE 'tick-%'"),
                 **percentiles(conn, "benchapp_item", "key LIKE 'tick-%'"),
             }
 
@@ -262,11 +356,12 @@ def idle_listener(ctx: Context, side: Side) -> dict[str, float]:
         with ctx.listener(side, dbname) as listener:
             wait_ready(conn, listener)
             startup = time.perf_counter() - listener.started
-            before = listener.cpu_seconds()
+            before = listener.cpu_sample()
             clock = time.perf_counter()
             time.sleep(ctx.sizes.idle_seconds)  # the measurement window itself
+            after = listener.cpu_sample()
             window = time.perf_counter() - clock
-            cpu = listener.cpu_seconds() - before
+            cpu, resolution = before.seconds_until(after)
             rss = listener.rss_bytes()
             if not listener.alive():
                 raise BenchmarkError(f"{listener.name} exited while idle:\n{listener.log_tail()}")
@@ -275,6 +370,36 @@ def idle_listener(ctx: Context, side: Side) -> dict[str, float]:
                 "rss_mb": rss / 2**20,
                 "startup_s": startup,
                 "processes": float(len(listener.tree())),
+                # Not shown in the table: 1.0 when the CPU time was read in nanoseconds.
+                "cpu_in_ns": 1.0 if resolution == "ns" else 0.0,
+            }
+
+
+# --- 8. latency at a fixed rate ---------------------------------------------------------------
+
+
+def paced_latency(ctx: Context, side: Side) -> dict[str, float]:
+    """A producer at ``Sizes.rate`` messages/s for ``Sizes.paced_seconds``: first lockable
+    trigger rows, one per transaction (the runner's INSERTs), then plain ``notify()`` (the
+    side's driver); end-to-end latency of each."""
+    count, rate = ctx.sizes.paced_count, ctx.sizes.rate
+    with ctx.fresh_database(side) as (dbname, conn):
+        with ctx.listener(side, dbname) as listener:
+            wait_ready(conn, listener)
+            with conn.cursor() as cursor:
+                trigger_late = paced(
+                    count, rate, lambda n: cursor.execute(INSERT_EVENT, [f"event-{n}"])
+                )
+            wait_effects(ctx, conn, side, count, listener)
+            check_exactly_once(conn, listener, count)
+            sent = run_driver(ctx, side, dbname, count, rate)
+            wait_ticks(ctx, conn, side, count, listener)
+            return {
+                **percentiles(conn, "benchapp_effect", "true", prefix="trigger_"),
+                **percentiles(conn, "benchapp_item", "key LIKE 'tick-%'", prefix="plain_"),
+                # Not shown in the table: how far behind its schedule each producer fell.
+                "trigger_late_ms": trigger_late,
+                "plain_late_ms": sent["late_ms"],
             }
 
 
@@ -286,7 +411,10 @@ CREATE TABLE queue (
     id bigserial PRIMARY KEY, channel text NOT NULL, payload jsonb NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE TABLE effect (id serial PRIMARY KEY, key text NOT NULL UNIQUE, latency double precision);
+CREATE TABLE effect (
+    id serial PRIMARY KEY, key text NOT NULL UNIQUE, latency double precision,
+    done_at double precision
+);
 CREATE FUNCTION store_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO queue (channel, payload) VALUES (
@@ -325,39 +453,42 @@ def ceiling(ctx: Context, side: Side | None) -> dict[str, float]:
                     return scalar(conn, "SELECT count(*) FROM effect") >= events
 
                 wait_for(drained, ctx.sizes.wait_timeout(events), "the ceiling loop")
-                elapsed = time.perf_counter() - process.started
                 wait_for(lambda: not process.alive(), 30.0, "the ceiling loop to exit")
                 result = json.loads(process.log_path.read_text().strip().splitlines()[-1])
             finally:
                 ctx.processes.stop(process)
             if scalar(conn, "SELECT count(*) FROM effect") != events:
                 raise BenchmarkError("the ceiling loop did not process every row exactly once")
+            rate = rate_since(conn, process.started_at, "effect")
         finally:
             conn.close()
     finally:
         ctx.databases.drop(dbname)
-    return {"rate": events / elapsed, "loop_rate": result["rows"] / result["seconds"]}
+    return {"rate": rate, "loop_rate": result["rows"] / result["seconds"]}
 
 
 # --- the list -----------------------------------------------------------------------------------
+
+RATE = Metric("rate", "throughput", "rows/s")
+FROM_START = Metric("rate", "throughput from listener start", "rows/s")
+PROCESSING = Metric("processing_rate", "throughput, first to last effect", "rows/s")
+P50 = Metric("p50_ms", "latency p50", "ms", higher_is_better=False, digits=1)
+P99 = Metric("p99_ms", "latency p99", "ms", higher_is_better=False, digits=1)
+PRODUCER = Metric("insert_rate", "the producer's insert rate", "rows/s")
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload(
         1,
         "drain",
         "lockable trigger drain, bulk (K rows stored, then `listen --recover`)",
-        (Metric("rate", "throughput from listener start", "rows/s"),),
-        drain_bulk,
+        (FROM_START, PROCESSING),
+        drain_stored,
     ),
     Workload(
         2,
         "one-per-tx",
         "lockable trigger, one row per transaction, listener running",
-        (
-            Metric("rate", "throughput", "rows/s"),
-            Metric("p50_ms", "latency p50", "ms", higher_is_better=False, digits=1),
-            Metric("p99_ms", "latency p99", "ms", higher_is_better=False, digits=1),
-        ),
+        (RATE, P50, P99, PRODUCER),
         one_per_transaction,
     ),
     Workload(
@@ -371,11 +502,7 @@ WORKLOADS: tuple[Workload, ...] = (
         4,
         "plain",
         "plain channel end to end (producer at full speed)",
-        (
-            Metric("rate", "throughput", "msgs/s"),
-            Metric("p50_ms", "latency p50", "ms", higher_is_better=False, digits=1),
-            Metric("p99_ms", "latency p99", "ms", higher_is_better=False, digits=1),
-        ),
+        (Metric("rate", "throughput", "msgs/s"), P50, P99),
         plain_end_to_end,
     ),
     Workload(
@@ -400,6 +527,55 @@ WORKLOADS: tuple[Workload, ...] = (
         ),
         ceiling,
         sideless=True,
+    ),
+    Workload(
+        7,
+        "bulk",
+        "lockable trigger, K rows in one transaction, listener running",
+        (RATE, P50, P99),
+        bulk_live,
+    ),
+    Workload(
+        8,
+        "latency",
+        "latency at a fixed rate (R/s, one message per transaction)",
+        (
+            Metric("trigger_p50_ms", "lockable trigger p50", "ms", False, 1),
+            Metric("trigger_p99_ms", "lockable trigger p99", "ms", False, 1),
+            Metric("plain_p50_ms", "plain `notify()` p50", "ms", False, 1),
+            Metric("plain_p99_ms", "plain `notify()` p99", "ms", False, 1),
+        ),
+        paced_latency,
+    ),
+    Workload(
+        9,
+        "drain-2p",
+        "workload 1 with `listen --processes 2`",
+        (FROM_START, PROCESSING),
+        functools.partial(drain_stored, workers=2),
+    ),
+    Workload(
+        10,
+        "one-per-tx-2p",
+        "workload 2 with `listen --processes 2`",
+        (RATE, P50, P99, PRODUCER),
+        functools.partial(one_per_transaction, workers=2),
+    ),
+    Workload(
+        11,
+        "backlog",
+        "workload 1 with B rows stored",
+        (FROM_START, PROCESSING),
+        functools.partial(drain_stored, size="backlog"),
+        needs_backlog=True,
+    ),
+    Workload(
+        12,
+        "bulk-backlog",
+        "workload 7 with B rows",
+        (RATE, P50, P99),
+        functools.partial(bulk_live, size="backlog"),
+        needs_backlog=True,
     ),
 )
 

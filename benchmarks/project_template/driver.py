@@ -1,7 +1,9 @@
 """Producer side of the benchmark, run with the side's own Python and pgpubsub.
 
-python driver.py send M    send M plain messages with notify(), as fast as possible, in
-                           autocommit; prints {"count", "started" (epoch), "seconds"}
+python driver.py send M [RATE]    send M plain messages with notify() in autocommit, as fast
+                                  as possible, or RATE per second on a fixed schedule (message
+                                  n is due at start + n / RATE); prints {"count", "started"
+                                  (epoch), "seconds", "late_ms" (the most a send was late)}
 """
 
 import json
@@ -22,18 +24,26 @@ from django.db import connection  # noqa: E402
 import pgpubsub  # noqa: E402
 
 
-def send(count):
+def send(count, rate=0.0):
     connection.ensure_connection()
     started = time.time()
     clock = time.perf_counter()
+    late = 0.0
     for seq in range(count):
+        if rate:
+            delay = clock + seq / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                late = max(late, -delay)
         pgpubsub.notify(Tick, seq=seq, sent=time.time())
     elapsed = time.perf_counter() - clock
-    return {"count": count, "started": started, "seconds": elapsed}
+    return {"count": count, "started": started, "seconds": elapsed, "late_ms": late * 1000.0}
 
 
 if __name__ == "__main__":
     command, count = sys.argv[1], int(sys.argv[2])
     if command != "send":
         sys.exit(f"unknown command {command!r}")
-    print(json.dumps(send(count)))
+    rate = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+    print(json.dumps(send(count, rate)))

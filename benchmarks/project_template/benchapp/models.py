@@ -15,11 +15,16 @@ class Effect(models.Model):
     key = models.TextField(unique=True)
     #: Seconds from the Event's insert to its processing.
     latency = models.FloatField(null=True)
+    #: Epoch seconds when the listener processed it.
+    done_at = models.FloatField(null=True)
 
 
 class Item(models.Model):
-    """One row per plain message received (``tick-<seq>``; ``probe-<n>`` for readiness probes)."""
+    """One row per plain message received (``tick-<seq>``; ``probe-<n>-<pid>`` per listening
+    process for readiness probes)."""
 
     key = models.TextField(unique=True)
     #: Seconds from ``notify()`` to the listener callback.
     latency = models.FloatField(null=True)
+    #: Epoch seconds of the listener callback.
+    done_at = models.FloatField(null=True)
