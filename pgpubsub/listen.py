@@ -8,7 +8,7 @@ import random
 import threading
 from typing import Any
 
-from django.db import close_old_connections, connections
+from django.db import connections
 from django.db.utils import InterfaceError, OperationalError
 
 from pgpubsub import conf
@@ -171,8 +171,7 @@ def listen(
                     return
                 received = conn.wait(WAIT_TIMEOUT)
                 if received:
-                    # Once per batch, not per message: with CONN_MAX_AGE = 0 it reconnects.
-                    close_old_connections()
+                    tidy_connections()
                 processor.process_many(_whole_messages(assembler, received))
                 if processor.catch_up_needed:  # the processing connection broke meanwhile
                     processor.catch_up_needed = False
@@ -195,6 +194,22 @@ def listen(
             _running.discard(stopping)
         conn.close()
         connections[alias].close()
+
+
+def tidy_connections() -> None:
+    """What ``close_old_connections()`` does between requests, for a long-running listener:
+    close the connections that broke, and those older than a positive ``CONN_MAX_AGE``. With
+    ``CONN_MAX_AGE = 0`` (Django's default, meant for requests), a working connection is kept:
+    reconnecting for every batch of notifications would cost milliseconds each time, and
+    django-pgpubsub 1.x kept its connection too."""
+    for db in connections.all(initialized_only=True):
+        if db.settings_dict.get("CONN_MAX_AGE") == 0:
+            if db.connection is not None and db.errors_occurred:
+                db.errors_occurred = False
+                if not db.is_usable():
+                    db.close()
+        else:
+            db.close_if_unusable_or_obsolete()
 
 
 def _recover(channels: list[Any] | None, processor: Processor) -> None:

@@ -223,11 +223,30 @@ def test_listener_reconnects_after_its_sessions_are_terminated(processes):
     assert Effect.objects.filter(key__startswith="meanwhile-").count() == 5  # each once
 
 
+def processing_sessions(listener: ListenProcess) -> list[int]:
+    (listening_pid, _) = listener.wait_listening(1)[0]
+    return [pid for pid, _ in listener.backends() if pid != listening_pid]
+
+
+@pytest.mark.timeout(60)
+def test_the_processing_connection_is_kept_between_batches(processes):
+    """With Django's default CONN_MAX_AGE = 0 (meant for requests) the listener keeps its
+    processing connection, as django-pgpubsub 1.x did, instead of reconnecting per batch."""
+    listener = processes.start()
+    send_jobs("one-", 1)
+    wait_processed("one-", 1, [listener])
+    first = processing_sessions(listener)
+    send_jobs("two-", 1)
+    wait_processed("two-", 1, [listener])
+    assert processing_sessions(listener) == first and len(first) == 1
+
+
 @pytest.mark.timeout(90)
-def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(processes):
-    """With persistent connections the processing session outlives a message; when it dies,
-    the message that finds it dead is not counted as a listener failure and left behind."""
-    listener = processes.start(env={"PGPUBSUB_TEST_CONN_MAX_AGE": "600"})
+@pytest.mark.parametrize("conn_max_age", ["0", "600"])
+def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(processes, conn_max_age):
+    """The processing session outlives a message; when it dies, the message that finds it
+    dead is not counted as a listener failure and left behind."""
+    listener = processes.start(env={"PGPUBSUB_TEST_CONN_MAX_AGE": conn_max_age})
     send_jobs("warm-", 1)
     wait_processed("warm-", 1, [listener])
     (listening_pid, _) = listener.wait_listening(1)[0]
