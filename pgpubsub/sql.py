@@ -54,8 +54,15 @@ BEGIN
     END LOOP;
 END
 $pgpubsub$;
+"""
 
-CREATE OR REPLACE FUNCTION pgpubsub_store(p_channel text, p_payload jsonb) RETURNS bigint
+
+def store_function_sql(name: str, publish: str) -> str:
+    """``CREATE OR REPLACE FUNCTION name(p_channel text, p_payload jsonb)``: store the message
+    in ``pgpubsub_notification``, then run ``publish``, a statement that may use ``p_channel``
+    and the new row's ``new_id``; return ``new_id``."""
+    return f"""
+CREATE OR REPLACE FUNCTION {name}(p_channel text, p_payload jsonb) RETURNS bigint
 LANGUAGE plpgsql AS $pgpubsub$
 DECLARE
     new_id bigint;
@@ -63,11 +70,14 @@ BEGIN
     INSERT INTO pgpubsub_notification (channel, payload)
     VALUES (p_channel, p_payload)
     RETURNING id INTO new_id;
-    PERFORM pg_notify(p_channel, new_id::text);
+    {publish}
     RETURN new_id;
 END
 $pgpubsub$;
 """
+
+
+FUNCTIONS_SQL += store_function_sql("pgpubsub_store", "PERFORM pg_notify(p_channel, new_id::text);")
 
 DROP_FUNCTIONS_SQL = """
 DROP FUNCTION IF EXISTS pgpubsub_notify(text, text);

@@ -27,6 +27,7 @@ from django.db import DatabaseError, connections
 
 from pgpubsub import conf
 from pgpubsub.channel import BaseChannel
+from pgpubsub.sql import store_function_sql
 
 #: Rounds of messages published by the previous round's listeners that are followed before
 #: ``run_listeners()`` stops, taking it for a loop (listeners notifying each other forever).
@@ -34,32 +35,27 @@ MAX_ROUNDS = 100
 
 _TABLE = "pg_temp.pgpubsub_testing_captured"
 
-_SETUP_SQL = f"""
+
+def _setup_sql(schema: str) -> str:
+    """The capture table, and in ``schema`` the two publishing functions that fill it."""
+    return f"""
 CREATE TEMP TABLE IF NOT EXISTS pgpubsub_testing_captured (
     seq bigserial PRIMARY KEY,
     channel text NOT NULL,
     payload text NOT NULL
 );
-CREATE SCHEMA IF NOT EXISTS {{schema}};
-CREATE OR REPLACE FUNCTION {{schema}}.pgpubsub_notify(p_channel text, p_payload text)
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE OR REPLACE FUNCTION {schema}.pgpubsub_notify(p_channel text, p_payload text)
 RETURNS void LANGUAGE plpgsql AS $pgpubsub$
 BEGIN
     INSERT INTO {_TABLE} (channel, payload) VALUES (p_channel, p_payload);
 END
 $pgpubsub$;
-CREATE OR REPLACE FUNCTION {{schema}}.pgpubsub_store(p_channel text, p_payload jsonb)
-RETURNS bigint LANGUAGE plpgsql AS $pgpubsub$
-DECLARE
-    new_id bigint;
-BEGIN
-    INSERT INTO pgpubsub_notification (channel, payload)
-    VALUES (p_channel, p_payload)
-    RETURNING id INTO new_id;
-    INSERT INTO {_TABLE} (channel, payload) VALUES (p_channel, new_id::text);
-    RETURN new_id;
-END
-$pgpubsub$;
-"""
+""" + store_function_sql(  # the real one's storing, with a capture instead of the NOTIFY
+        f"{schema}.pgpubsub_store",
+        f"INSERT INTO {_TABLE} (channel, payload) VALUES (p_channel, new_id::text);",
+    )
+
 
 _processing_logger = logging.getLogger("pgpubsub.processing")
 
@@ -108,7 +104,7 @@ def _begin(alias: str) -> _Capture:
             pid, search_path = cursor.fetchone()
             # A schema per session: concurrent sessions never wait on each other's set-up.
             schema = f"pgpubsub_testing_{pid}"
-            cursor.execute(_SETUP_SQL.format(schema=schema))
+            cursor.execute(_setup_sql(schema))
             cursor.execute(
                 "SELECT set_config('search_path', %s, false)",
                 [f"{schema}, {search_path}" if search_path.strip() else schema],
