@@ -38,10 +38,7 @@ def wire_channel(stored: str) -> str:
     """
     if _LISTEN_NAME.match(stored) or BaseChannel.get(stored) or "." not in stored:
         return stored
-    for channel_cls in list(registry):
-        if channel_cls.name() == stored:
-            return channel_cls.listen_safe_name()
-    return listen_name(stored)  # a channel not imported in this process
+    return listen_name(stored)  # as BaseChannel.listen_safe_name() derives it
 
 
 def format_age(delta: datetime.timedelta) -> str:
