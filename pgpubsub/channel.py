@@ -57,6 +57,9 @@ class BaseChannel:
 
     #: Store each message in ``pgpubsub_notification`` and process it exactly once.
     lock_notifications: ClassVar[bool] = False
+    #: At most this many of the channel's messages run at once in a Runtime (None: no limit
+    #: but the pool's size). ``1`` runs them one at a time, in arrival order.
+    max_concurrency: ClassVar[int | None] = None
 
     def __post_init__(self) -> None:
         self.callbacks: list[Callable] = []

@@ -47,12 +47,7 @@ def notifications_alias() -> str:
 def health_max_backlog_age() -> float:
     """``PGPUBSUB_HEALTH_MAX_BACKLOG_AGE`` (default ``300``): seconds the oldest stored
     notification may wait before the health view reports a failure."""
-    value = _get("PGPUBSUB_HEALTH_MAX_BACKLOG_AGE", 300)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ImproperlyConfigured(
-            f"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE must be a positive number of seconds, not {value!r}"
-        )
-    return float(value)
+    return float(_positive("PGPUBSUB_HEALTH_MAX_BACKLOG_AGE", 300, float))
 
 
 def listener_filter_provider() -> Any | None:
@@ -77,3 +72,64 @@ def listener_filter_provider() -> Any | None:
             f"PGPUBSUB_LISTENER_FILTER = {path!r} has no get_filter() method."
         )
     return provider
+
+
+def _positive(name: str, default: float, kind: type = int) -> Any:
+    """Setting ``name``: a positive int (``kind=int``) or number of seconds (``kind=float``)."""
+    value = _get(name, default)
+    allowed = int if kind is int else int | float
+    if isinstance(value, bool) or not isinstance(value, allowed) or value <= 0:
+        what = "a positive integer" if kind is int else "a positive number of seconds"
+        raise ImproperlyConfigured(f"{name} must be {what}, not {value!r}")
+    return value
+
+
+def embedded() -> bool:
+    """``PGPUBSUB_EMBEDDED`` (default ``False``): run a Runtime inside each process that
+    serves requests (runserver's serving process, every gunicorn worker, an ASGI server)."""
+    value = _get("PGPUBSUB_EMBEDDED", False)
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(f"PGPUBSUB_EMBEDDED must be True or False, not {value!r}")
+    return value
+
+
+def workers() -> int:
+    """``PGPUBSUB_WORKERS`` (default ``2``): worker threads of an embedded Runtime, each with
+    a database connection of its own while it runs."""
+    return _positive("PGPUBSUB_WORKERS", 2)
+
+
+def queue_size() -> int:
+    """``PGPUBSUB_QUEUE_SIZE`` (default ``100``): deliveries a Runtime holds for its workers
+    before the listener waits (plain channels) or leaves rows to a sweep (lockable ones)."""
+    return _positive("PGPUBSUB_QUEUE_SIZE", 100)
+
+
+def channels() -> list[str] | None:
+    """``PGPUBSUB_CHANNELS`` (default ``None``: every channel with a listener): dotted paths
+    of the channels an embedded Runtime listens to."""
+    value = _get("PGPUBSUB_CHANNELS", None)
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(name, str) for name in value):
+        raise ImproperlyConfigured(
+            f"PGPUBSUB_CHANNELS must be a list of channel dotted paths, not {value!r}"
+        )
+    return list(value)
+
+
+def recover_on_start() -> bool:
+    """``PGPUBSUB_RECOVER_ON_START`` (default ``True``): an embedded Runtime first processes
+    the lockable notifications already stored."""
+    value = _get("PGPUBSUB_RECOVER_ON_START", True)
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(
+            f"PGPUBSUB_RECOVER_ON_START must be True or False, not {value!r}"
+        )
+    return value
+
+
+def shutdown_timeout() -> float:
+    """``PGPUBSUB_SHUTDOWN_TIMEOUT`` (default ``10``): seconds a stopping Runtime gives the
+    callbacks that are running to finish."""
+    return float(_positive("PGPUBSUB_SHUTDOWN_TIMEOUT", 10, float))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import connections, transaction
 
-from pgpubsub import signals, store, wire
+from pgpubsub import deliveries, signals, store
 from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Processor:
         self.failed = 0
         self.catch_up_needed = False
         self.first_error: BaseException | None = None
+        self.last_error: BaseException | None = None
         self._lock = threading.Lock()
 
     def _count(self, processed: int = 0, failed: int = 0) -> None:
@@ -70,6 +71,7 @@ class Processor:
     def _failure(self, error: BaseException, message: str, *args: object) -> None:
         logger.error(message, *args, exc_info=error)
         self._count(failed=1)
+        self.last_error = error
         if self.first_error is None:
             self.first_error = error
 
@@ -101,39 +103,24 @@ class Processor:
 
         With ``raise_errors``, the first failure is raised once all of them were handled."""
         self.first_error = None
-        pending_channel: type[BaseChannel] | None = None
-        pending_ids: list[int] = []
-        for channel_name, payload in notifications:
-            found = BaseChannel.get(channel_name)
-            if found is None:
-                logger.warning(
-                    "Ignoring notification on channel %s: no listener for it", channel_name
-                )
-                continue
-            channel_cls, callbacks = found
-            row_id = wire.row_id(payload) if channel_cls.lock_notifications else None
-            if pending_ids and (
-                row_id is None
-                or channel_cls is not pending_channel
-                or len(pending_ids) >= store.BATCH_SIZE
-            ):
-                self.process_stored_rows(pending_channel, pending_ids)
-                pending_ids = []
-            if row_id is not None:
-                pending_channel = channel_cls
-                pending_ids.append(row_id)
-            elif not channel_cls.lock_notifications:
-                if payload != wire.RECOVER:
-                    self._run_plain(channel_cls, callbacks, payload)
-            else:
-                # The recovery request, or a full payload from a trigger of an older version.
-                self.process_stored_channel(channel_cls)
-        if pending_ids:
-            self.process_stored_rows(pending_channel, pending_ids)
+        for delivery in deliveries.plan(notifications):
+            self.run(delivery)
         if self.raise_errors and self.first_error is not None:
             raise self.first_error
 
-    def _run_plain(self, channel_cls: type[BaseChannel], callbacks: list[Callable], payload: str):
+    def run(self, delivery: deliveries.Delivery) -> int:
+        """Run one delivery; returns how many messages succeeded. A sweep raises the error
+        when the connection breaks (its rows stay stored); the others set ``catch_up_needed``."""
+        kind = delivery.kind
+        if kind is deliveries.Kind.PLAIN:
+            return self._run_plain(delivery.channel, delivery.callbacks, delivery.payload)
+        if kind is deliveries.Kind.ROWS:
+            return self.process_stored_rows(delivery.channel, delivery.row_ids, delivery.callbacks)
+        return self.process_stored_channel(delivery.channel)
+
+    def _run_plain(
+        self, channel_cls: type[BaseChannel], callbacks: list[Callable], payload: str
+    ) -> int:
         """Run the callbacks of a plain message in a transaction (their writes commit together,
         or not at all)."""
         started = time.perf_counter()
@@ -153,14 +140,15 @@ class Processor:
                 row_id=None,
                 error=error,
             )
-        else:
-            self._count(processed=1)
-            signals.send(
-                signals.message_processed,
-                channel_cls,
-                duration=time.perf_counter() - started,
-                row_id=None,
-            )
+            return 0
+        self._count(processed=1)
+        signals.send(
+            signals.message_processed,
+            channel_cls,
+            duration=time.perf_counter() - started,
+            row_id=None,
+        )
+        return 1
 
     def process_stored_row(
         self, channel_cls: type[BaseChannel], callbacks: list[Callable], row_id: int

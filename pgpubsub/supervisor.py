@@ -16,22 +16,26 @@ from typing import Any
 from django.conf import settings
 from django.db import connections
 
+from pgpubsub import conf
+
 logger = logging.getLogger(__name__)
 
 #: How often the supervisor looks at its children, in seconds.
 CHECK_INTERVAL = 0.5
-#: Seconds children get to exit after SIGTERM before they are killed.
-STOP_TIMEOUT = 30.0
+#: Seconds children get to exit after SIGTERM beyond their own PGPUBSUB_SHUTDOWN_TIMEOUT,
+#: before they are killed.
+STOP_MARGIN = 5.0
 #: Shortest time between two starts of the same child slot, in seconds.
 RESTART_DELAY = 1.0
 
 
-def _forked_worker(channels: list[str] | None, recover: bool) -> None:
-    from pgpubsub import listen as listen_module
+def _forked_worker(channels: list[str] | None, recover: bool, threads: int) -> None:
+    from pgpubsub.runtime import Runtime
 
-    signal.signal(signal.SIGTERM, lambda *_: listen_module.stop())
-    signal.signal(signal.SIGINT, lambda *_: listen_module.stop())
-    listen_module.listen(channels, recover=recover, autorestart_on_failure=False)
+    runtime = Runtime(channels, workers=threads, recover=recover)
+    signal.signal(signal.SIGTERM, lambda *_: runtime.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: runtime.request_stop())
+    runtime.run()
 
 
 def _command_prefix() -> list[str]:
@@ -84,6 +88,7 @@ class Supervisor:
         restart: bool = True,
         start_method: str = "spawn",
         extra_args: list[str] | None = None,
+        threads: int = 1,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
@@ -95,6 +100,7 @@ class Supervisor:
         self.restart = restart
         self.start_method = start_method
         self.extra_args = extra_args or []
+        self.threads = threads
         self.stopping = threading.Event()
         self.children: list[_Child | None] = [None] * processes
 
@@ -102,7 +108,9 @@ class Supervisor:
         if self.start_method == "fork":
             connections.close_all()  # a child must never share the parent's sockets
             process = multiprocessing.get_context("fork").Process(
-                target=_forked_worker, args=(self.channels, recover), name=f"pgpubsub-{slot}"
+                target=_forked_worker,
+                args=(self.channels, recover, self.threads),
+                name=f"pgpubsub-{slot}",
             )
             process.start()
             child = _Child(process)
@@ -160,7 +168,7 @@ class Supervisor:
         running = [child for child in self.children if child is not None]
         for child in running:
             child.signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        deadline = time.monotonic() + conf.shutdown_timeout() + STOP_MARGIN
         for child in running:
             child.join(max(0.0, deadline - time.monotonic()))
             if child.exitcode() is None:

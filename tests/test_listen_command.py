@@ -219,7 +219,7 @@ def test_listener_reconnects_after_its_sessions_are_terminated(processes):
     wait_processed("meanwhile-", 5, [listener])
     wait_processed("after-", 5, [listener])
     assert listener.alive, outputs([listener])
-    assert "Lost the database connection" in listener.output(), outputs([listener])
+    assert "Lost the listening connection" in listener.output(), outputs([listener])
     assert Effect.objects.filter(key__startswith="meanwhile-").count() == 5  # each once
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import BaseCommand, CommandError
@@ -32,6 +31,14 @@ class Command(BaseCommand):
             dest="processes",
             default=1,
             help="Number of listener processes to run under a supervisor.",
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            dest="threads",
+            default=1,
+            help="Worker threads per listener process (default 1: one message at a time, in "
+            "arrival order). Each uses a database connection of its own.",
         )
         parser.add_argument(
             "--worker",
@@ -82,17 +89,20 @@ class Command(BaseCommand):
         processes = options["processes"]
         if processes < 1:
             raise CommandError(f"--processes must be at least 1, got {processes}")
+        threads = options["threads"]
+        if threads < 1:
+            raise CommandError(f"--threads must be at least 1, got {threads}")
         restart = not options["no_restart_on_failure"]
         if options["worker"] and processes > 1:
             raise CommandError(
                 f"Only 1 process is allowed with --worker, got --processes {processes}"
             )
         if options["worker"] or processes == 1:
-            self._run_listener(channels, options["recover"], restart)
+            self._run_listener(channels, options["recover"], threads)
             return
         from pgpubsub.supervisor import Supervisor
 
-        extra = ["--logformat", options["logformat"]]
+        extra = ["--logformat", options["logformat"], "--threads", str(threads)]
         if options["loglevel"]:
             extra += ["--loglevel", options["loglevel"]]
         if not restart:
@@ -104,6 +114,7 @@ class Command(BaseCommand):
             restart,
             options["worker_start_method"],
             extra_args=extra,
+            threads=threads,
         ).run()
         if status:
             raise CommandError("A listener process failed")
@@ -123,27 +134,17 @@ class Command(BaseCommand):
         if loglevel or package_logger.level == logging.NOTSET:
             package_logger.setLevel(level)
 
-    def _run_listener(self, channels, recover: bool, restart: bool) -> None:
-        from pgpubsub import listen as listen_module
+    def _run_listener(self, channels, recover: bool, threads: int) -> None:
+        """Run a Runtime in the foreground until SIGTERM or SIGINT; it lets running callbacks
+        finish within PGPUBSUB_SHUTDOWN_TIMEOUT."""
+        from pgpubsub.runtime import Runtime
 
-        stopping = []
-
-        def request_stop(signum, frame):
-            stopping.append(signum)
-            listen_module.stop()
-
+        try:
+            runtime = Runtime(channels, workers=threads, recover=recover)
+            runtime.start()
+        except (ChannelNotFound, ImproperlyConfigured, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
         if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGINT, request_stop)
-        while not stopping:
-            try:
-                listen_module.listen(channels, recover=recover, autorestart_on_failure=restart)
-                return
-            except (ChannelNotFound, ImproperlyConfigured) as exc:
-                raise CommandError(str(exc)) from exc
-            except Exception:
-                if not restart or stopping:
-                    raise
-                logger.exception("The listener failed; restarting it in 1s")
-                time.sleep(1.0)
-                recover = True
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: runtime.request_stop())
+        runtime.run()

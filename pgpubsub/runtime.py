@@ -1,0 +1,383 @@
+"""The Runtime: one listener thread, a bounded queue of deliveries and a pool of worker threads.
+
+The listener thread owns a dedicated autocommit connection (built from ``PGPUBSUB_DATABASE``)
+that LISTENs on the selected channels; callbacks never run on it. What it receives becomes
+deliveries (:mod:`pgpubsub.deliveries`) in a bounded queue. Each worker thread takes
+deliveries from the queue and runs them on its own Django connection to the notifications'
+database (:mod:`pgpubsub.processing`).
+
+Lockable rows are the truth: a Runtime sweeps a lockable channel's stored rows when it starts
+(with ``recover``), after it reconnects, and when the queue had no room for a notification.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from django.db import connections
+from django.db.utils import InterfaceError, OperationalError
+
+from pgpubsub import conf
+from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
+from pgpubsub.connection import ListenConnection
+from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, max_concurrency, plan
+from pgpubsub.processing import Processor
+from pgpubsub.wire import Assembler
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the listener waits for notifications, and workers for deliveries, before they
+#: look at the stop event again.
+WAIT_TIMEOUT = 1.0
+#: First and longest pause between reconnection attempts, in seconds (doubling, with jitter).
+MIN_RECONNECT_DELAY = 0.5
+MAX_RECONNECT_DELAY = 30.0
+#: Seconds a worker's connection may sit unused before it is checked before use.
+IDLE_CHECK_AFTER = 10.0
+
+
+def selected_channels(channels: list[Any] | None) -> dict[type[BaseChannel], list]:
+    """The channels (with listeners) a Runtime listens to; refuses a selection with none."""
+    selected = select_channels(channels)
+    if not selected:
+        raise ChannelNotFound(
+            "Channel not found! No listeners are registered for "
+            f"{'any channel' if channels is None else channels}: import the modules that define "
+            "them (usually in AppConfig.ready())."
+        )
+    return selected
+
+
+class Runtime:
+    """Listens to channels and processes their notifications on a pool of threads.
+
+    ``start()`` and ``stop()`` may be called from any thread, any number of times. A stopped
+    Runtime does not start again: make a new one.
+    """
+
+    def __init__(
+        self,
+        channels: list[Any] | None = None,
+        workers: int | None = None,
+        queue_size: int | None = None,
+        recover: bool = False,
+        shutdown_timeout: float | None = None,
+    ) -> None:
+        self.channels = selected_channels(channels)
+        for channel in self.channels:
+            max_concurrency(channel)  # a bad value fails here, not in a worker
+        self.workers = conf.workers() if workers is None else workers
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive int, not {self.workers!r}")
+        self.recover = recover
+        self.shutdown_timeout = (
+            conf.shutdown_timeout() if shutdown_timeout is None else shutdown_timeout
+        )
+        self.listen_alias = conf.database_alias()
+        self.using = conf.notifications_alias()
+        self._queue = DeliveryQueue(conf.queue_size() if queue_size is None else queue_size)
+        self._stopping = threading.Event()
+        self._state = threading.Lock()  # start/stop
+        self._books = threading.Lock()  # sweeps wanted and running, in-flight count
+        self._threads: list[threading.Thread] = []
+        self._processors: list[Processor] = []
+        self._pid: int | None = None
+        # Lockable channels whose stored rows need a sweep, and those being swept now.
+        self._sweeps_wanted: set[type[BaseChannel]] = set()
+        self._sweeping: set[type[BaseChannel]] = set()
+        self._in_flight = 0
+        self.connected = False
+        self.reconnects = 0
+        self.started_at: float | None = None
+        self.last_notification_at: float | None = None
+        self._listener_error: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self._stopping.is_set() and self._pid == os.getpid()
+
+    def start(self) -> Runtime:
+        """Start the listener and worker threads (once); returns the Runtime."""
+        with self._state:
+            if self._stopping.is_set():
+                raise RuntimeError("This Runtime was stopped; create a new one to start again")
+            if self._threads:
+                return self
+            conf.listener_filter_provider()  # a broken PGPUBSUB_LISTENER_FILTER fails here
+            self._pid = os.getpid()
+            self.started_at = time.time()
+            if self.recover:
+                self._want_sweep(self._lockable())
+            threads = [threading.Thread(target=self._listen, name="pgpubsub-listener")]
+            for number in range(self.workers):
+                processor = Processor(self.using, stopping=self._stopping)
+                self._processors.append(processor)
+                threads.append(
+                    threading.Thread(
+                        target=self._work, args=(processor,), name=f"pgpubsub-worker-{number}"
+                    )
+                )
+            for thread in threads:
+                # Daemon threads never keep an interpreter (a web worker) from exiting; stop()
+                # is what lets their callbacks finish.
+                thread.daemon = True
+                thread.start()
+            self._threads = threads
+        logger.info(
+            "pgpubsub Runtime started in process %s with %s worker thread(s)",
+            self._pid,
+            self.workers,
+        )
+        return self
+
+    def request_stop(self) -> None:
+        """Tell every thread to stop, without waiting (safe in a signal handler)."""
+        self._stopping.set()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop listening, let running callbacks finish within ``timeout`` seconds (default
+        ``PGPUBSUB_SHUTDOWN_TIMEOUT``), close the connections. True if every thread stopped.
+
+        Deliveries not started yet are dropped: their lockable rows stay stored (a later sweep
+        processes them), plain messages are lost."""
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        with self._state:
+            self._stopping.set()
+            threads = list(self._threads)
+        if not threads or self._pid != os.getpid():
+            return True  # never started, or started before a fork: its threads are not ours
+        dropped = self._queue.clear()
+        plain = sum(1 for delivery in dropped if delivery.kind is Kind.PLAIN)
+        if plain:
+            logger.warning("Stopping: %s plain message(s) not processed", plain)
+        deadline = time.monotonic() + timeout
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not current:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [thread.name for thread in threads if thread.is_alive() and thread is not current]
+        if alive:
+            logger.warning(
+                "pgpubsub threads still running %.1fs after the stop request: %s (a callback "
+                "has not returned; its lockable row stays stored and is processed again later)",
+                timeout,
+                ", ".join(alive),
+            )
+            return False
+        logger.info("pgpubsub Runtime of process %s stopped", self._pid)
+        return True
+
+    def run(self) -> None:
+        """Start, then block until ``request_stop()`` (or Ctrl-C), then stop."""
+        self.start()
+        try:
+            while not self._stopping.wait(WAIT_TIMEOUT):
+                pass
+        finally:
+            self.stop()
+
+    def status(self) -> dict[str, Any]:
+        """What the Runtime is doing, for health checks and metrics (no payloads)."""
+        processed = sum(processor.processed for processor in self._processors)
+        failed = sum(processor.failed for processor in self._processors)
+        errors = [p.last_error for p in self._processors if p.last_error is not None]
+        last_error = self._listener_error or (errors[-1] if errors else None)
+        return {
+            "pid": self._pid,
+            "running": self.running,
+            "connected": self.connected,
+            "channels": [channel.name() for channel in self.channels],
+            "workers": self.workers,
+            "queue_size": self._queue.maxsize,
+            "queue_depth": len(self._queue),
+            "in_flight": self._in_flight,
+            "processed": processed,
+            "failed": failed,
+            "reconnects": self.reconnects,
+            "last_error": None
+            if last_error is None
+            else f"{type(last_error).__name__}: {last_error}",
+            "last_notification_at": self.last_notification_at,
+            "started_at": self.started_at,
+        }
+
+    # -- the listener thread ---------------------------------------------------------------
+
+    def _lockable(self) -> list[type[BaseChannel]]:
+        return [channel for channel in self.channels if channel.lock_notifications]
+
+    def _want_sweep(self, channels: list[type[BaseChannel]]) -> None:
+        with self._books:
+            self._sweeps_wanted.update(channels)
+
+    def _listen(self) -> None:
+        conn = ListenConnection(self.listen_alias)
+        assembler = Assembler()
+        names = [channel.listen_safe_name() for channel in self.channels]
+        delay = MIN_RECONNECT_DELAY
+        ever_connected = False
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if not conn.connected:
+                        conn.connect()
+                        conn.listen(names)
+                        self.connected = True
+                        if ever_connected:
+                            self.reconnects += 1
+                            # What was sent while disconnected is only in the table.
+                            self._want_sweep(self._lockable())
+                        ever_connected = True
+                        logger.info(
+                            "Listening on %s",
+                            ", ".join(channel.name() for channel in self.channels),
+                        )
+                    self._enqueue_sweeps()
+                    received = conn.wait(WAIT_TIMEOUT)
+                    if not received:
+                        continue
+                    self.last_notification_at = time.time()
+                    whole = []
+                    for notification in received:
+                        text = assembler.feed(notification.channel, notification.payload)
+                        if text is not None:
+                            whole.append((notification.channel, text))
+                    for delivery in plan(whole):
+                        self._dispatch(delivery)
+                    delay = MIN_RECONNECT_DELAY
+                except Exception as exc:
+                    self.connected = False
+                    self._listener_error = exc
+                    conn.close()
+                    pause = min(MAX_RECONNECT_DELAY, delay) * random.uniform(0.5, 1.0)
+                    if is_connection_error(exc):
+                        logger.warning(
+                            "Lost the listening connection (%s); reconnecting in %.1fs", exc, pause
+                        )
+                    else:
+                        logger.exception("The listener failed; starting again in %.1fs", pause)
+                    self._stopping.wait(pause)
+                    delay *= 2
+        finally:
+            self.connected = False
+            conn.close()
+
+    def _dispatch(self, delivery: Delivery) -> None:
+        if delivery.kind is Kind.SWEEP:
+            self._want_sweep([delivery.channel])
+        elif delivery.kind is Kind.ROWS:
+            if not self._queue.offer(delivery):
+                # No room: the rows are stored, a sweep claims them once there is.
+                self._want_sweep([delivery.channel])
+        else:
+            # A plain message exists only here: wait for room (Postgres queues what arrives
+            # meanwhile), unless the Runtime stops.
+            while not self._queue.put(delivery, WAIT_TIMEOUT):
+                if self._stopping.is_set():
+                    logger.warning(
+                        "Stopping: a plain message of %s not processed", delivery.channel.name()
+                    )
+                    return
+
+    def _enqueue_sweeps(self) -> None:
+        with self._books:
+            for channel in list(self._sweeps_wanted - self._sweeping):
+                if not self._queue.offer(Delivery.sweep(channel)):
+                    return
+                self._sweeps_wanted.discard(channel)
+                self._sweeping.add(channel)
+
+    # -- the worker threads ----------------------------------------------------------------
+
+    def _work(self, processor: Processor) -> None:
+        last_used = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                delivery = self._queue.get(WAIT_TIMEOUT)
+                if delivery is None:
+                    continue
+                if self._stopping.is_set():
+                    self._queue.done(delivery)
+                    break
+                with self._books:
+                    self._in_flight += 1
+                try:
+                    tidy_connections()
+                    if time.monotonic() - last_used > IDLE_CHECK_AFTER:
+                        # An idle connection may have been closed by the server or a proxy:
+                        # find out now rather than by failing the delivery.
+                        close_if_unusable(self.using)
+                    self._run(processor, delivery)
+                finally:
+                    last_used = time.monotonic()
+                    with self._books:
+                        self._in_flight -= 1
+                        if delivery.kind is Kind.SWEEP:
+                            self._sweeping.discard(delivery.channel)
+                    self._queue.done(delivery)
+        finally:
+            connections.close_all()  # this thread's connections
+
+    def _run(self, processor: Processor, delivery: Delivery) -> None:
+        """Run ``delivery``. Stored rows whose connection broke are tried once more on a new
+        connection, then left to a sweep; they stay stored either way."""
+        for attempt in (1, 2):
+            try:
+                processor.run(delivery)  # a sweep raises when its connection breaks
+                broke = processor.catch_up_needed
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    logger.exception("Sweeping %s failed", delivery.channel.name())
+                    return
+                broke = True
+                logger.warning(
+                    "The database connection broke while sweeping %s (%s)",
+                    delivery.channel.name(),
+                    exc,
+                )
+            processor.catch_up_needed = False
+            if not broke:
+                return
+            connections[self.using].close()
+            if attempt == 2 or self._stopping.is_set():
+                self._want_sweep([delivery.channel])
+
+
+def tidy_connections() -> None:
+    """What ``close_old_connections()`` does between requests, for a long-running worker:
+    close the connections that broke, and those older than a positive ``CONN_MAX_AGE``. With
+    ``CONN_MAX_AGE = 0`` (Django's default, meant for requests), a working connection is kept:
+    reconnecting for every delivery would cost milliseconds each time."""
+    for db in connections.all(initialized_only=True):
+        if db.settings_dict.get("CONN_MAX_AGE") == 0:
+            if db.connection is not None and db.errors_occurred:
+                db.errors_occurred = False
+                if not db.is_usable():
+                    db.close()
+        else:
+            db.close_if_unusable_or_obsolete()
+
+
+def close_if_unusable(alias: str) -> None:
+    """Close this thread's connection to ``alias`` if it no longer works (one round trip)."""
+    db = connections[alias]
+    if db.connection is not None and not db.is_usable():
+        db.close()
+
+
+def is_connection_error(exc: BaseException | None) -> bool:
+    """True for a lost or refused connection, from Django or straight from the driver."""
+    while exc is not None:
+        if isinstance(exc, OSError | InterfaceError | OperationalError):
+            return True
+        if any(cls.__name__ in ("OperationalError", "InterfaceError") for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__
+    return False
