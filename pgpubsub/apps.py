@@ -22,3 +22,7 @@ class PgpubsubConfig(AppConfig):
         from pgpubsub import checks  # noqa: F401  (registers the system checks)
 
         post_migrate.connect(_install_functions, sender=self, dispatch_uid="pgpubsub_functions")
+
+        from pgpubsub import embedded
+
+        embedded.autostart()

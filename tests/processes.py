@@ -57,7 +57,7 @@ def wait_for(
     condition: Callable[[], Any],
     timeout: float,
     what: str | Callable[[], str],
-    watch: Iterable[ListenProcess] = (),
+    watch: Iterable[ServerProcess] = (),
 ) -> Any:
     """Poll ``condition`` until it returns something truthy (and return that), or fail after
     ``timeout`` seconds. Fails at once if a process in ``watch`` exits meanwhile."""
@@ -79,7 +79,7 @@ def wait_for(
         time.sleep(POLL_INTERVAL)
 
 
-def outputs(processes: Iterable[ListenProcess]) -> str:
+def outputs(processes: Iterable[ServerProcess]) -> str:
     """The output of each process, for assertion messages."""
     return "".join(
         f"\n----- output of {p.name} (pid {p.pid}) -----\n{p.output()}" for p in processes
@@ -126,14 +126,15 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
-class ListenProcess:
-    """``python tests/manage.py listen <args>`` against the test database; output is captured."""
+class ServerProcess:
+    """A process of the test project (``manage.py listen``, gunicorn, uvicorn, runserver...)
+    against the test database, with its output captured and its own ``application_name``."""
 
-    def __init__(self, *args: str, name: str | None = None, env: dict | None = None) -> None:
+    def __init__(self, command: list[str], name: str | None = None, env: dict | None = None):
         extra_env = env
         self.name = name or f"pgpubsub-test-{os.getpid()}-{next(_names)}"
-        self.args = list(args)
-        self._log = tempfile.TemporaryFile(prefix="pgpubsub-listen-")
+        self.args = list(command)
+        self._log = tempfile.TemporaryFile(prefix="pgpubsub-process-")
         env = dict(os.environ)
         env.update(
             DATABASE_URL=database_url(self.name),
@@ -143,7 +144,7 @@ class ListenProcess:
         )
         env.update(extra_env or {})
         self.popen = subprocess.Popen(
-            [sys.executable, str(MANAGE), "listen", *self.args],
+            command,
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -244,6 +245,13 @@ class ListenProcess:
         return found
 
 
+class ListenProcess(ServerProcess):
+    """``python tests/manage.py listen <args>``."""
+
+    def __init__(self, *args: str, name: str | None = None, env: dict | None = None) -> None:
+        super().__init__([sys.executable, str(MANAGE), "listen", *args], name=name, env=env)
+
+
 class ListenProcesses:
     """The listen processes of one test; ``stop_all()`` ends every one of them."""
 
@@ -257,6 +265,17 @@ class ListenProcesses:
         self.started.append(process)
         if ready is not None:
             process.wait_listening(ready)
+        return process
+
+    def start_command(
+        self, command: list[str], ready: int | None = None, env: dict | None = None
+    ) -> ServerProcess:
+        """Start ``command`` in the test project; unless ``ready`` is None, wait until that
+        many of its sessions LISTEN."""
+        process = ServerProcess(command, env=env)
+        self.started.append(process)
+        if ready is not None:
+            process.wait_listening(ready, timeout=60.0)
         return process
 
     def stop_all(self) -> None:

@@ -31,6 +31,13 @@ if os.environ.get("PGPUBSUB_TEST_LISTEN_ALIAS"):
     _listen["OPTIONS"]["application_name"] = os.environ["PGPUBSUB_TEST_LISTEN_ALIAS"]
     DATABASES["listen"] = _listen
     PGPUBSUB_DATABASE = "listen"
+# Embedded-mode acceptance tests configure the Runtime of the servers they start this way.
+PGPUBSUB_EMBEDDED = os.environ.get("PGPUBSUB_TEST_EMBEDDED") == "1"
+for _name in ("WORKERS", "QUEUE_SIZE"):
+    if os.environ.get(f"PGPUBSUB_TEST_{_name}"):
+        globals()[f"PGPUBSUB_{_name}"] = int(os.environ[f"PGPUBSUB_TEST_{_name}"])
+if os.environ.get("PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"):
+    PGPUBSUB_SHUTDOWN_TIMEOUT = float(os.environ["PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"])
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "tests.urls"
 # What the admin needs (tests/test_admin.py drives it over HTTP).

@@ -122,3 +122,36 @@ class AuthorRenamed(TriggerChannel):
     """Fed by a trigger of its own (``trigger_listener``): updates that change the name."""
 
     model = Author
+
+
+@dataclass
+class Broadcast(Channel):
+    """A plain channel every Runtime receives: its listener records which process got it."""
+
+    key: str
+
+
+@dataclass
+class SlowJob(Channel):
+    """A lockable channel whose listener takes ``seconds`` before writing its effect."""
+
+    lock_notifications = True
+    key: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Timed(Channel):
+    """A plain channel whose listener records when it started and ended (in-process)."""
+
+    key: str
+    seconds: float = 0.0
+
+
+@dataclass
+class InOrder(Channel):
+    """Like ``Timed``, one message at a time in arrival order."""
+
+    max_concurrency = 1
+    key: str
+    seconds: float = 0.0

@@ -2,6 +2,8 @@
 ``Effect`` rows, which tests read from any process."""
 
 import os
+import threading
+import time
 
 import pgtrigger
 from django.db.models import F
@@ -139,3 +141,35 @@ def record_author_post_update(old, new, **extra) -> None:
 )
 def record_author_renamed(old, new, **extra) -> None:
     received.append(("AuthorRenamed", {"old": old, "new": new}))
+
+
+@pgpubsub.listener(channels.Broadcast)
+def record_broadcast(key: str) -> None:
+    # The unique key makes a second delivery of one message to one process fail loudly.
+    Effect.objects.create(key=f"{key}@{os.getpid()}", channel="Broadcast", pid=os.getpid())
+
+
+@pgpubsub.listener(channels.SlowJob)
+def run_slow_job(key: str, seconds: float) -> None:
+    time.sleep(seconds)
+    Effect.objects.create(key=key, channel="SlowJob", pid=os.getpid())
+
+
+#: (channel, key, thread name, started, ended) of each Timed / InOrder message, in-process.
+timings: list[tuple[str, str, str, float, float]] = []
+
+
+def _timed(channel: str, key: str, seconds: float) -> None:
+    started = time.monotonic()
+    time.sleep(seconds)
+    timings.append((channel, key, threading.current_thread().name, started, time.monotonic()))
+
+
+@pgpubsub.listener(channels.Timed)
+def record_timed(key: str, seconds: float) -> None:
+    _timed("Timed", key, seconds)
+
+
+@pgpubsub.listener(channels.InOrder)
+def record_in_order(key: str, seconds: float) -> None:
+    _timed("InOrder", key, seconds)

@@ -1,0 +1,170 @@
+"""The Runtime inside web processes: one per process that serves requests, none elsewhere.
+
+With ``PGPUBSUB_EMBEDDED = True``, :func:`autostart` (called when the app is ready) starts a
+Runtime in:
+
+- runserver's serving process (the autoreloader's child, or the only process with
+  ``--noreload``);
+- each gunicorn worker; with ``--preload``, the master loads the app but only the workers it
+  forks start a Runtime;
+- a process whose WSGI or ASGI application is being loaded (uvicorn, hypercorn, daphne,
+  waitress, ...).
+
+Nothing starts in other management commands (``migrate``, ``shell``, ``test``, ``listen``
+itself...) or in other scripts that set Django up. A Runtime never crosses a fork: a forked
+child starts with none. :func:`start` and :func:`stop` are for projects that start it
+themselves (see also :mod:`pgpubsub.gunicorn`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+from types import FrameType
+
+from pgpubsub import conf
+from pgpubsub.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: Seconds autostart waits for Django's apps to be loaded.
+APPS_READY_TIMEOUT = 60.0
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+# Runtimes inherited through a fork: their threads did not come along, and their connections'
+# sockets are the parent's. They are kept referenced, so that garbage collection never closes
+# those connections under the parent.
+_inherited: list[Runtime] = []
+_start_in_forked_workers = False
+
+
+def runtime() -> Runtime | None:
+    """The Runtime started in this process, if any."""
+    current = _runtime
+    return current if current is not None and current.running else None
+
+
+def start() -> Runtime:
+    """Start this process's Runtime from the settings, unless it runs already; returns it."""
+    global _runtime
+    with _lock:
+        if _runtime is not None and _runtime.running:
+            return _runtime
+        _runtime = Runtime(
+            conf.channels(),
+            workers=conf.workers(),
+            queue_size=conf.queue_size(),
+            recover=conf.recover_on_start(),
+            shutdown_timeout=conf.shutdown_timeout(),
+        ).start()
+        return _runtime
+
+
+def stop(timeout: float | None = None) -> bool:
+    """Stop this process's Runtime (see :meth:`Runtime.stop`); True if it stopped in time."""
+    global _runtime
+    with _lock:
+        current, _runtime = _runtime, None
+    if current is None:
+        return True
+    return current.stop(timeout)
+
+
+def autostart() -> None:
+    """Start a Runtime if ``PGPUBSUB_EMBEDDED`` is on and this process serves requests."""
+    global _start_in_forked_workers
+    if not conf.embedded():
+        return
+    role = _role(sys._getframe(1))
+    if role == "serving":
+        # Called from an AppConfig.ready(): the apps that come later, and the listeners they
+        # import, are not loaded yet. Start once they are.
+        threading.Thread(target=_start_when_ready, name="pgpubsub-autostart", daemon=True).start()
+    elif role == "gunicorn master":
+        logger.debug("gunicorn master: a Runtime starts in each worker it forks")
+        _start_in_forked_workers = True
+
+
+def _start_when_ready() -> None:
+    from django.apps import apps
+
+    if not apps.ready_event.wait(APPS_READY_TIMEOUT):
+        logger.error(
+            "Django's apps were not ready after %ss: no pgpubsub Runtime", APPS_READY_TIMEOUT
+        )
+        return
+    try:
+        start()
+    except Exception:
+        logger.exception("The embedded pgpubsub Runtime could not start")
+
+
+def _role(frame: FrameType | None) -> str | None:
+    """What this process is, judged from the code that is loading Django: "serving", "gunicorn
+    master", or None (anything else)."""
+    callers: set[tuple[str, str]] = set()
+    command_frame = None
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        callers.add((module, frame.f_code.co_name))
+        if module == "django.core.management" and frame.f_code.co_name == "execute":
+            command_frame = frame
+        frame = frame.f_back
+    if command_frame is not None:
+        return "serving" if _serving_runserver(command_frame) else None
+    modules = {module for module, _ in callers}
+    if "gunicorn.workers.base" in modules:
+        return "serving"
+    if "gunicorn.arbiter" in modules:
+        return "gunicorn master"
+    if callers & {
+        ("django.core.wsgi", "get_wsgi_application"),
+        ("django.core.asgi", "get_asgi_application"),
+    }:
+        return "serving"
+    return None
+
+
+def _serving_runserver(command_frame: FrameType) -> bool:
+    """True in the process of ``manage.py runserver`` that serves: the autoreloader's child
+    (which the parent starts with ``RUN_MAIN=true``), or the only one with ``--noreload``."""
+    from django.utils.autoreload import DJANGO_AUTORELOAD_ENV
+
+    utility = command_frame.f_locals.get("self")
+    argv = list(getattr(utility, "argv", None) or sys.argv)
+    if len(argv) < 2 or argv[1] != "runserver":
+        return False
+    return os.environ.get(DJANGO_AUTORELOAD_ENV) == "true" or "--noreload" in argv
+
+
+def _after_fork_in_child() -> None:
+    global _runtime, _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    if _runtime is not None:
+        _inherited.append(_runtime)
+        _runtime = None
+    if _start_in_forked_workers and _forked_by("gunicorn.arbiter", "spawn_worker"):
+        start()
+
+
+def _forked_by(module: str, function: str) -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == module and frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stop_at_exit() -> None:
+    current = _runtime
+    if current is not None and current.running:
+        stop()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_stop_at_exit)
