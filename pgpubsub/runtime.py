@@ -275,6 +275,11 @@ class Runtime:
         elif delivery.kind is Kind.ROWS:
             if not self._queue.offer(delivery):
                 # No room: the rows are stored, a sweep claims them once there is.
+                logger.debug(
+                    "Queue full: %s stored row(s) of %s left for a sweep",
+                    len(delivery.row_ids),
+                    delivery.channel.name(),
+                )
                 self._want_sweep([delivery.channel])
         else:
             # A plain message exists only here: wait for room (Postgres queues what arrives

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,74 @@ def test_worker_with_several_processes_is_an_error(processes):
     assert listener.wait(30) != 0, outputs([listener])
     assert "--worker" in listener.output(), outputs([listener])
     assert not listener.backends()
+
+
+@pytest.mark.timeout(150)
+def test_processes_and_threads_exactly_once_when_a_child_is_killed_mid_run(processes):
+    supervisor = processes.start("--processes", "2", "--threads", "4", ready=2)
+    children = supervisor.children()
+    assert len(children) == 2, outputs([supervisor])
+
+    send_jobs("run-", 1500, per_transaction=100)
+    wait_for(
+        lambda: effects("run-") >= 100,
+        30,
+        lambda: f"work to start; {effects('run-')} effects",
+        watch=[supervisor],
+    )
+    killed = min(children)
+    os.kill(killed, signal.SIGKILL)  # mid-run: it may hold claimed rows
+    wait_for(
+        lambda: (now := supervisor.children()) and len(now) == 2 and killed not in now,
+        30,
+        lambda: f"a replacement child; children now {supervisor.children()}",
+        watch=[supervisor],
+    )
+    # Exactly once: 1,500 distinct effects (the key is unique), nothing left stored.
+    wait_processed("run-", 1500, [supervisor], timeout=90)
+    keys = set(Effect.objects.filter(key__startswith="run-").values_list("key", flat=True))
+    assert keys == {f"run-{number}" for number in range(1500)}
+    assert "failed" not in supervisor.output(), outputs([supervisor])
+
+    supervisor.send(signal.SIGTERM)
+    assert supervisor.wait(40) == 0, outputs([supervisor])
+    supervisor.wait_no_backends(10)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_leaves_a_callback_that_outlasts_the_shutdown_timeout_stored(processes):
+    listener = processes.start("--threads", "2", env={"PGPUBSUB_TEST_SHUTDOWN_TIMEOUT": "1"})
+    pgpubsub.notify(channels.SlowJob, key="too-slow", seconds=60.0)
+    pgpubsub.notify(channels.Job, key="quick", text="work")
+    # The slow job's transaction stays open while its callback sleeps.
+    wait_for(
+        lambda: any(state == "idle in transaction" for state in session_states(listener)),
+        30,
+        "the slow job to be claimed",
+        watch=[listener],
+    )
+    wait_for(lambda: effects("quick") == 1, 30, "the quick job", watch=[listener])
+
+    started = time.monotonic()
+    listener.send(signal.SIGTERM)
+    assert listener.wait(10) == 0, outputs([listener])
+    assert time.monotonic() - started < 1 + 4, outputs([listener])
+    assert "still running" in listener.output(), outputs([listener])
+    listener.wait_no_backends(10)
+    # Its row is stored and free for the next listener; its effect never happened.
+    assert effects("too-slow") == 0
+    with transaction.atomic():
+        free = Notification.objects.select_for_update(skip_locked=True).filter(
+            channel=channels.SlowJob.listen_safe_name()
+        )
+        assert free.count() == 1
+
+
+def session_states(process: ListenProcess) -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = %s",
+            [process.name],
+        )
+        return [row[0] for row in cursor.fetchall()]

@@ -1,0 +1,222 @@
+"""The Runtime in this process: listener thread, bounded queue, worker threads, real Postgres."""
+
+import logging
+import threading
+import time
+
+import pytest
+from django.db import connection, transaction
+
+import pgpubsub
+from pgpubsub.models import Notification
+from pgpubsub.runtime import Runtime
+from tests.processes import wait_for
+from tests.testapp import channels
+from tests.testapp.listeners import received, timings
+from tests.testapp.models import Effect
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def runtimes():
+    """``runtimes(**kwargs)`` starts a Runtime and waits until it listens; all are stopped
+    after the test, and none of their threads may outlive it."""
+    started: list[Runtime] = []
+
+    def start(**kwargs) -> Runtime:
+        runtime = Runtime(**kwargs)
+        started.append(runtime)
+        runtime.start()
+        wait_for(lambda: runtime.status()["connected"], 30, "the Runtime to listen")
+        return runtime
+
+    timings.clear()
+    yield start
+    for runtime in started:
+        runtime.stop(10)
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("pgpubsub-")]
+    timings.clear()
+
+
+def sessions() -> set[int]:
+    """Backend pids of the other sessions on the test database."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
+def send_jobs(channel, count: int, prefix: str = "job-", **fields) -> list[str]:
+    keys = [f"{prefix}{number}" for number in range(count)]
+    with transaction.atomic():
+        for key in keys:
+            pgpubsub.notify(channel, key=key, **fields)
+    return keys
+
+
+def effects(channel: str) -> list[str]:
+    return list(Effect.objects.filter(channel=channel).values_list("key", flat=True))
+
+
+def test_processes_plain_and_lockable_messages_and_reports_status(runtimes):
+    runtime = runtimes(channels=[channels.Job, channels.Message], workers=2)
+    keys = send_jobs(channels.Job, 10)
+    for number in range(5):
+        pgpubsub.notify(channels.Message, key=f"m{number}", text="hello")
+
+    wait_for(lambda: len(effects("Job")) == 10, 30, "10 jobs")
+    wait_for(lambda: runtime.status()["processed"] == 15, 30, lambda: str(runtime.status()))
+    assert sorted(effects("Job")) == sorted(keys)
+    assert sorted(kw["key"] for name, kw in received if name == "Message") == [
+        f"m{number}" for number in range(5)
+    ]
+    assert not Notification.objects.exists()
+    status = runtime.status()
+    assert status["running"] and status["connected"]
+    assert status["failed"] == 0 and status["last_error"] is None
+    assert status["queue_depth"] == 0 and status["in_flight"] == 0
+    assert status["workers"] == 2
+    assert status["last_notification_at"] is not None
+    assert set(status["channels"]) == {channels.Message.name(), channels.Job.name()}
+
+
+def test_connection_budget_idempotent_start_and_stop_closes_everything(runtimes):
+    before = sessions()
+    runtime = runtimes(channels=[channels.Job], workers=3)
+    assert runtime.start() is runtime  # a second start changes nothing
+    most = 0
+
+    def all_done() -> bool:
+        nonlocal most
+        most = max(most, len(sessions() - before))
+        return len(effects("Job")) == 300
+
+    send_jobs(channels.Job, 300)
+    wait_for(all_done, 30, "300 jobs")
+    assert 2 <= most <= 1 + 3, f"{most} sessions for 1 listener + 3 workers"
+
+    assert runtime.stop(10) is True
+    assert runtime.stop(10) is True  # a second stop changes nothing
+    wait_for(lambda: not (sessions() - before), 10, "the Runtime's sessions to end")
+    assert not [t for t in threading.enumerate() if t.name.startswith("pgpubsub-")]
+    with pytest.raises(RuntimeError, match="create a new one"):
+        runtime.start()
+
+
+def test_a_full_queue_loses_nothing(runtimes, caplog):
+    """Queue of 1, one worker, slow callbacks: plain messages wait for room, lockable rows are
+    left stored and swept once there is room; each runs exactly once."""
+    caplog.set_level(logging.DEBUG, logger="pgpubsub.runtime")
+    runtime = runtimes(channels=[channels.SlowJob, channels.Timed], workers=1, queue_size=1)
+    deepest = 0
+
+    def done() -> bool:
+        nonlocal deepest
+        deepest = max(deepest, runtime.status()["queue_depth"])
+        timed = [key for channel, key, *_ in timings if channel == "Timed"]
+        return len(effects("SlowJob")) == 60 and len(timed) == 30
+
+    slow = send_jobs(channels.SlowJob, 30, prefix="a-", seconds=0.01)
+    for number in range(30):
+        pgpubsub.notify(channels.Timed, key=f"t{number}", seconds=0.01)
+    slow += send_jobs(channels.SlowJob, 30, prefix="b-", seconds=0.01)
+
+    wait_for(done, 45, lambda: f"60 slow jobs and 30 messages; {runtime.status()}")
+    assert sorted(effects("SlowJob")) == sorted(slow)
+    timed = [key for channel, key, *_ in timings if channel == "Timed"]
+    assert timed == [f"t{number}" for number in range(30)]  # one worker: arrival order
+    assert deepest <= 1
+    assert "left for a sweep" in caplog.text  # the queue did overflow
+    assert not Notification.objects.exists()
+    assert runtime.status()["failed"] == 0
+
+
+def test_max_concurrency_one_runs_messages_one_at_a_time_in_order(runtimes):
+    runtimes(channels=[channels.InOrder, channels.Timed], workers=4)
+    for number in range(8):
+        pgpubsub.notify(channels.InOrder, key=f"o{number}", seconds=0.05)
+        pgpubsub.notify(channels.Timed, key=f"t{number}", seconds=0.3)
+
+    wait_for(lambda: len(timings) == 16, 30, lambda: f"16 messages, have {timings}")
+    in_order = [entry for entry in timings if entry[0] == "InOrder"]
+    assert [key for _, key, *_ in in_order] == [f"o{number}" for number in range(8)]
+    for earlier, later in zip(in_order, in_order[1:], strict=False):
+        assert earlier[4] <= later[3], f"{earlier[1]} and {later[1]} overlapped"
+    # Without a limit, a channel's messages run side by side on the pool.
+    timed = sorted((entry for entry in timings if entry[0] == "Timed"), key=lambda e: e[3])
+    assert any(a[4] > b[3] for a, b in zip(timed, timed[1:], strict=False)), timed
+    assert len({thread for _, _, thread, *_ in timed}) > 1
+
+
+def test_a_slow_callback_does_not_hold_up_other_channels(runtimes):
+    runtime = runtimes(channels=[channels.SlowJob, channels.Job], workers=2)
+    pgpubsub.notify(channels.SlowJob, key="slow", seconds=3.0)
+    wait_for(lambda: runtime.status()["in_flight"] == 1, 10, "the slow job to start")
+
+    keys = send_jobs(channels.Job, 20)
+    wait_for(lambda: len(effects("Job")) == 20, 10, "20 jobs next to the slow one")
+    assert not effects("SlowJob"), "the jobs should have finished while the slow one ran"
+    assert sorted(effects("Job")) == sorted(keys)
+    wait_for(lambda: effects("SlowJob") == ["slow"], 10, "the slow job")
+
+
+def test_stop_lets_the_running_callback_finish(runtimes):
+    runtime = runtimes(channels=[channels.SlowJob], workers=1)
+    pgpubsub.notify(channels.SlowJob, key="slow", seconds=1.0)
+    wait_for(lambda: runtime.status()["in_flight"] == 1, 10, "the slow job to start")
+    started = time.monotonic()
+    assert runtime.stop(10) is True
+    assert time.monotonic() - started < 5
+    assert effects("SlowJob") == ["slow"]
+    assert not Notification.objects.exists()
+
+
+def test_the_listener_reconnects_and_sweeps_what_it_missed(runtimes):
+    runtime = runtimes(channels=[channels.Job], workers=1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%%'"
+        )
+        assert cursor.fetchall() == [(True,)]
+    keys = send_jobs(channels.Job, 10)  # perhaps while the listener is away
+    wait_for(lambda: runtime.status()["reconnects"] == 1, 30, lambda: str(runtime.status()))
+    wait_for(lambda: len(effects("Job")) == 10, 30, "10 jobs")
+    assert sorted(effects("Job")) == sorted(keys)
+    assert runtime.status()["connected"]
+
+
+def test_recover_processes_what_was_stored_before_the_start(runtimes):
+    keys = send_jobs(channels.Job, 45)  # no one listens yet
+    runtimes(channels=[channels.Job], workers=2, recover=True)
+    wait_for(lambda: len(effects("Job")) == 45, 30, "45 stored jobs")
+    assert sorted(effects("Job")) == sorted(keys)
+    assert not Notification.objects.exists()
+
+
+def test_bad_settings_fail_when_the_runtime_is_made(settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        Runtime(workers=0)
+    settings.PGPUBSUB_QUEUE_SIZE = 0
+    with pytest.raises(ImproperlyConfigured, match="PGPUBSUB_QUEUE_SIZE must be a positive"):
+        Runtime()
+    del settings.PGPUBSUB_QUEUE_SIZE
+    settings.PGPUBSUB_SHUTDOWN_TIMEOUT = "soon"
+    with pytest.raises(ImproperlyConfigured, match="PGPUBSUB_SHUTDOWN_TIMEOUT must be a posit"):
+        Runtime()
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])
+def test_max_concurrency_must_be_a_positive_int(value):
+    from pgpubsub.deliveries import max_concurrency
+
+    class Limited(channels.Message):
+        max_concurrency = value
+
+    with pytest.raises(ValueError, match="Limited.max_concurrency must be a positive int"):
+        max_concurrency(Limited)
