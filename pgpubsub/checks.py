@@ -18,8 +18,9 @@ from django.db import DatabaseError, connections
 from django.db.utils import load_backend
 
 from pgpubsub import conf
-from pgpubsub.channel import TriggerChannel, registry
-from pgpubsub.exceptions import ListenerSignatureError
+from pgpubsub.channel import TriggerChannel, locate_channel, registry
+from pgpubsub.deliveries import max_concurrency
+from pgpubsub.exceptions import ChannelNotFound, ListenerSignatureError
 
 TAG = "pgpubsub"
 
@@ -88,6 +89,70 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             )
         )
     errors.extend(_check_listener_filter())
+    errors.extend(_check_runtime_settings())
+    return errors
+
+
+def _check_runtime_settings() -> list:
+    errors = []
+    for name, read, example in (
+        ("PGPUBSUB_EMBEDDED", conf.embedded, "True"),
+        ("PGPUBSUB_WORKERS", conf.workers, "2"),
+        ("PGPUBSUB_QUEUE_SIZE", conf.queue_size, "100"),
+        ("PGPUBSUB_CHANNELS", conf.channels, '["blog.channels.PostReads"]'),
+        ("PGPUBSUB_RECOVER_ON_START", conf.recover_on_start, "True"),
+        ("PGPUBSUB_SHUTDOWN_TIMEOUT", conf.shutdown_timeout, "10"),
+    ):
+        try:
+            read()
+        except ImproperlyConfigured as exc:
+            errors.append(
+                Error(
+                    str(exc),
+                    hint=f"Set it like {name} = {example}, or remove it for its default.",
+                    id="pgpubsub.E011",
+                )
+            )
+    try:
+        names = conf.channels() or []
+    except ImproperlyConfigured:
+        names = []
+    for name in names:
+        try:
+            locate_channel(name)
+        except ChannelNotFound as exc:
+            errors.append(
+                Error(
+                    f"PGPUBSUB_CHANNELS names an unknown channel: {exc}",
+                    hint='PGPUBSUB_CHANNELS lists dotted paths of channel classes, e.g. ["blog.channels.PostReads"].',
+                    id="pgpubsub.E011",
+                )
+            )
+    for channel in registry:
+        try:
+            max_concurrency(channel)
+        except ValueError as exc:
+            errors.append(
+                Error(
+                    str(exc),
+                    hint="Remove it (no limit) or set a positive int; 1 runs messages in order.",
+                    obj=channel,
+                    id="pgpubsub.E012",
+                )
+            )
+    if getattr(settings, "PGPUBSUB_EMBEDDED", False) is True:
+        alias = conf.notifications_alias()
+        _, vendor = _vendor(alias)
+        if vendor != "postgresql":
+            errors.append(
+                Error(
+                    f"PGPUBSUB_EMBEDDED is on, but the database {alias!r} of pgpubsub's "
+                    f"notifications is not PostgreSQL ({vendor}).",
+                    hint="pgpubsub needs PostgreSQL: route pgpubsub's models to a PostgreSQL "
+                    "database, or turn PGPUBSUB_EMBEDDED off.",
+                    id="pgpubsub.E013",
+                )
+            )
     return errors
 
 
@@ -124,6 +189,15 @@ def _check_listener_filter() -> list:
     return []
 
 
+def _vendor(alias: str) -> tuple[str, str]:
+    """(ENGINE, vendor) of the ``DATABASES`` entry ``alias``, from the settings as they are."""
+    engine = settings.DATABASES.get(alias, {}).get("ENGINE") or "django.db.backends.dummy"
+    try:
+        return engine, load_backend(engine).DatabaseWrapper.vendor
+    except ImproperlyConfigured:
+        return engine, "unknown"
+
+
 @register(TAG)
 def check_database_setting(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list:
     """``PGPUBSUB_DATABASE`` names a PostgreSQL database that LISTEN can work through."""
@@ -139,12 +213,7 @@ def check_database_setting(app_configs: Sequence[AppConfig] | None = None, **kwa
                 id="pgpubsub.E001",
             )
         ]
-    database = settings.DATABASES[alias]
-    engine = database.get("ENGINE") or "django.db.backends.dummy"
-    try:
-        vendor = load_backend(engine).DatabaseWrapper.vendor
-    except ImproperlyConfigured:
-        vendor = "unknown"
+    engine, vendor = _vendor(alias)
     if vendor != "postgresql":
         return [
             Error(
@@ -155,7 +224,7 @@ def check_database_setting(app_configs: Sequence[AppConfig] | None = None, **kwa
                 id="pgpubsub.E002",
             )
         ]
-    if database.get("DISABLE_SERVER_SIDE_CURSORS"):
+    if settings.DATABASES[alias].get("DISABLE_SERVER_SIDE_CURSORS"):
         return [
             Warning(
                 f"PGPUBSUB_DATABASE = {alias!r} sets DISABLE_SERVER_SIDE_CURSORS, as Django "

@@ -111,6 +111,14 @@ def test_database_alias_with_an_engine_that_does_not_import():
         ({"PGPUBSUB_DATABASE": ["default"]}, "pgpubsub.E005"),
         ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": "300"}, "pgpubsub.E010"),
         ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": 0}, "pgpubsub.E010"),
+        ({"PGPUBSUB_EMBEDDED": "yes"}, "pgpubsub.E011"),
+        ({"PGPUBSUB_WORKERS": 0}, "pgpubsub.E011"),
+        ({"PGPUBSUB_WORKERS": 2.5}, "pgpubsub.E011"),
+        ({"PGPUBSUB_QUEUE_SIZE": "100"}, "pgpubsub.E011"),
+        ({"PGPUBSUB_CHANNELS": "tests.testapp.channels.Job"}, "pgpubsub.E011"),
+        ({"PGPUBSUB_CHANNELS": ["tests.testapp.channels.Nope"]}, "pgpubsub.E011"),
+        ({"PGPUBSUB_RECOVER_ON_START": 1}, "pgpubsub.E011"),
+        ({"PGPUBSUB_SHUTDOWN_TIMEOUT": -1}, "pgpubsub.E011"),
     ],
 )
 def test_settings_of_the_wrong_type(overrides, expected):
@@ -131,6 +139,9 @@ def test_settings_of_the_wrong_type(overrides, expected):
         {"PGPUBSUB_LISTENER_FILTER": "tests.testapp.filters.SkipMarkedRows"},
         {"PGPUBSUB_LISTENER_FILTER": None},
         {"PGPUBSUB_DATABASE": "default"},
+        {"PGPUBSUB_EMBEDDED": False, "PGPUBSUB_WORKERS": 4, "PGPUBSUB_QUEUE_SIZE": 1},
+        {"PGPUBSUB_CHANNELS": ["tests.testapp.channels.Job"], "PGPUBSUB_SHUTDOWN_TIMEOUT": 0.5},
+        {"PGPUBSUB_RECOVER_ON_START": False},
     ],
 )
 def test_valid_settings_give_no_messages(overrides):
@@ -298,3 +309,43 @@ def test_unreachable_database_is_reported_by_the_check_command(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "pgpubsub.E009" in result.stderr
     assert "Could not inspect database 'down'" in result.stderr
+
+
+def test_a_bad_max_concurrency_is_reported():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Throttled(channels.Message):
+        max_concurrency = 0
+
+    registry[Throttled].append(lambda key, text: None)
+    try:
+        messages = pgpubsub_messages()
+    finally:
+        del registry[Throttled]
+    assert [m.id for m in messages] == ["pgpubsub.E012"]
+    assert "Throttled.max_concurrency" in messages[0].msg and messages[0].obj is Throttled
+
+
+class LiteRouter:
+    """Sends pgpubsub's models to the "lite" database."""
+
+    def db_for_write(self, model, **hints):
+        return "lite" if model._meta.app_label == "pgpubsub" else None
+
+    db_for_read = db_for_write
+
+
+@ignore_databases_override
+def test_embedded_mode_on_a_database_that_is_not_postgresql():
+    databases = {
+        **settings.DATABASES,
+        "lite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    }
+    router = f"{__name__}.LiteRouter"
+    with override_settings(DATABASES=databases, DATABASE_ROUTERS=[router]):
+        assert ids() == []  # off: nothing to say
+        with override_settings(PGPUBSUB_EMBEDDED=True):
+            (message,) = pgpubsub_messages()
+    assert message.id == "pgpubsub.E013"
+    assert "'lite'" in message.msg and "sqlite" in message.msg
