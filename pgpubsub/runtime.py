@@ -41,6 +41,17 @@ MAX_RECONNECT_DELAY = 30.0
 IDLE_CHECK_AFTER = 10.0
 
 
+# The Runtimes started in this process and not stopped yet.
+_live: set[Runtime] = set()
+_live_lock = threading.Lock()
+
+
+def live_runtimes() -> list[Runtime]:
+    """The Runtimes running in this process (embedded, ``listen``, or started by hand)."""
+    with _live_lock:
+        return [runtime for runtime in _live if runtime.running]
+
+
 def selected_channels(channels: list[Any] | None) -> dict[type[BaseChannel], list]:
     """The channels (with listeners) a Runtime listens to; refuses a selection with none."""
     selected = select_channels(channels)
@@ -130,6 +141,8 @@ class Runtime:
                 thread.daemon = True
                 thread.start()
             self._threads = threads
+        with _live_lock:
+            _live.add(self)
         logger.info(
             "pgpubsub Runtime started in process %s with %s worker thread(s)",
             self._pid,
@@ -151,6 +164,8 @@ class Runtime:
         with self._state:
             self._stopping.set()
             threads = list(self._threads)
+        with _live_lock:
+            _live.discard(self)
         if not threads or self._pid != os.getpid():
             return True  # never started, or started before a fork: its threads are not ours
         dropped = self._queue.clear()

@@ -1,9 +1,10 @@
 """A health view for readiness and liveness probes: ``path("pgpubsub/health/", health)``.
 
 It answers JSON, never a payload: 200 with ``"status": "ok"``, or 503 with ``"status":
-"failing"`` and the ``problems`` found: the database cannot be reached, or its oldest stored
+"failing"`` and the ``problems`` found: the database cannot be reached, its oldest stored
 notification has waited longer than ``PGPUBSUB_HEALTH_MAX_BACKLOG_AGE`` seconds (so no listener
-is processing its channel).
+is processing its channel), or a Runtime of this process has lost its listening connection.
+``runtimes`` has the status of each Runtime running in the process that answers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from django.views.decorators.http import require_GET
 
 from pgpubsub import conf
 from pgpubsub.health import database_status
+from pgpubsub.runtime import live_runtimes
 
 
 @never_cache
@@ -34,6 +36,10 @@ def health(request: HttpRequest) -> JsonResponse:
             problems.append(
                 f"oldest stored notification waited {oldest:.0f}s (more than {max_age:.0f}s)"
             )
+    body["runtimes"] = [runtime.status() for runtime in live_runtimes()]
+    for runtime in body["runtimes"]:
+        if not runtime["connected"]:
+            problems.append(f"Runtime of process {runtime['pid']}: listener not connected")
     body["status"] = "failing" if problems else "ok"
     body["problems"] = problems
     return JsonResponse(body, status=503 if problems else 200)

@@ -29,6 +29,7 @@ if os.environ.get("PGPUBSUB_TEST_CONN_MAX_AGE"):
 if os.environ.get("PGPUBSUB_TEST_LISTEN_ALIAS"):
     _listen = {**DATABASES["default"], "OPTIONS": dict(DATABASES["default"]["OPTIONS"])}
     _listen["OPTIONS"]["application_name"] = os.environ["PGPUBSUB_TEST_LISTEN_ALIAS"]
+    _listen["PORT"] = os.environ.get("PGPUBSUB_TEST_LISTEN_PORT", _listen["PORT"])
     DATABASES["listen"] = _listen
     PGPUBSUB_DATABASE = "listen"
 # Embedded-mode acceptance tests configure the Runtime of the servers they start this way.

@@ -2,6 +2,8 @@
 
 import datetime
 import json
+import socket
+import sys
 import urllib.error
 import urllib.request
 
@@ -52,3 +54,79 @@ def test_only_get_and_head(live_server):
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, timeout=10)
     assert raised.value.code in (403, 405)  # CSRF refuses it first in this project
+
+
+@pytest.mark.timeout(60)
+def test_reports_each_runtime_of_the_process(live_server):
+    from pgpubsub.runtime import Runtime
+    from tests.processes import wait_for
+
+    runtime = Runtime([channels.Job], workers=1).start()
+    try:
+        wait_for(lambda: runtime.status()["connected"], 30, "the Runtime to listen")
+        pgpubsub.notify(channels.Job, key="secret-key", text="secret")
+        wait_for(lambda: runtime.status()["processed"] == 1, 30, "the job")
+        code, body, _ = get(live_server)
+        assert code == 200, body
+        (reported,) = body["runtimes"]
+        assert reported["connected"] is True and reported["processed"] == 1
+        assert reported["channels"] == [channels.Job.name()]
+        assert "secret" not in json.dumps(body)
+    finally:
+        assert runtime.stop(10)
+    code, body, _ = get(live_server)
+    assert code == 200 and body["runtimes"] == []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(90)
+def test_a_web_worker_whose_runtime_cannot_listen_is_failing(processes):
+    """gunicorn in embedded mode, its LISTEN alias pointing at a port where no server runs."""
+    from tests.processes import wait_for
+
+    port = free_port()
+    server = processes.start_command(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "tests.wsgi:application",
+            "-w",
+            "1",
+            "-b",
+            f"127.0.0.1:{port}",
+        ],
+        env={
+            "PGPUBSUB_TEST_EMBEDDED": "1",
+            "PGPUBSUB_TEST_LISTEN_ALIAS": "unreachable-listen",
+            "PGPUBSUB_TEST_LISTEN_PORT": "1",
+        },
+    )
+    url = f"http://127.0.0.1:{port}/pgpubsub/health/"
+
+    def answer():
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+        except OSError:
+            return None  # not serving yet
+
+    def failing_with_a_runtime():
+        got = answer()
+        return (
+            got if got and got[1].get("runtimes") and got[1]["runtimes"][0]["last_error"] else None
+        )
+
+    code, body = wait_for(failing_with_a_runtime, 60, "a health answer", watch=[server])
+    assert code == 503
+    (runtime,) = body["runtimes"]
+    assert runtime["pid"] in server.children() and runtime["connected"] is False
+    assert body["problems"] == [f"Runtime of process {runtime['pid']}: listener not connected"]
+    assert "OperationalError" in runtime["last_error"]
