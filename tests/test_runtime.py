@@ -1,6 +1,7 @@
 """The Runtime in this process: listener thread, bounded queue, worker threads, real Postgres."""
 
 import logging
+import os
 import threading
 import time
 
@@ -220,3 +221,48 @@ def test_max_concurrency_must_be_a_positive_int(value):
 
     with pytest.raises(ValueError, match="Limited.max_concurrency must be a positive int"):
         max_concurrency(Limited)
+
+
+def test_a_runtime_never_crosses_a_fork(settings):
+    """The child of a fork has no Runtime (and may start its own); the parent's keeps its
+    connections and goes on processing."""
+    from pgpubsub import embedded
+
+    settings.PGPUBSUB_CHANNELS = [channels.Job.name()]
+    runtime = embedded.start()
+    try:
+        wait_for(lambda: runtime.status()["connected"], 30, "the Runtime to listen")
+        send_jobs(channels.Job, 5, prefix="before-")
+        wait_for(lambda: len(effects("Job")) == 5, 30, "5 jobs before the fork")
+        before = sessions()
+        connection.close()  # the test's own connection stays with the parent
+
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            report = "inherited a Runtime"
+            try:
+                if embedded.runtime() is None:
+                    own = embedded.start()
+                    deadline = time.monotonic() + 20
+                    while not own.status()["connected"] and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    report = f"own Runtime connected={own.status()['connected']}"
+                    embedded.stop(5)
+            except BaseException as exc:
+                report = repr(exc)
+            os.write(write, report.encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            report = pipe.read()
+        os.waitpid(child, 0)
+        assert report == "own Runtime connected=True"
+
+        assert embedded.runtime() is runtime
+        send_jobs(channels.Job, 5, prefix="after-")
+        wait_for(lambda: len(effects("Job")) == 10, 30, "5 jobs after the fork")
+        assert before <= sessions()  # none of the parent's sessions was closed by the child
+        assert runtime.status()["reconnects"] == 0 and runtime.status()["failed"] == 0
+    finally:
+        embedded.stop(10)
