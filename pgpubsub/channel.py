@@ -60,6 +60,10 @@ class BaseChannel:
     #: At most this many of the channel's messages run at once in a Runtime (None: no limit
     #: but the pool's size). ``1`` runs them one at a time, in arrival order.
     max_concurrency: ClassVar[int | None] = None
+    #: The database alias the channel's messages are published, stored, listened to and
+    #: processed on (None: ``PGPUBSUB_DATABASE`` for listening and the ``Notification``
+    #: model's database for the rest). A trigger channel names its model's database.
+    database: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.callbacks: list[Callable] = []

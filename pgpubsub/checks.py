@@ -129,6 +129,7 @@ def _check_runtime_settings() -> list:
                 )
             )
     for channel in registry:
+        errors.extend(_check_channel_database(channel))
         try:
             max_concurrency(channel)
         except ValueError as exc:
@@ -187,6 +188,28 @@ def _check_listener_filter() -> list:
             )
         ]
     return []
+
+
+def _check_channel_database(channel: type) -> list:
+    alias = channel.database
+    if alias is None:
+        return []
+    if isinstance(alias, str) and alias in settings.DATABASES:
+        engine, vendor = _vendor(alias)
+        if vendor == "postgresql":
+            return []
+        problem = f"uses the engine {engine} ({vendor}), not PostgreSQL"
+    else:
+        problem = "is not a key of DATABASES"
+    return [
+        Error(
+            f"{channel.__name__}.database = {alias!r} {problem}.",
+            hint="Set it to the alias of a PostgreSQL database in DATABASES (where pgpubsub "
+            "is migrated), or remove it to use the default.",
+            obj=channel,
+            id="pgpubsub.E014",
+        )
+    ]
 
 
 def _vendor(alias: str) -> tuple[str, str]:

@@ -119,15 +119,13 @@ class ListenConnection:
             cursor.execute(statement)
         self.channels.extend(names)
 
+    def drain(self) -> list[Any]:
+        """Notifications received so far; never blocks."""
+        return drain(self.raw, self._buffer)
+
     def wait(self, timeout: float) -> list[Any]:
         """Notifications that arrive within ``timeout`` seconds (empty list if none)."""
-        items = drain(self.raw, self._buffer)
-        if items:
-            return items
-        readable, _, _ = select.select([self.raw.fileno()], [], [], timeout)
-        if not readable:
-            return []
-        return drain(self.raw, self._buffer)
+        return wait_any([self], timeout)
 
     def close(self) -> None:
         """UNLISTEN and close; safe to call on a broken or closed connection."""
@@ -149,3 +147,13 @@ class ListenConnection:
             logger.debug("Closing the listen connection failed", exc_info=True)
         finally:
             self.channels = []
+
+
+def wait_any(listening: list[ListenConnection], timeout: float) -> list[Any]:
+    """Notifications that arrive on any of ``listening`` within ``timeout`` seconds."""
+    items = [item for conn in listening for item in conn.drain()]
+    if items:
+        return items
+    by_fd = {conn.raw.fileno(): conn for conn in listening}
+    readable, _, _ = select.select(list(by_fd), [], [], timeout)
+    return [item for fd in readable for item in by_fd[fd].drain()]

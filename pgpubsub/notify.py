@@ -21,8 +21,9 @@ def notify(channel: type[Channel] | str, **kwargs: Any) -> str:
 
     The message is delivered when the current transaction commits (at once in autocommit).
     For a lockable channel it is also stored, in the same transaction, until processed.
-    ``using=alias`` picks the database connection, unless the channel has a field of that
-    name. Returns the serialised payload.
+    It goes through the channel's ``database`` (see :class:`~pgpubsub.channel.BaseChannel`);
+    ``using=alias`` picks another connection, unless the channel has a field of that name.
+    Returns the serialised payload.
     """
     channel_cls = locate_channel(channel)
     if not issubclass(channel_cls, Channel):
@@ -41,7 +42,8 @@ def notify(channel: type[Channel] | str, **kwargs: Any) -> str:
     message = channel_cls(**kwargs)
     serialized = message.serialize()
     listen_name = channel_cls.listen_safe_name()
-    with connections[using or conf.notifications_alias()].cursor() as cursor:
+    alias = using or channel_cls.database or conf.notifications_alias()
+    with connections[alias].cursor() as cursor:
         if channel_cls.lock_notifications:
             cursor.execute("SELECT pgpubsub_store(%s, %s::jsonb)", [listen_name, serialized])
         else:
@@ -68,11 +70,10 @@ def process_stored_notifications(
     lockable = [channel_cls for channel_cls in selected if channel_cls.lock_notifications]
     if not lockable:
         logger.warning("process_stored_notifications(): no lockable channel selected")
-    with connections[using or conf.notifications_alias()].cursor() as cursor:
-        for channel_cls in lockable:
-            logger.info(
-                "Asking listeners of %s to process stored notifications", channel_cls.name()
-            )
+    for channel_cls in lockable:
+        logger.info("Asking listeners of %s to process stored notifications", channel_cls.name())
+        alias = using or channel_cls.database or conf.notifications_alias()
+        with connections[alias].cursor() as cursor:
             cursor.execute(
                 "SELECT pg_notify(%s, %s)", [channel_cls.listen_safe_name(), wire.RECOVER]
             )

@@ -37,8 +37,28 @@ _CHECK_DEFERRED = (
 )
 
 
+class _Tally:
+    """Counts and errors, shared by a Processor and those it made for other databases."""
+
+    def __init__(self) -> None:
+        self.processed = 0
+        self.failed = 0
+        self.catch_up_needed = False
+        self.first_error: BaseException | None = None
+        self.last_error: BaseException | None = None
+        self.lock = threading.Lock()
+
+
+def _shared(name: str) -> property:
+    return property(
+        lambda self: getattr(self._tally, name),
+        lambda self, value: setattr(self._tally, name, value),
+    )
+
+
 class Processor:
-    """Processes notifications on the calling thread's Django connection for ``using``.
+    """Processes notifications on the calling thread's Django connection for ``using`` (or
+    for the ``database`` of a channel that names one).
 
     Failures are logged with their traceback and counted; they do not propagate (unless
     ``raise_errors``), so one bad message or callback cannot stop a listener. A failed lockable
@@ -47,26 +67,41 @@ class Processor:
     stored messages once the connection is back.
     """
 
+    processed = _shared("processed")
+    failed = _shared("failed")
+    catch_up_needed = _shared("catch_up_needed")
+    first_error = _shared("first_error")
+    last_error = _shared("last_error")
+
     def __init__(
         self,
         using: str = "default",
         raise_errors: bool = False,
         stopping: threading.Event | None = None,
+        _tally: _Tally | None = None,
     ) -> None:
         self.using = using
         self.raise_errors = raise_errors
         self.stopping = stopping
-        self.processed = 0
-        self.failed = 0
-        self.catch_up_needed = False
-        self.first_error: BaseException | None = None
-        self.last_error: BaseException | None = None
-        self._lock = threading.Lock()
+        self._tally = _tally or _Tally()
+        self._others: dict[str, Processor] = {}
+
+    def for_channel(self, channel_cls: type[BaseChannel]) -> Processor:
+        """The processor for the database of ``channel_cls``'s messages: this one, or one
+        for the channel's ``database`` (sharing this one's counts)."""
+        alias = channel_cls.database
+        if alias is None or alias == self.using:
+            return self
+        other = self._others.get(alias)
+        if other is None:
+            other = Processor(alias, self.raise_errors, self.stopping, self._tally)
+            self._others[alias] = other
+        return other
 
     def _count(self, processed: int = 0, failed: int = 0) -> None:
-        with self._lock:
-            self.processed += processed
-            self.failed += failed
+        with self._tally.lock:
+            self._tally.processed += processed
+            self._tally.failed += failed
 
     def _failure(self, error: BaseException, message: str, *args: object) -> None:
         logger.error(message, *args, exc_info=error)
@@ -112,6 +147,8 @@ class Processor:
         """Run one delivery; returns how many messages succeeded. A sweep raises the error
         when the connection breaks (its rows stay stored); the others set ``catch_up_needed``."""
         kind = delivery.kind
+        if delivery.channel.database not in (None, self.using):
+            return self.for_channel(delivery.channel).run(delivery)
         if kind is deliveries.Kind.PLAIN:
             return self._run_plain(delivery.channel, delivery.callbacks, delivery.payload)
         if kind is deliveries.Kind.ROWS:
@@ -169,6 +206,10 @@ class Processor:
 
         When the connection breaks, the rows stay stored: the error is raised with
         ``raise_on_disconnect``, else ``catch_up_needed`` is set."""
+        if channel_cls.database not in (None, self.using):
+            return self.for_channel(channel_cls).process_stored_rows(
+                channel_cls, row_ids, callbacks, raise_on_disconnect
+            )
         used = self._open_connection()
         try:
             with transaction.atomic(using=self.using):
@@ -209,6 +250,8 @@ class Processor:
         """Process every stored row of the channel that no one else holds, in batches of
         ``store.BATCH_SIZE`` per transaction, until none is left or ``stopping`` is set.
         Returns how many succeeded. Raises the error when the connection breaks."""
+        if channel_cls.database not in (None, self.using):
+            return self.for_channel(channel_cls).process_stored_channel(channel_cls)
         total = 0
         last_id = 0
         next_report = time.monotonic() + PROGRESS_INTERVAL

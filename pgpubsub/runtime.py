@@ -24,7 +24,7 @@ from django.db.utils import InterfaceError, OperationalError
 
 from pgpubsub import conf
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
-from pgpubsub.connection import ListenConnection
+from pgpubsub.connection import ListenConnection, wait_any
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, max_concurrency, plan
 from pgpubsub.processing import Processor
 from pgpubsub.wire import Assembler
@@ -233,17 +233,23 @@ class Runtime:
             self._sweeps_wanted.update(channels)
 
     def _listen(self) -> None:
-        conn = ListenConnection(self.listen_alias)
+        # One LISTEN connection per database the channels are on (usually one).
+        names: dict[str, list[str]] = {}
+        for channel in self.channels:
+            alias = channel.database or self.listen_alias
+            names.setdefault(alias, []).append(channel.listen_safe_name())
+        listening = {alias: ListenConnection(alias) for alias in names}
         assembler = Assembler()
-        names = [channel.listen_safe_name() for channel in self.channels]
         delay = MIN_RECONNECT_DELAY
         ever_connected = False
         try:
             while not self._stopping.is_set():
                 try:
-                    if not conn.connected:
-                        conn.connect()
-                        conn.listen(names)
+                    if not all(conn.connected for conn in listening.values()):
+                        for alias, conn in listening.items():
+                            if not conn.connected:
+                                conn.connect()
+                                conn.listen(names[alias])
                         self.connected = True
                         if ever_connected:
                             self.reconnects += 1
@@ -255,7 +261,7 @@ class Runtime:
                             ", ".join(channel.name() for channel in self.channels),
                         )
                     self._enqueue_sweeps()
-                    received = conn.wait(WAIT_TIMEOUT)
+                    received = wait_any(list(listening.values()), WAIT_TIMEOUT)
                     if not received:
                         continue
                     self.last_notification_at = time.time()
@@ -270,7 +276,8 @@ class Runtime:
                 except Exception as exc:
                     self.connected = False
                     self._listener_error = exc
-                    conn.close()
+                    for conn in listening.values():
+                        conn.close()
                     pause = min(MAX_RECONNECT_DELAY, delay) * random.uniform(0.5, 1.0)
                     if is_connection_error(exc):
                         logger.warning(
@@ -282,7 +289,8 @@ class Runtime:
                     delay *= 2
         finally:
             self.connected = False
-            conn.close()
+            for conn in listening.values():
+                conn.close()
 
     def _dispatch(self, delivery: Delivery) -> None:
         if delivery.kind is Kind.SWEEP:
@@ -333,7 +341,7 @@ class Runtime:
                     if time.monotonic() - last_used > IDLE_CHECK_AFTER:
                         # An idle connection may have been closed by the server or a proxy:
                         # find out now rather than by failing the delivery.
-                        close_if_unusable(self.using)
+                        close_if_unusable(delivery.channel.database or self.using)
                     self._run(processor, delivery)
                 finally:
                     last_used = time.monotonic()
@@ -365,7 +373,7 @@ class Runtime:
             processor.catch_up_needed = False
             if not broke:
                 return
-            connections[self.using].close()
+            connections[delivery.channel.database or self.using].close()
             if attempt == 2 or self._stopping.is_set():
                 self._want_sweep([delivery.channel])
 

@@ -22,6 +22,11 @@ INSTALLED_APPS = [
 DATABASES = {"default": django_database(database_url())}
 # A test database per test run, so runs against one shared server never collide.
 DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
+# A second database on the same server, for channels that name a database of their own.
+DATABASES["other"] = {
+    **DATABASES["default"],
+    "TEST": {"NAME": f"test_{DATABASES['default']['NAME']}_other_{os.getpid()}"},
+}
 # Tests of listeners with persistent connections set this in the environment of a subprocess.
 if os.environ.get("PGPUBSUB_TEST_CONN_MAX_AGE"):
     DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["PGPUBSUB_TEST_CONN_MAX_AGE"])

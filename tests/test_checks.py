@@ -349,3 +349,28 @@ def test_embedded_mode_on_a_database_that_is_not_postgresql():
             (message,) = pgpubsub_messages()
     assert message.id == "pgpubsub.E013"
     assert "'lite'" in message.msg and "sqlite" in message.msg
+
+
+@pytest.mark.parametrize(
+    "alias, problem", [("nowhere", "is not a key of DATABASES"), ("lite", "sqlite")]
+)
+@ignore_databases_override
+def test_a_channel_database_that_cannot_work_is_reported(alias, problem):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Elsewhere(channels.Message):
+        database = alias
+
+    databases = {
+        **settings.DATABASES,
+        "lite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    }
+    registry[Elsewhere].append(lambda key, text: None)
+    try:
+        with override_settings(DATABASES=databases):
+            messages = pgpubsub_messages()
+    finally:
+        del registry[Elsewhere]
+    assert [m.id for m in messages] == ["pgpubsub.E014"]
+    assert f"Elsewhere.database = {alias!r}" in messages[0].msg and problem in messages[0].msg
