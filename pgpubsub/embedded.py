@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 from types import FrameType
@@ -40,6 +41,14 @@ _runtime: Runtime | None = None
 # those connections under the parent.
 _inherited: list[Runtime] = []
 _start_in_forked_workers = False
+# True in a process where autostart decided a Runtime should run.
+_expected = False
+
+
+def expected() -> bool:
+    """True when ``PGPUBSUB_EMBEDDED`` made this process start a Runtime (so one that is not
+    running is a problem: see the process's log)."""
+    return _expected
 
 
 def runtime() -> Runtime | None:
@@ -76,11 +85,15 @@ def stop(timeout: float | None = None) -> bool:
 
 def autostart() -> None:
     """Start a Runtime if ``PGPUBSUB_EMBEDDED`` is on and this process serves requests."""
-    global _start_in_forked_workers
+    global _start_in_forked_workers, _expected
     if not conf.embedded():
         return
     role = _role(sys._getframe(1))
-    if role == "serving":
+    if role in ("serving", "gunicorn worker"):
+        _expected = True
+        if role == "serving":
+            # gunicorn workers exit normally on SIGTERM; other servers may die of it.
+            _stop_on_sigterm()
         # Called from an AppConfig.ready(): the apps that come later, and the listeners they
         # import, are not loaded yet. Start once they are.
         threading.Thread(target=_start_when_ready, name="pgpubsub-autostart", daemon=True).start()
@@ -105,7 +118,7 @@ def _start_when_ready() -> None:
 
 def _role(frame: FrameType | None) -> str | None:
     """What this process is, judged from the code that is loading Django: "serving", "gunicorn
-    master", or None (anything else)."""
+    worker", "gunicorn master", or None (anything else)."""
     callers: set[tuple[str, str]] = set()
     command_frame = None
     while frame is not None:
@@ -118,7 +131,7 @@ def _role(frame: FrameType | None) -> str | None:
         return "serving" if _serving_runserver(command_frame) else None
     modules = {module for module, _ in callers}
     if "gunicorn.workers.base" in modules:
-        return "serving"
+        return "gunicorn worker"
     if "gunicorn.arbiter" in modules:
         return "gunicorn master"
     if callers & {
@@ -142,13 +155,39 @@ def _serving_runserver(command_frame: FrameType) -> bool:
 
 
 def _after_fork_in_child() -> None:
-    global _runtime, _lock
+    global _runtime, _lock, _expected
     _lock = threading.Lock()  # another thread may have held it at the fork
     if _runtime is not None:
         _inherited.append(_runtime)
         _runtime = None
+    _expected = False
     if _start_in_forked_workers and _forked_by("gunicorn.arbiter", "spawn_worker"):
-        start()
+        _expected = True
+        try:
+            start()
+        except Exception:
+            logger.exception("The embedded pgpubsub Runtime could not start")
+
+
+def _stop_on_sigterm() -> None:
+    """On SIGTERM, stop the Runtime (running callbacks get their shutdown timeout), then do
+    what was set for SIGTERM before: servers that end on SIGTERM skip the exit handlers that
+    would stop it. Only the main thread may set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # set outside Python: leave it alone
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stop()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _forked_by(module: str, function: str) -> bool:

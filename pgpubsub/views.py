@@ -3,7 +3,8 @@
 It answers JSON, never a payload: 200 with ``"status": "ok"``, or 503 with ``"status":
 "failing"`` and the ``problems`` found: the database cannot be reached, its oldest stored
 notification has waited longer than ``PGPUBSUB_HEALTH_MAX_BACKLOG_AGE`` seconds (so no listener
-is processing its channel), or a Runtime of this process has lost its listening connection.
+is processing its channel), a Runtime of this process has lost its listening connection, or embedded mode should have
+started one here and none runs.
 ``runtimes`` has the status of each Runtime running in the process that answers.
 """
 
@@ -14,7 +15,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from pgpubsub import conf
+from pgpubsub import conf, embedded
 from pgpubsub.health import database_status
 from pgpubsub.runtime import live_runtimes
 
@@ -37,6 +38,8 @@ def health(request: HttpRequest) -> JsonResponse:
                 f"oldest stored notification waited {oldest:.0f}s (more than {max_age:.0f}s)"
             )
     body["runtimes"] = [runtime.status() for runtime in live_runtimes()]
+    if embedded.expected() and embedded.runtime() is None:
+        problems.append("PGPUBSUB_EMBEDDED is on but no Runtime runs in this process (see its log)")
     for runtime in body["runtimes"]:
         if not runtime["connected"]:
             problems.append(f"Runtime of process {runtime['pid']}: listener not connected")

@@ -42,6 +42,8 @@ PGPUBSUB_EMBEDDED = os.environ.get("PGPUBSUB_TEST_EMBEDDED") == "1"
 for _name in ("WORKERS", "QUEUE_SIZE"):
     if os.environ.get(f"PGPUBSUB_TEST_{_name}"):
         globals()[f"PGPUBSUB_{_name}"] = int(os.environ[f"PGPUBSUB_TEST_{_name}"])
+if os.environ.get("PGPUBSUB_TEST_CHANNELS"):
+    PGPUBSUB_CHANNELS = os.environ["PGPUBSUB_TEST_CHANNELS"].split(",")
 if os.environ.get("PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"):
     PGPUBSUB_SHUTDOWN_TIMEOUT = float(os.environ["PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"])
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"

@@ -155,3 +155,10 @@ class InOrder(Channel):
     max_concurrency = 1
     key: str
     seconds: float = 0.0
+
+
+@dataclass
+class Unheard(Channel):
+    """A channel no listener is registered for."""
+
+    key: str

@@ -1,0 +1,107 @@
+"""Servers that end on a signal: the Runtime inside still lets its running callback finish, and a
+web process whose Runtime could not start says so on its health view."""
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import pgpubsub
+from pgpubsub.models import Notification
+from tests.processes import MANAGE, outputs, wait_for
+from tests.testapp import channels
+from tests.testapp.models import Effect
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
+
+EMBEDDED = {"PGPUBSUB_TEST_EMBEDDED": "1", "PGPUBSUB_TEST_SHUTDOWN_TIMEOUT": "20"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def servers(port: int) -> dict[str, list[str]]:
+    return {
+        "uvicorn": [
+            sys.executable, "-m", "uvicorn", "tests.asgi:application", "--port", str(port),
+        ],
+        "runserver": [sys.executable, str(MANAGE), "runserver", f"127.0.0.1:{port}"],
+        "runserver --noreload": [
+            sys.executable, str(MANAGE), "runserver", "--noreload", f"127.0.0.1:{port}",
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "runserver", "runserver --noreload"])
+def test_sigterm_lets_the_running_callback_finish(processes, server):
+    process = processes.start_command(servers(free_port())[server], ready=1, env=EMBEDDED)
+    pgpubsub.notify(channels.SlowJob, key="in-flight", seconds=2.0)
+    wait_for(
+        lambda: any(state == "idle in transaction" for state in states(process.name)),
+        30,
+        "the slow job to be claimed",
+        watch=[process],
+    )
+    started = time.monotonic()
+    if server == "runserver":
+        # The autoreloader's parent passes no signal on: SIGTERM the serving child, whose exit
+        # ends the parent too.
+        (serving,) = process.children()
+        os.kill(serving, signal.SIGTERM)
+    else:
+        process.send(signal.SIGTERM)
+    process.wait(30)
+    # The callback finished and was acknowledged before the process ended.
+    assert Effect.objects.filter(key="in-flight").exists(), outputs([process])
+    assert not Notification.objects.exists(), outputs([process])
+    assert time.monotonic() - started < 20, outputs([process])
+    process.wait_no_backends(10)
+
+
+def states(application_name: str) -> list[str]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = %s",
+            [application_name],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def test_a_runtime_that_could_not_start_fails_the_health_view(processes):
+    port = free_port()
+    server = processes.start_command(
+        [sys.executable, "-m", "gunicorn", "tests.wsgi:application", "-w", "1",
+         "-b", f"127.0.0.1:{port}"],
+        env={**EMBEDDED, "PGPUBSUB_TEST_CHANNELS": channels.Unheard.name()},
+    )  # fmt: skip
+
+    def answer():
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/pgpubsub/health/", timeout=10
+            ) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+        except OSError:
+            return None  # not serving yet
+
+    code, body = wait_for(answer, 60, "a health answer", watch=[server])
+    assert code == 503, body
+    assert body["runtimes"] == []
+    assert body["problems"] == [
+        "PGPUBSUB_EMBEDDED is on but no Runtime runs in this process (see its log)"
+    ]
+    assert "could not start" in server.output() and "Channel not found" in server.output()
