@@ -180,10 +180,15 @@ def _stop_on_sigterm() -> None:
         return
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        stop()
         if callable(previous):
+            # The server's own shutdown comes next; the exit handler waits for the callbacks.
+            current = _runtime
+            if current is not None:
+                current.request_stop()
             previous(signum, frame)
-        elif previous != signal.SIG_IGN:
+            return
+        stop()  # the process ends right after: wait for the running callbacks here
+        if previous != signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 

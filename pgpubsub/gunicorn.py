@@ -12,15 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgpubsub import embedded
+# pgpubsub.embedded is imported by the hooks: gunicorn reads its configuration file before
+# Django is set up, and importing it then would fail.
 
 
 def post_worker_init(worker: Any) -> None:
     """Start this worker's Runtime (the application, and so Django, is loaded by now)."""
+    from pgpubsub import embedded
+
     embedded.start()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Stop this worker's Runtime, letting running callbacks finish within
     ``PGPUBSUB_SHUTDOWN_TIMEOUT``."""
+    from pgpubsub import embedded
+
     embedded.stop()

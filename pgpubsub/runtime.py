@@ -362,11 +362,11 @@ class Runtime:
                 broke = processor.catch_up_needed
             except Exception as exc:
                 if not is_connection_error(exc):
-                    logger.exception("Sweeping %s failed", delivery.channel.name())
+                    logger.exception("Processing %s failed", delivery.channel.name())
                     return
                 broke = True
                 logger.warning(
-                    "The database connection broke while sweeping %s (%s)",
+                    "The database connection broke while processing %s (%s)",
                     delivery.channel.name(),
                     exc,
                 )

@@ -1,5 +1,6 @@
-"""Servers that end on a signal: the Runtime inside still lets its running callback finish, and a
-web process whose Runtime could not start says so on its health view."""
+"""runserver ends on SIGTERM without Python's exit handlers: the Runtime inside still lets its
+running callback finish (gunicorn and uvicorn: tests/test_embedded.py). And a web process whose
+Runtime could not start says so on its health view."""
 
 import json
 import os
@@ -31,9 +32,6 @@ def free_port() -> int:
 
 def servers(port: int) -> dict[str, list[str]]:
     return {
-        "uvicorn": [
-            sys.executable, "-m", "uvicorn", "tests.asgi:application", "--port", str(port),
-        ],
         "runserver": [sys.executable, str(MANAGE), "runserver", f"127.0.0.1:{port}"],
         "runserver --noreload": [
             sys.executable, str(MANAGE), "runserver", "--noreload", f"127.0.0.1:{port}",
@@ -41,7 +39,7 @@ def servers(port: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("server", ["uvicorn", "runserver", "runserver --noreload"])
+@pytest.mark.parametrize("server", ["runserver", "runserver --noreload"])
 def test_sigterm_lets_the_running_callback_finish(processes, server):
     process = processes.start_command(servers(free_port())[server], ready=1, env=EMBEDDED)
     pgpubsub.notify(channels.SlowJob, key="in-flight", seconds=2.0)
