@@ -17,6 +17,15 @@ from django.db import connections
 
 logger = logging.getLogger(__name__)
 
+#: libpq TCP keepalive settings of LISTEN connections: probe after 30 s of silence, every 10 s,
+#: give up after 3 unanswered probes.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -102,9 +111,19 @@ class ListenConnection:
         """Open the connection (closing any previous one)."""
         self.close()
         db = connections.create_connection(self.alias)
-        db.ensure_connection()
-        if not db.get_autocommit():
-            db.set_autocommit(True)
+        # TCP keepalives find a peer that vanished (a network partition) while we only wait;
+        # the alias's own OPTIONS win.
+        db.settings_dict = {
+            **db.settings_dict,
+            "OPTIONS": {**KEEPALIVES, **db.settings_dict.get("OPTIONS", {})},
+        }
+        try:
+            db.ensure_connection()
+            if not db.get_autocommit():
+                db.set_autocommit(True)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         if is_psycopg3(self.raw):
             self._buffer = NotifyBuffer(self.raw)
@@ -118,6 +137,11 @@ class ListenConnection:
         with self.raw.cursor() as cursor:
             cursor.execute(statement)
         self.channels.extend(names)
+
+    def ping(self) -> None:
+        """A round trip to the server (raises when the connection is broken)."""
+        with self.raw.cursor() as cursor:
+            cursor.execute("SELECT 1")
 
     def drain(self) -> list[Any]:
         """Notifications received so far; never blocks."""

@@ -40,7 +40,8 @@ _runtime: Runtime | None = None
 # sockets are the parent's. They are kept referenced, so that garbage collection never closes
 # those connections under the parent.
 _inherited: list[Runtime] = []
-_start_in_forked_workers = False
+# The pid of the gunicorn master (with --preload) whose forked workers start a Runtime.
+_gunicorn_master: int | None = None
 # True in a process where autostart decided a Runtime should run.
 _expected = False
 
@@ -85,7 +86,7 @@ def stop(timeout: float | None = None) -> bool:
 
 def autostart() -> None:
     """Start a Runtime if ``PGPUBSUB_EMBEDDED`` is on and this process serves requests."""
-    global _start_in_forked_workers, _expected
+    global _gunicorn_master, _expected
     if not conf.embedded():
         return
     role = _role(sys._getframe(1))
@@ -99,7 +100,7 @@ def autostart() -> None:
         threading.Thread(target=_start_when_ready, name="pgpubsub-autostart", daemon=True).start()
     elif role == "gunicorn master":
         logger.debug("gunicorn master: a Runtime starts in each worker it forks")
-        _start_in_forked_workers = True
+        _gunicorn_master = os.getpid()
 
 
 def _start_when_ready() -> None:
@@ -139,7 +140,18 @@ def _role(frame: FrameType | None) -> str | None:
         ("django.core.asgi", "get_asgi_application"),
     }:
         return "serving"
+    # The project's WSGI or ASGI module is being imported, and calls django.setup() itself
+    # before it builds the application (as ASGI routers often do).
+    if modules & _application_modules():
+        return "serving"
     return None
+
+
+def _application_modules() -> set[str]:
+    from django.conf import settings
+
+    paths = (getattr(settings, name, None) for name in ("WSGI_APPLICATION", "ASGI_APPLICATION"))
+    return {path.rpartition(".")[0] for path in paths if isinstance(path, str) and "." in path}
 
 
 def _serving_runserver(command_frame: FrameType) -> bool:
@@ -161,7 +173,13 @@ def _after_fork_in_child() -> None:
         _inherited.append(_runtime)
         _runtime = None
     _expected = False
-    if _start_in_forked_workers and _forked_by("gunicorn.arbiter", "spawn_worker"):
+    # Only the master's own children that become workers: not a process forked by a worker
+    # (a view or a callback may fork), which still runs under spawn_worker's frame.
+    if (
+        _gunicorn_master is not None
+        and os.getppid() == _gunicorn_master
+        and _forked_by("gunicorn.arbiter", "spawn_worker")
+    ):
         _expected = True
         try:
             start()

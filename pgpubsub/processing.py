@@ -105,6 +105,10 @@ class Processor:
 
     def _failure(self, error: BaseException, message: str, *args: object) -> None:
         logger.error(message, *args, exc_info=error)
+        self.record_failure(error)
+
+    def record_failure(self, error: BaseException) -> None:
+        """Count a failed message (already logged) and keep its error."""
         self._count(failed=1)
         self.last_error = error
         if self.first_error is None:
@@ -211,12 +215,22 @@ class Processor:
                 channel_cls, row_ids, callbacks, raise_on_disconnect
             )
         used = self._open_connection()
+        committed: list[bool] = []
         try:
             with transaction.atomic(using=self.using):
+                # The first commit hook: tells a failed commit from a hook that failed after it.
+                transaction.on_commit(lambda: committed.append(True), self.using, robust=True)
                 rows = store.claim_ids(channel_cls, row_ids, self.using)
                 done = self._run_claimed(channel_cls, callbacks, rows, used)
         except Exception as error:
-            if self._connection_lost(used):
+            if committed:
+                logger.error(
+                    "An on_commit() function failed after stored notifications of %s were "
+                    "processed",
+                    channel_cls.name(),
+                    exc_info=error,
+                )
+            elif self._connection_lost(used):
                 if raise_on_disconnect:
                     raise
                 logger.warning(
@@ -228,19 +242,20 @@ class Processor:
                 if self.first_error is None:
                     self.first_error = error
                 return 0
-            if len(row_ids) > 1:
+            elif len(row_ids) > 1:
                 # A failure at commit time: give each message a transaction of its own.
                 return sum(
                     self.process_stored_rows(channel_cls, [pk], callbacks, raise_on_disconnect)
                     for pk in row_ids
                 )
-            self._failure(
-                error,
-                "Processing stored notification %s of %s failed; it stays stored",
-                row_ids[0],
-                channel_cls.name(),
-            )
-            return 0
+            else:
+                self._failure(
+                    error,
+                    "Processing stored notification %s of %s failed; it stays stored",
+                    row_ids[0],
+                    channel_cls.name(),
+                )
+                return 0
         self._count(processed=len(done))
         for row_id, duration in done:  # committed: now they count as processed
             signals.send(signals.message_processed, channel_cls, duration=duration, row_id=row_id)
@@ -289,14 +304,19 @@ class Processor:
             callbacks = found[1] if found else []
         in_batch = len(rows) > 1
         succeeded = []
+        db = connections[self.using]
         for row in rows:
             started = time.perf_counter()
+            hooks = len(db.run_on_commit)
             try:
                 with transaction.atomic(using=self.using):
                     channel_cls.build_from_payload(row.payload, callbacks).execute_callbacks()
                     if in_batch:
-                        with connections[self.using].cursor() as cursor:
+                        with db.cursor() as cursor:
                             cursor.execute(_CHECK_DEFERRED)
+                # The message's on_commit() functions run after the commit, where one that
+                # fails would skip the others': it is logged instead.
+                _robust_hooks(db, hooks)
             except Exception as error:
                 if self._connection_lost(used):
                     raise
@@ -317,3 +337,13 @@ class Processor:
                 succeeded.append((row.pk, time.perf_counter() - started))
         store.acknowledge([pk for pk, _ in succeeded], self.using)
         return succeeded
+
+
+def _robust_hooks(db: object, start: int) -> None:
+    """Make the on_commit() functions registered on ``db`` since the ``start``-th robust: one
+    that fails is logged, and the others still run."""
+    hooks = db.run_on_commit
+    for index in range(start, len(hooks)):
+        entry = hooks[index]
+        if len(entry) == 3:  # (savepoint ids, function, robust) since Django 4.2
+            hooks[index] = (entry[0], entry[1], True)

@@ -37,6 +37,9 @@ WAIT_TIMEOUT = 1.0
 #: First and longest pause between reconnection attempts, in seconds (doubling, with jitter).
 MIN_RECONNECT_DELAY = 0.5
 MAX_RECONNECT_DELAY = 30.0
+#: Seconds without a notification after which the listener checks its connections with a
+#: round trip.
+KEEPALIVE_INTERVAL = 60.0
 #: Seconds a worker's connection may sit unused before it is checked before use.
 IDLE_CHECK_AFTER = 10.0
 
@@ -44,6 +47,15 @@ IDLE_CHECK_AFTER = 10.0
 # The Runtimes started in this process and not stopped yet.
 _live: set[Runtime] = set()
 _live_lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    global _live_lock
+    _live_lock = threading.Lock()  # another thread may have held it at the fork
+    _live.clear()  # the parent's Runtimes: their threads did not come along
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def live_runtimes() -> list[Runtime]:
@@ -242,6 +254,8 @@ class Runtime:
         assembler = Assembler()
         delay = MIN_RECONNECT_DELAY
         ever_connected = False
+        missed = False  # notifications may have been sent while no connection listened
+        quiet_since = time.monotonic()
         try:
             while not self._stopping.is_set():
                 try:
@@ -251,11 +265,14 @@ class Runtime:
                                 conn.connect()
                                 conn.listen(names[alias])
                         self.connected = True
+                        self._listener_error = None
                         if ever_connected:
                             self.reconnects += 1
-                            # What was sent while disconnected is only in the table.
+                        if missed:  # what was sent meanwhile is only in the table
                             self._want_sweep(self._lockable())
+                            missed = False
                         ever_connected = True
+                        quiet_since = time.monotonic()
                         logger.info(
                             "Listening on %s",
                             ", ".join(channel.name() for channel in self.channels),
@@ -263,7 +280,14 @@ class Runtime:
                     self._enqueue_sweeps()
                     received = wait_any(list(listening.values()), WAIT_TIMEOUT)
                     if not received:
+                        if time.monotonic() - quiet_since > KEEPALIVE_INTERVAL:
+                            # A connection that died silently (a network partition) fails
+                            # here rather than leaving the Runtime deaf.
+                            for conn in listening.values():
+                                conn.ping()
+                            quiet_since = time.monotonic()
                         continue
+                    quiet_since = time.monotonic()
                     self.last_notification_at = time.time()
                     whole = []
                     for notification in received:
@@ -276,6 +300,7 @@ class Runtime:
                 except Exception as exc:
                     self.connected = False
                     self._listener_error = exc
+                    missed = True
                     for conn in listening.values():
                         conn.close()
                     pause = min(MAX_RECONNECT_DELAY, delay) * random.uniform(0.5, 1.0)
@@ -296,7 +321,11 @@ class Runtime:
         if delivery.kind is Kind.SWEEP:
             self._want_sweep([delivery.channel])
         elif delivery.kind is Kind.ROWS:
-            if not self._queue.offer(delivery):
+            with self._books:
+                # Older rows of the channel wait for a sweep: these join them, so that the
+                # channel's rows still run in arrival (id) order.
+                behind_a_sweep = delivery.channel in self._sweeps_wanted
+            if behind_a_sweep or not self._queue.offer(delivery):
                 # No room: the rows are stored, a sweep claims them once there is.
                 logger.debug(
                     "Queue full: %s stored row(s) of %s left for a sweep",
@@ -331,7 +360,12 @@ class Runtime:
                 delivery = self._queue.get(WAIT_TIMEOUT)
                 if delivery is None:
                     continue
-                if self._stopping.is_set():
+                if self._stopping.is_set():  # taken just as the Runtime stops: not started
+                    if delivery.kind is Kind.PLAIN:
+                        logger.warning(
+                            "Stopping: a plain message of %s not processed",
+                            delivery.channel.name(),
+                        )
                     self._queue.done(delivery)
                     break
                 with self._books:
@@ -355,14 +389,19 @@ class Runtime:
 
     def _run(self, processor: Processor, delivery: Delivery) -> None:
         """Run ``delivery``. Stored rows whose connection broke are tried once more on a new
-        connection, then left to a sweep; they stay stored either way."""
+        connection, then left to a sweep; they stay stored either way. Nothing a callback
+        raises ends the worker thread."""
+        alias = delivery.channel.database or self.using
         for attempt in (1, 2):
             try:
                 processor.run(delivery)  # a sweep raises when its connection breaks
                 broke = processor.catch_up_needed
-            except Exception as exc:
+            except BaseException as exc:  # noqa: B036 - e.g. CancelledError, SystemExit
                 if not is_connection_error(exc):
+                    # Its transaction was rolled back: lockable rows stay stored.
                     logger.exception("Processing %s failed", delivery.channel.name())
+                    processor.record_failure(exc)
+                    close_if_unusable(alias)
                     return
                 broke = True
                 logger.warning(
@@ -373,9 +412,10 @@ class Runtime:
             processor.catch_up_needed = False
             if not broke:
                 return
-            connections[delivery.channel.database or self.using].close()
+            connections[alias].close()
             if attempt == 2 or self._stopping.is_set():
                 self._want_sweep([delivery.channel])
+                return
 
 
 def tidy_connections() -> None:

@@ -377,3 +377,19 @@ def test_migrate_starts_no_runtime(processes):
     assert seen_listening(migrate, 30) == []
     assert migrate.returncode == 0, outputs([migrate])
     assert_no_traceback(migrate)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("options", [[], ["--preload"]], ids=["no-preload", "preload"])
+def test_a_process_forked_by_a_worker_starts_no_runtime(processes, options):
+    """A view (or a callback using multiprocessing) that forks: the child has no Runtime, and
+    the worker's goes on."""
+    server = processes.start_command(gunicorn(*options), ready=GUNICORN_WORKERS, env=EMBEDDED)
+    port = server.args[server.args.index("--bind") + 1].rsplit(":", 1)[1]
+    for _ in range(GUNICORN_WORKERS):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fork/", timeout=10) as response:
+            assert response.read() == b"runtime=False", outputs([server])
+    assert len(server.backends(listening=True)) == GUNICORN_WORKERS
+    pgpubsub.notify(channels.Job, key="after-fork")
+    wait_for(lambda: Effect.objects.filter(key="after-fork").exists(), 30, "a job", watch=[server])
+    assert_no_traceback(server)

@@ -266,3 +266,74 @@ def test_a_runtime_never_crosses_a_fork(settings):
         assert runtime.status()["reconnects"] == 0 and runtime.status()["failed"] == 0
     finally:
         embedded.stop(10)
+
+
+def test_a_base_exception_from_a_callback_does_not_end_the_worker(runtimes):
+    """asyncio.CancelledError (a BaseException, as async_to_sync code may raise) is a failed
+    message like any other: the only worker goes on."""
+    runtime = runtimes(channels=[channels.Cancelled, channels.Job], workers=1)
+    pgpubsub.notify(channels.Cancelled, key="x")
+    wait_for(lambda: runtime.status()["failed"] == 1, 10, lambda: str(runtime.status()))
+    assert "CancelledError" in runtime.status()["last_error"]
+    keys = send_jobs(channels.Job, 3)
+    wait_for(lambda: len(effects("Job")) == 3, 10, lambda: f"3 jobs; {runtime.status()}")
+    assert sorted(effects("Job")) == sorted(keys)
+    assert "pgpubsub-worker-0" in {thread.name for thread in threading.enumerate()}
+
+
+def test_a_failing_on_commit_function_spoils_nothing_else(runtimes, caplog):
+    """Messages claimed together commit together: one message's failing on_commit() function
+    is logged, and the others' still run; all count as processed."""
+    from tests.testapp.listeners import hooks_ran
+
+    hooks_ran.clear()
+    runtime = runtimes(channels=[channels.Hooked], workers=1)
+    with transaction.atomic():  # they arrive together: one batch, one transaction
+        for key in ("good-1", "bad-1", "good-2"):
+            pgpubsub.notify(channels.Hooked, key=key)
+    pgpubsub.notify(channels.Hooked, key="bad-alone")  # a batch of one
+    wait_for(lambda: runtime.status()["processed"] == 4, 10, lambda: str(runtime.status()))
+    assert sorted(hooks_ran) == ["good-1", "good-2"]
+    assert sorted(effects("Hooked")) == ["bad-1", "bad-alone", "good-1", "good-2"]
+    assert not Notification.objects.exists()
+    assert runtime.status()["failed"] == 0
+    logged = [
+        r
+        for r in caplog.records
+        if r.exc_info and "on_commit function of bad" in str(r.exc_info[1])
+    ]
+    assert len(logged) == 2, caplog.text
+    assert "stays stored" not in caplog.text
+
+
+@pytest.mark.parametrize("workers, queue_size", [(2, 2), (1, 1)])
+def test_arrival_order_survives_a_full_queue(runtimes, workers, queue_size):
+    """One at a time in arrival order (max_concurrency = 1, or a single worker as in `listen`)
+    holds when rows wait for a sweep because the queue was full."""
+    from tests.testapp.listeners import ledger
+
+    ledger.clear()
+    runtimes(channels=[channels.Ledger, channels.Job], workers=workers, queue_size=queue_size)
+    for seq in range(30):
+        with transaction.atomic():
+            pgpubsub.notify(channels.Ledger, seq=seq)
+            pgpubsub.notify(channels.Job, key=f"j{seq}")  # splits the ledger's deliveries
+    wait_for(lambda: len(ledger) == 30, 30, lambda: f"30 entries, have {ledger}")
+    assert ledger == list(range(30))
+
+
+def test_last_error_is_the_latest(runtimes):
+    runtime = runtimes(channels=[channels.Job, channels.FailingJob], workers=1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%%'"
+        )
+    wait_for(
+        lambda: runtime.status()["reconnects"] == 1 and runtime.status()["connected"],
+        30,
+        lambda: str(runtime.status()),
+    )
+    pgpubsub.notify(channels.FailingJob, key="later")
+    wait_for(lambda: runtime.status()["failed"] == 1, 30, lambda: str(runtime.status()))
+    assert "job later failed on purpose" in runtime.status()["last_error"]

@@ -162,3 +162,27 @@ class Unheard(Channel):
     """A channel no listener is registered for."""
 
     key: str
+
+
+@dataclass
+class Ledger(Channel):
+    """A lockable channel whose messages must run one at a time, in arrival order."""
+
+    lock_notifications = True
+    max_concurrency = 1
+    seq: int
+
+
+@dataclass
+class Cancelled(Channel):
+    """A plain channel whose listener raises a BaseException (as async_to_sync code may)."""
+
+    key: str
+
+
+@dataclass
+class Hooked(Channel):
+    """A lockable channel whose listener registers an on_commit() function."""
+
+    lock_notifications = True
+    key: str

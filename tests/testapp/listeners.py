@@ -1,11 +1,13 @@
 """Listeners of the test app. In-process listeners append to ``received``; the others write
 ``Effect`` rows, which tests read from any process."""
 
+import asyncio
 import os
 import threading
 import time
 
 import pgtrigger
+from django.db import transaction
 from django.db.models import F
 
 import pgpubsub
@@ -173,3 +175,34 @@ def record_timed(key: str, seconds: float) -> None:
 @pgpubsub.listener(channels.InOrder)
 def record_in_order(key: str, seconds: float) -> None:
     _timed("InOrder", key, seconds)
+
+
+#: The ``seq`` of each Ledger message, in the order they ran (in-process).
+ledger: list[int] = []
+
+
+@pgpubsub.listener(channels.Ledger)
+def record_ledger(seq: int) -> None:
+    time.sleep(0.02)
+    ledger.append(seq)
+
+
+@pgpubsub.listener(channels.Cancelled)
+def cancel(key: str) -> None:
+    raise asyncio.CancelledError(key)
+
+
+#: Keys of the Hooked messages whose on_commit() function ran (in-process).
+hooks_ran: list[str] = []
+
+
+@pgpubsub.listener(channels.Hooked)
+def hook_on_commit(key: str) -> None:
+    Effect.objects.create(key=key, channel="Hooked", pid=os.getpid())
+
+    def after_commit() -> None:
+        if key.startswith("bad"):
+            raise RuntimeError(f"on_commit function of {key} failed on purpose")
+        hooks_ran.append(key)
+
+    transaction.on_commit(after_commit)
