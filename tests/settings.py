@@ -48,6 +48,8 @@ if os.environ.get("PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"):
     PGPUBSUB_SHUTDOWN_TIMEOUT = float(os.environ["PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"])
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "tests.urls"
+WSGI_APPLICATION = "tests.wsgi.application"
+ASGI_APPLICATION = "tests.asgi_router.application"
 # What the admin needs (tests/test_admin.py drives it over HTTP).
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

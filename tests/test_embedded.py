@@ -69,12 +69,12 @@ def gunicorn(*options: str) -> list[str]:
     ]
 
 
-def uvicorn() -> list[str]:
+def uvicorn(application: str = "tests.asgi:application") -> list[str]:
     return [
         sys.executable,
         "-m",
         "uvicorn",
-        "tests.asgi:application",
+        application,
         "--host",
         "127.0.0.1",
         "--port",
@@ -288,8 +288,13 @@ def test_sigterm_lets_a_running_callback_finish(processes, kind):
 
 
 @pytest.mark.timeout(60)
-def test_uvicorn_runs_one_runtime(processes):
-    server = processes.start_command(uvicorn(), ready=1, env=EMBEDDED)
+@pytest.mark.parametrize(
+    "application",
+    ["tests.asgi:application", "tests.asgi_router:application"],
+    ids=["asgi", "setup-first"],
+)
+def test_uvicorn_runs_one_runtime(processes, application):
+    server = processes.start_command(uvicorn(application), ready=1, env=EMBEDDED)
 
     pgpubsub.notify(channels.Job, key="uvicorn-job", text="work")
     pgpubsub.notify(channels.Broadcast, key="uvicorn-broadcast")
