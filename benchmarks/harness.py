@@ -391,7 +391,8 @@ class Side:
     versions: dict[str, str] = field(default_factory=dict)
     template_db: str = ""
 
-    def env(self, server: Server, dbname: str, application_name: str) -> dict[str, str]:
+    def base_env(self) -> dict[str, str]:
+        """The runner's environment with the side's ``PYTHONPATH`` and settings module."""
         env = {
             key: value
             for key, value in os.environ.items()
@@ -401,8 +402,10 @@ class Side:
             env["PYTHONPATH"] = self.pythonpath
         env["DJANGO_SETTINGS_MODULE"] = "benchsite.settings"
         env["PYTHONUNBUFFERED"] = "1"
-        env.update(server.django_env(dbname, application_name))
         return env
+
+    def env(self, server: Server, dbname: str, application_name: str) -> dict[str, str]:
+        return {**self.base_env(), **server.django_env(dbname, application_name)}
 
     def manage(self, *args: str) -> list[str]:
         return [self.python, str(self.project / "manage.py"), *args]
@@ -499,29 +502,129 @@ def git_revision() -> str:
 
 # --- the engine -------------------------------------------------------------------------------
 
+#: Web workers gunicorn runs in the embedded workloads, and worker threads of each one's Runtime
+#: (``PGPUBSUB_WORKERS``, its default).
+EMBEDDED_WEB_WORKERS = 2
+EMBEDDED_THREADS = 2
 
-class ListenEngine:
-    """Notifications processed by ``manage.py listen`` (default options; ``--processes N`` for
-    the scaling workloads): the engine of both sides today. Another engine (an embedded runtime
-    in gunicorn workers, a ``--threads`` option) only needs the same ``start()``."""
+_socket_numbers = itertools.count(1)
 
-    name = "listen"
+
+@dataclass(frozen=True)
+class Engine:
+    """What processes the notifications of a run.
+
+    - ``manage.py listen`` (``embedded=False``): ``--processes N`` when ``processes`` > 1,
+      ``--threads N`` when ``threads`` > 1, ``--recover`` when the workload asks for it;
+    - the embedded Runtime (``embedded=True``): gunicorn serving the benchmark project with
+      ``processes`` sync workers and ``PGPUBSUB_EMBEDDED = True``, each worker running a Runtime
+      with ``threads`` worker threads (``PGPUBSUB_WORKERS``). It always recovers at start
+      (``PGPUBSUB_RECOVER_ON_START``, on by default).
+
+    ``processes`` is also the number of processes that LISTEN (and so receive each plain
+    message), which the runner waits for before it measures.
+    """
+
+    embedded: bool = False
+    processes: int = 1
+    threads: int = 1
+
+    def describe(self) -> str:
+        if self.embedded:
+            return (
+                f"gunicorn, {self.processes} sync workers, PGPUBSUB_EMBEDDED, "
+                f"{self.threads} worker threads each"
+            )
+        return "`" + " ".join(["listen", *self.listen_args()]) + "`"
+
+    def listen_args(self, recover: bool = False) -> list[str]:
+        args = ["--recover"] if recover else []
+        if self.processes > 1:
+            args += ["--processes", str(self.processes)]
+        if self.threads > 1:
+            args += ["--threads", str(self.threads)]
+        return args
+
+    def for_side(self, side: str) -> Engine | None:
+        """The engine ``side`` runs this workload with; None when it cannot. django-pgpubsub
+        1.3.1 has no ``--threads`` and no embedded mode: an embedded workload runs its
+        ``listen --processes N`` (as many processes receiving each notification); a
+        ``--threads`` workload does not run."""
+        if side == "ours":
+            return self
+        if self.embedded:
+            return Engine(processes=self.processes)
+        return None if self.threads > 1 else self
 
     def start(
-        self,
-        processes: Processes,
-        server: Server,
-        side: Side,
-        dbname: str,
-        recover: bool = False,
-        workers: int = 1,
+        self, processes: Processes, server: Server, side: Side, dbname: str, recover: bool = False
     ) -> Process:
-        """``manage.py listen`` (``--recover``), with ``--processes N`` when ``workers`` > 1."""
-        args = side.manage("listen", *(["--recover"] if recover else []))
-        if workers > 1:
-            args += ["--processes", str(workers)]
+        if self.embedded:
+            return self._start_gunicorn(processes, server, side, dbname)
+        args = side.manage("listen", *self.listen_args(recover))
         env = side.env(server, dbname, f"bench-{side.name}-listener")
         return processes.start(f"{side.name}-listen", args, side.project, env)
 
+    def _start_gunicorn(
+        self, processes: Processes, server: Server, side: Side, dbname: str
+    ) -> Process:
+        # A Unix socket in the project directory: no port to find, none to collide with.
+        socket = side.project / f"gunicorn-{next(_socket_numbers)}.sock"
+        args = [
+            side.python,
+            "-m",
+            "gunicorn",
+            "--workers",
+            str(self.processes),
+            "--worker-class",
+            "sync",
+            "--bind",
+            f"unix:{socket}",
+            "--log-level",
+            "warning",
+            "benchsite.wsgi:application",
+        ]
+        env = side.env(server, dbname, f"bench-{side.name}-web")
+        env["BENCH_EMBEDDED"] = "1"
+        env["BENCH_PGPUBSUB_WORKERS"] = str(self.threads)
+        return processes.start(f"{side.name}-gunicorn", args, side.project, env)
 
-ENGINES = {"listen": ListenEngine}
+
+def ensure_gunicorn(side: Side, cache: Path, processes: Processes) -> None:
+    """Make gunicorn importable by the side's Python: as it is, when it is installed there;
+    else installed once from PyPI into ``cache`` (``pip install --target``), which goes on the
+    side's ``PYTHONPATH`` (the runner's environment itself is left as it is)."""
+    env = side.base_env()
+    check = [side.python, "-c", "import gunicorn"]
+    if subprocess.run(check, env=env, capture_output=True, timeout=COMMAND_TIMEOUT).returncode == 0:
+        side.versions.setdefault("gunicorn", _gunicorn_version(side, env))
+        return
+    target = cache / f"gunicorn-py{side.versions.get('python', 'unknown')}"
+    marker = target / ".pgpubsub-bench-ready"
+    if not marker.exists():
+        if target.exists():
+            shutil.rmtree(target)
+        print(f"Installing gunicorn into {target} ...", file=sys.stderr)
+        processes.run(
+            "pip-install-gunicorn",
+            [side.python, "-m", "pip", "install", "--quiet", "--target", str(target), "gunicorn"],
+            ROOT,
+            env,
+            VENV_TIMEOUT,
+        )
+        marker.write_text("gunicorn\n")
+    side.pythonpath = os.pathsep.join(p for p in (str(target), side.pythonpath) if p)
+    side.versions["gunicorn"] = _gunicorn_version(side, side.base_env())
+
+
+def _gunicorn_version(side: Side, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [side.python, "-c", "import gunicorn; print(gunicorn.__version__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    if out.returncode != 0:
+        raise BenchmarkError(f"gunicorn is not importable by {side.python}:\n{out.stderr}")
+    return out.stdout.strip()

@@ -17,17 +17,19 @@ from pathlib import Path
 
 from benchmarks.harness import (
     CLOCK_TICKS,
-    ENGINES,
+    EMBEDDED_THREADS,
+    EMBEDDED_WEB_WORKERS,
     ROOT,
     BenchmarkError,
     Databases,
     Processes,
     Server,
     Side,
+    ensure_gunicorn,
     ensure_theirs_venv,
     prepare_side,
 )
-from benchmarks.workloads import Context, Sizes, Workload, select
+from benchmarks.workloads import GROUPS, Context, Sizes, Workload, select
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 DEFAULT_VENV_DIR = Path(tempfile.gettempdir()) / "pgpubsub-bench" / "venv-django-pgpubsub-1.3.1"
@@ -67,6 +69,14 @@ NOTES = [
     "those of a listener that is not saturated, as long as R is below its capacity "
     "(workloads 2 and 4).",
 ]
+
+
+ENGINE_LINE = (
+    "`manage.py listen`, one process and one worker thread, unless the workload's title says "
+    "otherwise (`--processes`, `--threads`); embedded workloads (24–27): gunicorn serving the "
+    f"benchmark project with {EMBEDDED_WEB_WORKERS} sync workers and `PGPUBSUB_EMBEDDED = True`, "
+    f"{EMBEDDED_THREADS} worker threads per Runtime (`PGPUBSUB_WORKERS`)"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,7 +122,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"How long the paced producer sends, per channel (default {FULL.paced_seconds:g}).",
     )
     parser.add_argument(
-        "--only", help="Comma-separated workload numbers or names, e.g. 1,2,ceiling."
+        "--only",
+        help="Comma-separated workload numbers or names, e.g. 1,2,ceiling, or groups: "
+        + ", ".join(GROUPS)
+        + ".",
     )
     parser.add_argument(
         "--skip-theirs", action="store_true", help="Measure this checkout only (no 1.3.1 venv)."
@@ -185,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             for side in sides:
                 log(f"preparing {side.name} ({side.python})")
                 prepare_side(side, server, databases, processes)
-        context = Context(server, databases, processes, ENGINES["listen"](), args.sizes)
+        if any(w.engine.embedded for w in args.workloads):
+            ensure_gunicorn(sides[0], args.venv_dir.parent, processes)
+        context = Context(server, databases, processes, args.sizes)
         results = measure(context, args.workloads, sides, args.repeat)
         report = build_report(args, server, sides, results)
         markdown = render_markdown(report)
@@ -222,16 +237,21 @@ def measure(
     context: Context, workloads: list[Workload], sides: list[Side], repeat: int
 ) -> dict[str, dict[str, list[dict[str, float]] | list[str]]]:
     """workload name -> side name -> the metrics of each run (and "errors" -> messages).
-    Sides alternate: ours first on even repetitions, theirs first on odd ones."""
+    Sides alternate: ours first on even repetitions, theirs first on odd ones. A side whose
+    engine cannot run a workload (1.3.1 has no ``--threads``) is left out of it."""
     results: dict = {w.name: {"errors": []} for w in workloads}
     for rep in range(repeat):
         order = sides if rep % 2 == 0 else list(reversed(sides))
         for workload in workloads:
             for side in [None] if workload.sideless else order:
                 label = "ceiling" if side is None else side.name
-                log(f"run {rep + 1}/{repeat}: {workload.number}. {workload.name} [{label}]")
+                engine = None if side is None else workload.engine.for_side(side.name)
+                if side is not None and engine is None:
+                    continue
+                shown = "" if engine is None else f" with {engine.describe()}"
+                log(f"run {rep + 1}/{repeat}: {workload.number}. {workload.name} [{label}]{shown}")
                 try:
-                    metrics = workload.run(context, side)
+                    metrics = workload.run(context, side, engine)
                 except BenchmarkError as exc:
                     message = f"{workload.name} [{label}] run {rep + 1}: {exc}"
                     log(f"error: {message}")
@@ -300,11 +320,13 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
             "ceiling batch": args.sizes.batch,
             "repeat": args.repeat,
         },
-        "engine": "listen (`manage.py listen`, one process; `--processes 2` in workloads 9, 10)",
+        "engine": ENGINE_LINE,
         "sides": {side.name: side.versions for side in sides},
         "rows": rows,
         "summary": summary_lines(rows),
-        "notes": NOTES + idle_notes(args, results),
+        "scaling": grid(_SCALING_COLUMNS, _SCALING_ROWS, results),
+        "comparison": grid(_COMPARISON_COLUMNS, _COMPARISON_ROWS, results),
+        "notes": NOTES + engine_notes(args) + idle_notes(args, results),
         "errors": [e for w in args.workloads for e in results[w.name]["errors"]],
     }
 
@@ -368,6 +390,132 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def engine_notes(args) -> list[str]:
+    """What the threads and embedded workloads run on each side."""
+    notes = []
+    engines = [w.engine for w in args.workloads if not w.sideless]
+    if any(e.threads > 1 and not e.embedded for e in engines):
+        notes.append(
+            "django-pgpubsub 1.3.1 has no `--threads` option: the `--threads` workloads run on "
+            "this checkout only (— in its column)."
+        )
+    if any(e.embedded for e in engines):
+        notes.append(
+            f"Embedded workloads (24–27): gunicorn with {EMBEDDED_WEB_WORKERS} sync workers serves "
+            "the benchmark project with `PGPUBSUB_EMBEDDED = True`: each worker runs a Runtime "
+            f"(a listener thread, {EMBEDDED_THREADS} worker threads, stored rows recovered at "
+            "start). Every worker LISTENs, so every notification reaches each of them: a "
+            "lockable row is claimed by one (SKIP LOCKED), a plain message is processed by all "
+            "(a broadcast; workload 27 checks that each worker received every message once). "
+            "django-pgpubsub 1.3.1 has no embedded mode: its column in these rows is its "
+            f"`listen --processes {EMBEDDED_WEB_WORKERS}` (as many processes receiving each "
+            "notification, one thread each)."
+        )
+        notes.append(
+            "Workload 27 (and the plain rows of the comparison): msgs/s counts messages sent, "
+            "each processed by every listening process (M / time from the first send to the "
+            'last callback of any process); "callbacks, all processes" counts the '
+            "processing of every copy; the latencies are those of every copy."
+        )
+    return notes
+
+
+#: One cell of a summary table: workload name, side, metric key, digits, median only.
+_Cell = tuple[str, str, str, int, bool]
+
+
+def _scaling_row(title: str, drain: str, one: str, bulk: str) -> tuple[str, list[_Cell]]:
+    return (
+        title,
+        [
+            (drain, "ours", "processing_rate", 0, False),
+            (drain, "ours", "threads_used", 0, True),
+            (one, "ours", "rate", 0, False),
+            (one, "ours", "threads_used", 0, True),
+            (bulk, "ours", "rate", 0, False),
+            (bulk, "ours", "threads_used", 0, True),
+        ],
+    )
+
+
+_SCALING_COLUMNS = (
+    "drain, first to last effect (rows/s)",
+    "threads that drained",
+    "one-per-tx (rows/s)",
+    "threads used",
+    "bulk (rows/s)",
+    "threads used",
+)
+_SCALING_ROWS = (
+    _scaling_row("`listen` (1 process, 1 thread)", "drain", "one-per-tx", "bulk"),
+    _scaling_row("`listen --threads 2`", "drain-t2", "one-per-tx-t2", "bulk-t2"),
+    _scaling_row("`listen --threads 4`", "drain-t4", "one-per-tx-t4", "bulk-t4"),
+    _scaling_row("`listen --processes 2`", "drain-2p", "one-per-tx-2p", "bulk-2p"),
+    _scaling_row(
+        "`listen --processes 2 --threads 2`", "drain-2p-t2", "one-per-tx-2p-t2", "bulk-2p-t2"
+    ),
+    _scaling_row(
+        f"embedded: gunicorn, {EMBEDDED_WEB_WORKERS} workers × {EMBEDDED_THREADS} threads",
+        "drain-emb",
+        "one-per-tx-emb",
+        "bulk-emb",
+    ),
+)
+_COMPARISON_COLUMNS = (
+    f"embedded (gunicorn, {EMBEDDED_WEB_WORKERS} workers × {EMBEDDED_THREADS} threads)",
+    "`listen --threads 1`",
+    "`listen --threads 2`",
+    "1.3.1 `listen`",
+    f"1.3.1 `listen --processes {EMBEDDED_WEB_WORKERS}`",
+)
+
+
+def _comparison_row(title: str, names: tuple[str, str, str], key: str, digits: int):
+    embedded, one, two = names
+    return (
+        title,
+        [
+            (embedded, "ours", key, digits, False),
+            (one, "ours", key, digits, False),
+            (two, "ours", key, digits, False),
+            (one, "theirs", key, digits, False),
+            (embedded, "theirs", key, digits, False),
+        ],
+    )
+
+
+_COMPARISON_ROWS = tuple(
+    _comparison_row(f"{what}: {metric}", names, key, digits)
+    for what, names in (
+        ("lockable trigger, one row per tx", ("one-per-tx-emb", "one-per-tx", "one-per-tx-t2")),
+        ("lockable trigger, bulk", ("bulk-emb", "bulk", "bulk-t2")),
+        ("plain end to end", ("broadcast-emb", "plain", "plain-t2")),
+    )
+    for metric, key, digits in (
+        ("msgs/s" if what.startswith("plain") else "rows/s", "rate", 0),
+        ("p50 (ms)", "p50_ms", 1),
+        ("p99 (ms)", "p99_ms", 1),
+    )
+)
+
+
+def grid(columns: tuple[str, ...], rows: tuple, results: dict) -> dict | None:
+    """A summary table: each cell the median, min and max of one metric of one workload and
+    side; None when none of its workloads ran."""
+    out = []
+    for title, cells in rows:
+        summaries = []
+        for name, label, key, digits, brief in cells:
+            runs = results.get(name, {}).get(label, [])
+            summary = summarize([run[key] for run in runs if key in run])
+            if summary is not None:
+                summary.update(digits=digits, brief=brief)
+            summaries.append(summary)
+        if any(summaries):
+            out.append({"title": title, "cells": summaries})
+    return {"columns": list(columns), "rows": out} if out else None
+
+
 def idle_notes(args, results: dict) -> list[str]:
     """How precisely idle CPU was measured."""
     runs = [run for label in ("ours", "theirs") for run in results.get("idle", {}).get(label, [])]
@@ -408,6 +556,14 @@ def _cell(summary: dict | None, digits: int) -> str:
     )
 
 
+def _grid_cell(summary: dict | None) -> str:
+    if summary is None:
+        return "—"
+    if summary["brief"]:
+        return f"{summary['median']:,.{summary['digits']}f}"
+    return _cell(summary, summary["digits"])
+
+
 def render_markdown(report: dict) -> str:
     lines = ["# pgpubsub benchmarks", ""]
     lines.append(f"- date: {report['date']}")
@@ -435,6 +591,18 @@ def render_markdown(report: dict) -> str:
     if report["summary"]:
         lines.append("")
         lines += [f"- {line}" for line in report["summary"]]
+    for key, heading in (
+        ("scaling", "Scaling of this checkout: `listen` processes and threads, and embedded"),
+        ("comparison", "Embedded vs `listen` on the example workloads"),
+    ):
+        table = report.get(key)
+        if table:
+            lines += ["", f"{heading} (median [min–max]):", ""]
+            lines.append("| | " + " | ".join(table["columns"]) + " |")
+            lines.append("|---" * (len(table["columns"]) + 1) + "|")
+            for row in table["rows"]:
+                cells = [_grid_cell(cell) for cell in row["cells"]]
+                lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
     lines += ["", "Notes:"]
     lines += [f"- {note}" for note in report["notes"]]
     if report["errors"]:

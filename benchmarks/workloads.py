@@ -14,9 +14,11 @@ from pathlib import Path
 
 from benchmarks.harness import (
     COMMAND_TIMEOUT,
+    EMBEDDED_THREADS,
+    EMBEDDED_WEB_WORKERS,
     BenchmarkError,
     Databases,
-    ListenEngine,
+    Engine,
     Process,
     Processes,
     Server,
@@ -65,7 +67,6 @@ class Context:
     server: Server
     databases: Databases
     processes: Processes
-    engine: ListenEngine
     sizes: Sizes
 
     @contextlib.contextmanager
@@ -83,11 +84,9 @@ class Context:
 
     @contextlib.contextmanager
     def listener(
-        self, side: Side, dbname: str, recover: bool = False, workers: int = 1
+        self, side: Side, dbname: str, engine: Engine, recover: bool = False
     ) -> Iterator[Process]:
-        process = self.engine.start(
-            self.processes, self.server, side, dbname, recover=recover, workers=workers
-        )
+        process = engine.start(self.processes, self.server, side, dbname, recover=recover)
         try:
             yield process
         finally:
@@ -109,7 +108,10 @@ class Workload:
     name: str
     title: str
     metrics: tuple[Metric, ...]
-    run: Callable[[Context, Side | None], dict[str, float]]
+    run: Callable[[Context, Side | None, Engine | None], dict[str, float]]
+    #: What processes the notifications (``Engine.for_side`` adapts it to django-pgpubsub 1.3.1,
+    #: or says it cannot run there).
+    engine: Engine = Engine()
     #: Runs once per repetition, not per side (the hand-written ceiling).
     sideless: bool = False
     #: Runs only when the backlog size B is set (the full run; not ``--quick``).
@@ -203,6 +205,11 @@ def wait_effects(ctx: Context, conn, side: Side, events: int, listener: Process)
     )
 
 
+def threads_used(conn) -> float:
+    """How many threads (of all processes) processed at least one row."""
+    return float(scalar(conn, "SELECT count(DISTINCT worker) FROM benchapp_effect"))
+
+
 def check_exactly_once(conn, listener: Process, expected: int) -> None:
     """Exactly ``expected`` effects, and every stored row deleted (acknowledged)."""
     wait_for(
@@ -234,9 +241,10 @@ def paced(count: int, rate: float, send: Callable[[int], object]) -> float:
 # --- 1, 9, 11. lockable trigger drain: rows stored, then ``listen --recover`` -----------------
 
 
-def drain_stored(ctx: Context, side: Side, size: str = "events", workers: int = 1):
+def drain_stored(ctx: Context, side: Side, engine: Engine, size: str = "events"):
     """``size`` rows (``Sizes.events`` or ``Sizes.backlog``) inserted in one statement while no
-    listener runs, then ``listen --recover`` (``--processes workers``) drains them."""
+    listener runs, then ``listen --recover`` (with the engine's options), or the embedded
+    Runtimes (which recover at start), drain them."""
     events = getattr(ctx.sizes, size)
     with ctx.fresh_database(side) as (dbname, conn):
         with conn.cursor() as cursor:
@@ -244,23 +252,24 @@ def drain_stored(ctx: Context, side: Side, size: str = "events", workers: int = 
         stored = scalar(conn, "SELECT count(*) FROM pgpubsub_notification")
         if stored != events:
             raise BenchmarkError(f"{side.name}: the trigger stored {stored} of {events} rows")
-        with ctx.listener(side, dbname, recover=True, workers=workers) as listener:
+        with ctx.listener(side, dbname, engine, recover=True) as listener:
             wait_effects(ctx, conn, side, events, listener)
             check_exactly_once(conn, listener, events)
         return {
             "rate": rate_since(conn, listener.started_at),
             "processing_rate": processing_rate(conn),
+            "threads_used": threads_used(conn),
         }
 
 
 # --- 2, 10. lockable trigger, one row per transaction, listener running ---------------------
 
 
-def one_per_transaction(ctx: Context, side: Side, workers: int = 1) -> dict[str, float]:
+def one_per_transaction(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
     events = ctx.sizes.events
     with ctx.fresh_database(side) as (dbname, conn):
-        with ctx.listener(side, dbname, workers=workers) as listener:
-            wait_ready(conn, listener, workers)
+        with ctx.listener(side, dbname, engine) as listener:
+            wait_ready(conn, listener, engine.processes)
             started_at = time.time()
             with conn.cursor() as cursor:
                 for n in range(events):
@@ -272,20 +281,21 @@ def one_per_transaction(ctx: Context, side: Side, workers: int = 1) -> dict[str,
                 "rate": rate_since(conn, started_at),
                 **percentiles(conn, "benchapp_effect", "true"),
                 "insert_rate": events / inserted,
+                "threads_used": threads_used(conn),
             }
 
 
 # --- 7, 12. lockable trigger, rows in one transaction, listener running ---------------------
 
 
-def bulk_live(ctx: Context, side: Side, size: str = "events") -> dict[str, float]:
+def bulk_live(ctx: Context, side: Side, engine: Engine, size: str = "events") -> dict[str, float]:
     """``size`` rows (``Sizes.events`` or ``Sizes.backlog``) inserted in one statement (one
     transaction, like ``bulk_create``) while the listener runs: as many notifications arrive at
     once, and as many rows are stored."""
     events = getattr(ctx.sizes, size)
     with ctx.fresh_database(side) as (dbname, conn):
-        with ctx.listener(side, dbname) as listener:
-            wait_ready(conn, listener)
+        with ctx.listener(side, dbname, engine) as listener:
+            wait_ready(conn, listener, engine.processes)
             started_at = time.time()
             with conn.cursor() as cursor:
                 cursor.execute(INSERT_EVENTS, [events])
@@ -294,6 +304,7 @@ def bulk_live(ctx: Context, side: Side, size: str = "events") -> dict[str, float
             return {
                 "rate": rate_since(conn, started_at),
                 **percentiles(conn, "benchapp_effect", "true"),
+                "threads_used": threads_used(conn),
             }
 
 
@@ -311,7 +322,7 @@ def run_driver(ctx: Context, side: Side, dbname: str, messages: int, rate: float
     return json.loads(output.strip().splitlines()[-1])
 
 
-def notify_rate(ctx: Context, side: Side) -> dict[str, float]:
+def notify_rate(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
     messages = ctx.sizes.messages
     with ctx.fresh_database(side) as (dbname, _conn):
         sent = run_driver(ctx, side, dbname, messages)
@@ -323,27 +334,49 @@ def notify_rate(ctx: Context, side: Side) -> dict[str, float]:
 TICKS = "SELECT count(*) FROM benchapp_item WHERE key LIKE 'tick-%'"
 
 
-def wait_ticks(ctx: Context, conn, side: Side, messages: int, listener: Process) -> None:
+def wait_ticks(
+    ctx: Context, conn, side: Side, messages: int, listener: Process, processes: int = 1
+) -> None:
+    """Until each of ``processes`` listening processes has recorded every one of ``messages``
+    plain messages, exactly once."""
+    expected = messages * processes
     wait_for(
-        counter(conn, TICKS, messages),
-        ctx.sizes.wait_timeout(messages),
-        f"{messages} plain messages received by {side.name}",
+        counter(conn, TICKS, expected),
+        ctx.sizes.wait_timeout(expected),
+        f"{messages} plain messages received by {processes} process(es) of {side.name}",
         watch=[listener],
     )
-    received = scalar(conn, TICKS)
-    if received != messages:
-        raise BenchmarkError(f"sent {messages} plain messages, received {received}")
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT split_part(key, '-', 3), count(*) FROM benchapp_item "
+            "WHERE key LIKE 'tick-%' GROUP BY 1"
+        )
+        per_process = dict(cursor.fetchall())
+    if len(per_process) != processes or set(per_process.values()) != {messages}:
+        raise BenchmarkError(
+            f"sent {messages} plain messages to {processes} listening process(es); received "
+            f"(pid: count) {per_process}"
+        )
 
 
-def plain_end_to_end(ctx: Context, side: Side) -> dict[str, float]:
+def plain_end_to_end(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """M plain messages at full speed; each listening process must receive every one (one
+    process for ``listen``; every web process in embedded mode: a broadcast).
+
+    ``rate`` counts messages (M / time from the first send to the last callback of any
+    process), ``delivery_rate`` the callbacks of all processes; latencies are those of every
+    callback."""
     messages = ctx.sizes.messages
+    listening = engine.processes
     with ctx.fresh_database(side) as (dbname, conn):
-        with ctx.listener(side, dbname) as listener:
-            wait_ready(conn, listener)
+        with ctx.listener(side, dbname, engine) as listener:
+            wait_ready(conn, listener, listening)
             sent = run_driver(ctx, side, dbname, messages)
-            wait_ticks(ctx, conn, side, messages, listener)
+            wait_ticks(ctx, conn, side, messages, listener, listening)
+            rate = rate_since(conn, sent["started"], "benchapp_item", "key LIKE 'tick-%'")
             return {
-                "rate": rate_since(conn, sent["started"], "benchapp_item", "key LIKE 'tick-%'"),
+                "rate": rate / listening,
+                "delivery_rate": rate,
                 **percentiles(conn, "benchapp_item", "key LIKE 'tick-%'"),
             }
 
@@ -351,9 +384,9 @@ def plain_end_to_end(ctx: Context, side: Side) -> dict[str, float]:
 # --- 5. idle listener -------------------------------------------------------------------------
 
 
-def idle_listener(ctx: Context, side: Side) -> dict[str, float]:
+def idle_listener(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
     with ctx.fresh_database(side) as (dbname, conn):
-        with ctx.listener(side, dbname) as listener:
+        with ctx.listener(side, dbname, engine) as listener:
             wait_ready(conn, listener)
             startup = time.perf_counter() - listener.started
             before = listener.cpu_sample()
@@ -378,13 +411,13 @@ def idle_listener(ctx: Context, side: Side) -> dict[str, float]:
 # --- 8. latency at a fixed rate ---------------------------------------------------------------
 
 
-def paced_latency(ctx: Context, side: Side) -> dict[str, float]:
+def paced_latency(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
     """A producer at ``Sizes.rate`` messages/s for ``Sizes.paced_seconds``: first lockable
     trigger rows, one per transaction (the runner's INSERTs), then plain ``notify()`` (the
     side's driver); end-to-end latency of each."""
     count, rate = ctx.sizes.paced_count, ctx.sizes.rate
     with ctx.fresh_database(side) as (dbname, conn):
-        with ctx.listener(side, dbname) as listener:
+        with ctx.listener(side, dbname, engine) as listener:
             wait_ready(conn, listener)
             with conn.cursor() as cursor:
                 trigger_late = paced(
@@ -427,7 +460,7 @@ CREATE TRIGGER store_event AFTER INSERT ON event FOR EACH ROW EXECUTE FUNCTION s
 """
 
 
-def ceiling(ctx: Context, side: Side | None) -> dict[str, float]:
+def ceiling(ctx: Context, side: Side | None, engine: Engine | None) -> dict[str, float]:
     events = ctx.sizes.events
     dbname = ctx.databases.create("ceiling")
     try:
@@ -475,20 +508,55 @@ PROCESSING = Metric("processing_rate", "throughput, first to last effect", "rows
 P50 = Metric("p50_ms", "latency p50", "ms", higher_is_better=False, digits=1)
 P99 = Metric("p99_ms", "latency p99", "ms", higher_is_better=False, digits=1)
 PRODUCER = Metric("insert_rate", "the producer's insert rate", "rows/s")
+MSGS = Metric("rate", "throughput", "msgs/s")
+
+DRAIN_METRICS = (FROM_START, PROCESSING)
+ONE_PER_TX_METRICS = (RATE, P50, P99, PRODUCER)
+BULK_METRICS = (RATE, P50, P99)
+PLAIN_METRICS = (MSGS, P50, P99)
+BROADCAST_METRICS = (
+    MSGS,
+    Metric("delivery_rate", "callbacks, all processes", "per s"),
+    P50,
+    P99,
+)
+
+TWO_PROCESSES = Engine(processes=2)
+EMBEDDED = Engine(embedded=True, processes=EMBEDDED_WEB_WORKERS, threads=EMBEDDED_THREADS)
+#: In the titles of the embedded workloads: what django-pgpubsub 1.3.1 runs instead.
+THEIRS_INSTEAD = f"1.3.1: `listen --processes {EMBEDDED_WEB_WORKERS}`"
+
+
+def _with(engine: Engine) -> str:
+    return " ".join(engine.listen_args())
+
+
+def _scaling(number: int, name: str, base: str, engine: Engine) -> Workload:
+    """Workload ``base`` (1, 2 or 7) run by ``listen`` with other ``--processes``/``--threads``."""
+    run, metrics, recover, of = {
+        "drain": (drain_stored, DRAIN_METRICS, "--recover ", 1),
+        "one-per-tx": (one_per_transaction, ONE_PER_TX_METRICS, "", 2),
+        "bulk": (bulk_live, BULK_METRICS, "", 7),
+        "plain": (plain_end_to_end, PLAIN_METRICS, "", 4),
+    }[base]
+    return Workload(
+        number, name, f"workload {of} with `listen {recover}{_with(engine)}`", metrics, run, engine
+    )
+
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload(
         1,
         "drain",
         "lockable trigger drain, bulk (K rows stored, then `listen --recover`)",
-        (FROM_START, PROCESSING),
+        DRAIN_METRICS,
         drain_stored,
     ),
     Workload(
         2,
         "one-per-tx",
         "lockable trigger, one row per transaction, listener running",
-        (RATE, P50, P99, PRODUCER),
+        ONE_PER_TX_METRICS,
         one_per_transaction,
     ),
     Workload(
@@ -502,7 +570,7 @@ WORKLOADS: tuple[Workload, ...] = (
         4,
         "plain",
         "plain channel end to end (producer at full speed)",
-        (Metric("rate", "throughput", "msgs/s"), P50, P99),
+        PLAIN_METRICS,
         plain_end_to_end,
     ),
     Workload(
@@ -532,7 +600,7 @@ WORKLOADS: tuple[Workload, ...] = (
         7,
         "bulk",
         "lockable trigger, K rows in one transaction, listener running",
-        (RATE, P50, P99),
+        BULK_METRICS,
         bulk_live,
     ),
     Workload(
@@ -551,21 +619,23 @@ WORKLOADS: tuple[Workload, ...] = (
         9,
         "drain-2p",
         "workload 1 with `listen --processes 2`",
-        (FROM_START, PROCESSING),
-        functools.partial(drain_stored, workers=2),
+        DRAIN_METRICS,
+        drain_stored,
+        TWO_PROCESSES,
     ),
     Workload(
         10,
         "one-per-tx-2p",
         "workload 2 with `listen --processes 2`",
-        (RATE, P50, P99, PRODUCER),
-        functools.partial(one_per_transaction, workers=2),
+        ONE_PER_TX_METRICS,
+        one_per_transaction,
+        TWO_PROCESSES,
     ),
     Workload(
         11,
         "backlog",
         "workload 1 with B rows stored",
-        (FROM_START, PROCESSING),
+        DRAIN_METRICS,
         functools.partial(drain_stored, size="backlog"),
         needs_backlog=True,
     ),
@@ -573,21 +643,96 @@ WORKLOADS: tuple[Workload, ...] = (
         12,
         "bulk-backlog",
         "workload 7 with B rows",
-        (RATE, P50, P99),
+        BULK_METRICS,
         functools.partial(bulk_live, size="backlog"),
         needs_backlog=True,
     ),
+    # Scaling of ``listen`` with threads and processes (``--threads``: ours only).
+    _scaling(13, "drain-t2", "drain", Engine(threads=2)),
+    _scaling(14, "drain-t4", "drain", Engine(threads=4)),
+    _scaling(15, "drain-2p-t2", "drain", Engine(processes=2, threads=2)),
+    _scaling(16, "one-per-tx-t2", "one-per-tx", Engine(threads=2)),
+    _scaling(17, "one-per-tx-t4", "one-per-tx", Engine(threads=4)),
+    _scaling(18, "one-per-tx-2p-t2", "one-per-tx", Engine(processes=2, threads=2)),
+    _scaling(19, "bulk-t2", "bulk", Engine(threads=2)),
+    _scaling(20, "bulk-t4", "bulk", Engine(threads=4)),
+    _scaling(21, "bulk-2p", "bulk", TWO_PROCESSES),
+    _scaling(22, "bulk-2p-t2", "bulk", Engine(processes=2, threads=2)),
+    _scaling(23, "plain-t2", "plain", Engine(threads=2)),
+    # The embedded Runtime: gunicorn web workers, each with a Runtime.
+    Workload(
+        24,
+        "drain-emb",
+        "embedded: workload 1, K rows stored, then gunicorn starts and its workers recover "
+        f"them (1.3.1: `listen --recover --processes {EMBEDDED_WEB_WORKERS}`)",
+        DRAIN_METRICS,
+        drain_stored,
+        EMBEDDED,
+    ),
+    Workload(
+        25,
+        "one-per-tx-emb",
+        f"embedded: workload 2, one row per transaction ({THEIRS_INSTEAD})",
+        ONE_PER_TX_METRICS,
+        one_per_transaction,
+        EMBEDDED,
+    ),
+    Workload(
+        26,
+        "bulk-emb",
+        f"embedded: workload 7, K rows in one transaction ({THEIRS_INSTEAD})",
+        BULK_METRICS,
+        bulk_live,
+        EMBEDDED,
+    ),
+    Workload(
+        27,
+        "broadcast-emb",
+        f"embedded: plain channel broadcast, every web process receives every message "
+        f"({THEIRS_INSTEAD})",
+        BROADCAST_METRICS,
+        plain_end_to_end,
+        EMBEDDED,
+    ),
 )
+
+#: Names that select several workloads in ``--only``.
+GROUPS = {
+    # listen with 1, 2 processes and 1, 2, 4 threads, on workloads 1, 2 and 7
+    "scaling": ("drain", "one-per-tx", "bulk", "drain-2p", "one-per-tx-2p")
+    + tuple(w.name for w in WORKLOADS if 13 <= w.number <= 22),
+    "embedded": tuple(w.name for w in WORKLOADS if w.engine.embedded),
+    # embedded vs listen with --threads 1 and 2 on the example workloads
+    "compare": (
+        "one-per-tx",
+        "bulk",
+        "plain",
+        "one-per-tx-t2",
+        "bulk-t2",
+        "plain-t2",
+        "one-per-tx-emb",
+        "bulk-emb",
+        "broadcast-emb",
+    ),
+}
 
 
 def select(only: str | None) -> list[Workload]:
-    """The workloads named (or numbered) in ``--only``, in their order."""
+    """The workloads named (or numbered) in ``--only``, or in a group named there, in their
+    order."""
     if not only:
         return list(WORKLOADS)
     wanted = {part.strip() for part in only.split(",") if part.strip()}
+    for group, names in GROUPS.items():
+        if group in wanted:
+            wanted.discard(group)
+            wanted.update(names)
     known = {str(w.number) for w in WORKLOADS} | {w.name for w in WORKLOADS}
     unknown = wanted - known
     if unknown:
         names = ", ".join(f"{w.number}/{w.name}" for w in WORKLOADS)
-        raise ValueError(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {names}")
+        raise ValueError(
+            f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {names}, or the "
+            f"groups {', '.join(GROUPS)}"
+        )
     return [w for w in WORKLOADS if str(w.number) in wanted or w.name in wanted]

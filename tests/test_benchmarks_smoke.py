@@ -1,17 +1,23 @@
-"""The benchmark runner works end to end (correctness of the harness, not timings): a quick run of
-``python -m benchmarks`` on this checkout only, against the test server."""
+"""The benchmark runner works end to end (correctness of the harness, not timings): one quick run
+of ``python -m benchmarks`` with every workload, on this checkout only, against the test server,
+checked by the tests of this module."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.workloads import WORKLOADS
+from benchmarks.workloads import GROUPS, WORKLOADS, select
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The workloads of ``listen`` with one thread (1-12), and the newer ones: ``--threads`` and
+#: ``--processes`` scaling and the embedded Runtime under gunicorn (13-27).
+BASE = [w for w in WORKLOADS if w.number <= 12]
+SCALING_AND_EMBEDDED = [w for w in WORKLOADS if w.number > 12]
 
 
 def run_benchmarks(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -24,14 +30,23 @@ def run_benchmarks(*args: str, timeout: float = 60) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.timeout(300)
-def test_quick_run_measures_every_workload(tmp_path):
-    output = tmp_path / "results.json"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Every workload once, at tiny sizes: its output, log and JSON report."""
+    output = tmp_path_factory.mktemp("bench") / "results.json"
     result = run_benchmarks(
         "--quick",
         "--skip-theirs",
         "--repeat",
         "1",
+        "--events",
+        "50",
+        "--messages",
+        "50",
+        "--idle-seconds",
+        "0.5",
+        "--paced-seconds",
+        "0.5",
         "--backlog",
         "300",  # the backlog workloads run only when given a size with --quick
         "--database-url",
@@ -41,20 +56,36 @@ def test_quick_run_measures_every_workload(tmp_path):
         timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    return SimpleNamespace(
+        stdout=result.stdout, stderr=result.stderr, report=json.loads(output.read_text())
+    )
+
+
+def assert_table_rows(stdout: str, workloads) -> None:
+    """Every metric of every workload has a row with a value for this checkout."""
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| # | workload | metric | ours median")
-    for workload in WORKLOADS:
+    for workload in workloads:
         rows = [line for line in table if line.startswith(f"| {workload.number} | ")]
-        assert len(rows) == len(workload.metrics), (workload.name, result.stdout)
+        assert len(rows) == len(workload.metrics), (workload.name, stdout)
         for row in rows:
             ours = row.split(" | ")[3]
             assert ours != "—", (workload.name, row)
-    assert "Errors:" not in result.stdout
-    assert "lockable channels published with `notify()` are never processed" in result.stdout
 
-    report = json.loads(output.read_text())
+
+@pytest.mark.timeout(300)
+def test_quick_run_measures_every_workload(quick_run):
+    assert_table_rows(quick_run.stdout, BASE)
+    assert "Errors:" not in quick_run.stdout
+    assert "lockable channels published with `notify()` are never processed" in quick_run.stdout
+
+    report = quick_run.report
     assert report["errors"] == []
-    rates = {row["name"]: row["ours"]["median"] for row in report["rows"] if row["key"] == "rate"}
+    rates = {
+        row["name"]: row["ours"]["median"]
+        for row in report["rows"]
+        if row["key"] == "rate" and row["workload"] <= 12
+    }
     assert set(rates) == {
         "drain",
         "one-per-tx",
@@ -76,11 +107,75 @@ def test_quick_run_measures_every_workload(tmp_path):
     idle = {row["key"]: row["ours"]["median"] for row in report["rows"] if row["name"] == "idle"}
     assert idle["processes"] == 1 and idle["rss_mb"] > 0 and idle["cpu_ms_per_s"] >= 0, idle
     assert report["sizes"]["B (backlog)"] == 300
+    assert report["sizes"]["K (events)"] == 50
     summary = "\n".join(report["summary"])
     for title in ("share of the hand-written ceiling", "Scaling, `--processes 2`", "Backlog, B"):
         assert title in summary, summary
     assert any(note.startswith("Idle CPU") for note in report["notes"]), report["notes"]
     assert report["sides"]["ours"]["pgpubsub from"] == str(ROOT / "pgpubsub" / "__init__.py")
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_measures_threads_processes_and_embedded(quick_run):
+    """Workloads 13-27: ``listen --threads``/``--processes`` and gunicorn with the embedded
+    Runtime, and the tables that put them side by side."""
+    assert_table_rows(quick_run.stdout, SCALING_AND_EMBEDDED)
+    # The runs said which engine they used.
+    assert "27. broadcast-emb [ours] with gunicorn, 2 sync workers" in quick_run.stderr
+    assert "17. one-per-tx-t4 [ours] with `listen --threads 4`" in quick_run.stderr
+    assert "15. drain-2p-t2 [ours] with `listen --processes 2 --threads 2`" in quick_run.stderr
+    assert "workload 1 with `listen --recover --processes 2 --threads 2`" in quick_run.stdout
+
+    report = quick_run.report
+    assert report["sides"]["ours"]["gunicorn"], report["sides"]
+    assert any(note.startswith("Embedded workloads") for note in report["notes"])
+    assert any("no `--threads` option" in note for note in report["notes"])
+    rows = {(row["name"], row["key"]): row for row in report["rows"]}
+    # The broadcast reached both web workers (the run checks that each received every message
+    # once): twice as many callbacks as messages.
+    broadcast = rows[("broadcast-emb", "rate")]["ours"]["median"]
+    callbacks = rows[("broadcast-emb", "delivery_rate")]["ours"]["median"]
+    assert broadcast > 0 and abs(callbacks - 2 * broadcast) < 1e-6 * callbacks, rows
+
+    scaling = {row["title"]: row["cells"] for row in report["scaling"]["rows"]}
+    assert list(scaling) == [
+        "`listen` (1 process, 1 thread)",
+        "`listen --threads 2`",
+        "`listen --threads 4`",
+        "`listen --processes 2`",
+        "`listen --processes 2 --threads 2`",
+        "embedded: gunicorn, 2 workers × 2 threads",
+    ]
+    most_threads = [1, 2, 4, 2, 4, 4]
+    for (title, cells), most in zip(scaling.items(), most_threads, strict=True):
+        rates, threads = cells[0::2], cells[1::2]  # drain, one-per-tx, bulk
+        assert all(cell["median"] > 0 for cell in rates), (title, cells)
+        # At least one thread took part, at most every thread of every process.
+        assert all(1 <= cell["median"] <= most for cell in threads), (title, cells)
+    comparison = report["comparison"]
+    assert comparison["columns"][:3] == [
+        "embedded (gunicorn, 2 workers × 2 threads)",
+        "`listen --threads 1`",
+        "`listen --threads 2`",
+    ]
+    assert len(comparison["rows"]) == 9
+    for row in comparison["rows"]:
+        assert all(cell is not None for cell in row["cells"][:3]), row
+        assert row["cells"][3:] == [None, None], row  # no 1.3.1 without it
+    for heading in ("Scaling of this checkout", "Embedded vs `listen` on the example workloads"):
+        assert heading in quick_run.stdout
+
+
+def test_groups_select_workloads():
+    assert [w.name for w in select("embedded")] == [
+        "drain-emb",
+        "one-per-tx-emb",
+        "bulk-emb",
+        "broadcast-emb",
+    ]
+    assert {w.number for w in select("scaling")} == {1, 2, 7, 9, 10} | set(range(13, 23))
+    assert [w.number for w in select("2,compare")] == [2, 4, 7, 16, 19, 23, 25, 26, 27]
+    assert set(GROUPS) == {"scaling", "embedded", "compare"}
 
 
 def test_quick_run_skips_the_backlog_workloads_without_a_size():

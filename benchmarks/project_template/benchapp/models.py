@@ -17,11 +17,14 @@ class Effect(models.Model):
     latency = models.FloatField(null=True)
     #: Epoch seconds when the listener processed it.
     done_at = models.FloatField(null=True)
+    #: ``<pid>:<thread id>`` of the thread that processed it (how many took part).
+    worker = models.TextField(default="")
 
 
 class Item(models.Model):
-    """One row per plain message received (``tick-<seq>``; ``probe-<n>-<pid>`` per listening
-    process for readiness probes)."""
+    """One row per plain message and process that received it: ``tick-<seq>-<pid>`` (a message
+    reaches every listening process, each records it once), ``probe-<n>-<pid>`` for readiness
+    probes."""
 
     key = models.TextField(unique=True)
     #: Seconds from ``notify()`` to the listener callback.

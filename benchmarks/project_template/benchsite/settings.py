@@ -27,6 +27,11 @@ DATABASES = {
         "CONN_MAX_AGE": json.loads(os.environ.get("BENCH_CONN_MAX_AGE") or "0"),
     }
 }
+# The embedded workloads (gunicorn) turn the Runtime on; django-pgpubsub 1.3.1 has no such
+# settings and ignores them.
+PGPUBSUB_EMBEDDED = os.environ.get("BENCH_EMBEDDED") == "1"
+if os.environ.get("BENCH_PGPUBSUB_WORKERS"):
+    PGPUBSUB_WORKERS = int(os.environ["BENCH_PGPUBSUB_WORKERS"])
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "benchsite.urls"
 MIDDLEWARE = []
