@@ -8,6 +8,7 @@ arrived on any raw connection without a round trip to the server.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import select
 from collections.abc import Iterable
@@ -173,11 +174,22 @@ class ListenConnection:
             self.channels = []
 
 
-def wait_any(listening: list[ListenConnection], timeout: float) -> list[Any]:
-    """Notifications that arrive on any of ``listening`` within ``timeout`` seconds."""
+def wait_any(
+    listening: list[ListenConnection], timeout: float, wakeup: int | None = None
+) -> list[Any]:
+    """Notifications that arrive on any of ``listening`` within ``timeout`` seconds; returns
+    early (maybe with none) when something is written to the file descriptor ``wakeup``."""
     items = [item for conn in listening for item in conn.drain()]
     if items:
         return items
     by_fd = {conn.raw.fileno(): conn for conn in listening}
-    readable, _, _ = select.select(list(by_fd), [], [], timeout)
-    return [item for fd in readable for item in by_fd[fd].drain()]
+    readable, _, _ = select.select(
+        [*by_fd, *([wakeup] if wakeup is not None else [])], [], [], timeout
+    )
+    if wakeup is not None and wakeup in readable:
+        try:
+            while os.read(wakeup, 4096):
+                pass
+        except BlockingIOError:
+            pass
+    return [item for fd in readable if fd in by_fd for item in by_fd[fd].drain()]

@@ -36,6 +36,7 @@ class Delivery:
     callbacks: list[Callable] = field(default_factory=list)
     payload: str = ""
     row_ids: list[int] = field(default_factory=list)
+    after_id: int = 0  # a sweep: the stored rows above this id
 
     @classmethod
     def sweep(cls, channel: type[BaseChannel]) -> Delivery:

@@ -22,11 +22,11 @@ from typing import Any
 from django.db import connections
 from django.db.utils import InterfaceError, OperationalError
 
-from pgpubsub import conf
+from pgpubsub import conf, store
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
 from pgpubsub.connection import ListenConnection, wait_any
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, max_concurrency, plan
-from pgpubsub.processing import Processor
+from pgpubsub.processing import PROGRESS_INTERVAL, Processor
 from pgpubsub.wire import Assembler
 
 logger = logging.getLogger(__name__)
@@ -110,9 +110,12 @@ class Runtime:
         self._threads: list[threading.Thread] = []
         self._processors: list[Processor] = []
         self._pid: int | None = None
+        self._wakeup: tuple[int, int] | None = None
         # Lockable channels whose stored rows need a sweep, and those being swept now.
         self._sweeps_wanted: set[type[BaseChannel]] = set()
         self._sweeping: set[type[BaseChannel]] = set()
+        self._swept: dict[type[BaseChannel], int] = {}  # rows taken by a sweep in progress
+        self._next_report: dict[type[BaseChannel], float] = {}
         self._in_flight = 0
         self.connected = False
         self.reconnects = 0
@@ -136,6 +139,10 @@ class Runtime:
             conf.listener_filter_provider()  # a broken PGPUBSUB_LISTENER_FILTER fails here
             self._pid = os.getpid()
             self.started_at = time.time()
+            # Workers and stop() write here to wake the listener from its wait at once.
+            self._wakeup = os.pipe()
+            for fd in self._wakeup:
+                os.set_blocking(fd, False)
             if self.recover:
                 self._want_sweep(self._lockable())
             threads = [threading.Thread(target=self._listen, name="pgpubsub-listener")]
@@ -165,6 +172,14 @@ class Runtime:
     def request_stop(self) -> None:
         """Tell every thread to stop, without waiting (safe in a signal handler)."""
         self._stopping.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            try:
+                os.write(self._wakeup[1], b"\0")
+            except OSError:  # full (a wake-up is pending anyway) or closed
+                pass
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop listening, let running callbacks finish within ``timeout`` seconds (default
@@ -176,6 +191,7 @@ class Runtime:
         with self._state:
             self._stopping.set()
             threads = list(self._threads)
+        self._wake()
         with _live_lock:
             _live.discard(self)
         if not threads or self._pid != os.getpid():
@@ -198,6 +214,9 @@ class Runtime:
                 ", ".join(alive),
             )
             return False
+        wakeup, self._wakeup = self._wakeup, None
+        for fd in wakeup or ():
+            os.close(fd)
         logger.info("pgpubsub Runtime of process %s stopped", self._pid)
         return True
 
@@ -243,6 +262,7 @@ class Runtime:
     def _want_sweep(self, channels: list[type[BaseChannel]]) -> None:
         with self._books:
             self._sweeps_wanted.update(channels)
+        self._wake()  # the listener queues sweeps
 
     def _listen(self) -> None:
         # One LISTEN connection per database the channels are on (usually one).
@@ -278,7 +298,7 @@ class Runtime:
                             ", ".join(channel.name() for channel in self.channels),
                         )
                     self._enqueue_sweeps()
-                    received = wait_any(list(listening.values()), WAIT_TIMEOUT)
+                    received = wait_any(list(listening.values()), WAIT_TIMEOUT, self._wakeup[0])
                     if not received:
                         if time.monotonic() - quiet_since > KEEPALIVE_INTERVAL:
                             # A connection that died silently (a network partition) fails
@@ -370,31 +390,37 @@ class Runtime:
                     break
                 with self._books:
                     self._in_flight += 1
+                continued = False
                 try:
                     tidy_connections()
                     if time.monotonic() - last_used > IDLE_CHECK_AFTER:
                         # An idle connection may have been closed by the server or a proxy:
                         # find out now rather than by failing the delivery.
                         close_if_unusable(delivery.channel.database or self.using)
-                    self._run(processor, delivery)
+                    continued = self._run(processor, delivery)
                 finally:
                     last_used = time.monotonic()
                     with self._books:
                         self._in_flight -= 1
-                        if delivery.kind is Kind.SWEEP:
+                        if delivery.kind is Kind.SWEEP and not continued:
                             self._sweeping.discard(delivery.channel)
+                        waiting = bool(self._sweeps_wanted - self._sweeping)
                     self._queue.done(delivery)
+                    if waiting:  # there is room now: the listener queues them
+                        self._wake()
         finally:
             connections.close_all()  # this thread's connections
 
-    def _run(self, processor: Processor, delivery: Delivery) -> None:
-        """Run ``delivery``. Stored rows whose connection broke are tried once more on a new
-        connection, then left to a sweep; they stay stored either way. Nothing a callback
-        raises ends the worker thread."""
+    def _run(self, processor: Processor, delivery: Delivery) -> bool:
+        """Run ``delivery``; True when it was a sweep that queued its continuation. Stored rows
+        whose connection broke are tried once more on a new connection, then left to a sweep;
+        they stay stored either way. Nothing a callback raises ends the worker thread."""
         alias = delivery.channel.database or self.using
         for attempt in (1, 2):
             try:
-                processor.run(delivery)  # a sweep raises when its connection breaks
+                if delivery.kind is Kind.SWEEP:
+                    return self._sweep(processor.for_channel(delivery.channel), delivery)
+                processor.run(delivery)
                 broke = processor.catch_up_needed
             except BaseException as exc:  # noqa: B036 - e.g. CancelledError, SystemExit
                 if not is_connection_error(exc):
@@ -402,7 +428,7 @@ class Runtime:
                     logger.exception("Processing %s failed", delivery.channel.name())
                     processor.record_failure(exc)
                     close_if_unusable(alias)
-                    return
+                    return False
                 broke = True
                 logger.warning(
                     "The database connection broke while processing %s (%s)",
@@ -411,11 +437,61 @@ class Runtime:
                 )
             processor.catch_up_needed = False
             if not broke:
-                return
+                return False
             connections[alias].close()
             if attempt == 2 or self._stopping.is_set():
                 self._want_sweep([delivery.channel])
-                return
+                return False
+        return False
+
+    def _sweep(self, processor: Processor, delivery: Delivery) -> bool:
+        """Process a page of the channel's stored rows above ``delivery.after_id``: one batch
+        here, the others handed to the pool as row deliveries (this thread runs those that
+        find no room), then queue the next page. True if the next page was queued."""
+        channel = delivery.channel
+        page = store.pending_ids(
+            channel, delivery.after_id, processor.using, limit=store.BATCH_SIZE * self.workers
+        )
+        if not page or self._stopping.is_set():
+            return False
+        batches = [page[i : i + store.BATCH_SIZE] for i in range(0, len(page), store.BATCH_SIZE)]
+        here = batches[:1] + [
+            batch
+            for batch in batches[1:]
+            if not self._queue.offer(
+                Delivery(Kind.ROWS, channel, delivery.callbacks, row_ids=batch)
+            )
+        ]
+        continued = False
+        if len(page) == store.BATCH_SIZE * self.workers:  # there may be more
+            next_page = Delivery(Kind.SWEEP, channel, delivery.callbacks, after_id=page[-1])
+            continued = self._queue.offer(next_page)
+            if not continued:
+                self._want_sweep([channel])  # once this one is done and there is room
+        for batch in here:
+            processor.process_stored_rows(
+                channel, batch, delivery.callbacks, raise_on_disconnect=True
+            )
+        self._report_sweep(channel, len(page), page[-1], continued)
+        return continued
+
+    def _report_sweep(self, channel: type[BaseChannel], count: int, last_id: int, more: bool):
+        """Log a long sweep's progress every ``PROGRESS_INTERVAL`` seconds, and its end."""
+        with self._books:
+            total = self._swept.get(channel, 0) + count
+            self._swept[channel] = total if more else 0
+            due = time.monotonic() >= self._next_report.get(channel, 0.0)
+            if due:
+                self._next_report[channel] = time.monotonic() + PROGRESS_INTERVAL
+        if more and due:
+            logger.info(
+                "Sweeping %s: %s stored notifications taken so far (up to id %s)",
+                channel.name(),
+                total,
+                last_id,
+            )
+        elif not more and total > store.BATCH_SIZE:
+            logger.info("Swept %s stored notifications of %s", total, channel.name())
 
 
 def tidy_connections() -> None:

@@ -154,7 +154,8 @@ def record_broadcast(key: str) -> None:
 @pgpubsub.listener(channels.SlowJob)
 def run_slow_job(key: str, seconds: float) -> None:
     time.sleep(seconds)
-    Effect.objects.create(key=key, channel="SlowJob", pid=os.getpid())
+    thread = threading.current_thread().name
+    Effect.objects.create(key=key, channel="SlowJob", value=thread, pid=os.getpid())
 
 
 #: (channel, key, thread name, started, ended) of each Timed / InOrder message, in-process.
