@@ -220,8 +220,16 @@ class Processor:
             with transaction.atomic(using=self.using):
                 # The first commit hook: tells a failed commit from a hook that failed after it.
                 transaction.on_commit(lambda: committed.append(True), self.using, robust=True)
-                rows = store.claim_ids(channel_cls, row_ids, self.using)
-                done = self._run_claimed(channel_cls, callbacks, rows, used)
+                if len(row_ids) == 1:
+                    # The transaction is this message's own: claim and acknowledge in one
+                    # statement; a failure rolls both back.
+                    rows = store.take_ids(channel_cls, row_ids, self.using)
+                    done = self._run_taken(channel_cls, callbacks, rows, used)
+                else:
+                    rows = store.claim_ids(channel_cls, row_ids, self.using)
+                    done = self._run_claimed(channel_cls, callbacks, rows, used)
+        except _Reported:
+            return 0  # a listener failed: logged and counted, its row is stored again
         except Exception as error:
             if committed:
                 logger.error(
@@ -288,6 +296,58 @@ class Processor:
             logger.info("Processed %s stored notifications of %s", total, channel_cls.name())
         return total
 
+    def _run_taken(
+        self,
+        channel_cls: type[BaseChannel],
+        callbacks: list[Callable] | None,
+        rows: list[store.StoredRow],
+        used: object,
+    ) -> list[tuple[int, float]]:
+        """Inside the transaction that deleted the one row of ``rows``: run its callbacks.
+        A failure is reported, then raised as :class:`_Reported` to roll the transaction back."""
+        if not rows:
+            return []
+        (row,) = rows
+        db = connections[self.using]
+        hooks = len(db.run_on_commit)
+        started = time.perf_counter()
+        try:
+            message = channel_cls.build_from_payload(
+                row.payload, self._callbacks(channel_cls, callbacks)
+            )
+            message.execute_callbacks()
+        except Exception as error:
+            if self._connection_lost(used):
+                raise
+            self._report(channel_cls, row.pk, error, started)
+            raise _Reported from error
+        _robust_hooks(db, hooks)
+        return [(row.pk, time.perf_counter() - started)]
+
+    def _report(
+        self, channel_cls: type[BaseChannel], row_id: int, error: Exception, started: float
+    ) -> None:
+        self._failure(
+            error,
+            "Listener of %s failed on stored notification %s; it stays stored",
+            channel_cls.name(),
+            row_id,
+        )
+        signals.send(
+            signals.message_failed,
+            channel_cls,
+            duration=time.perf_counter() - started,
+            row_id=row_id,
+            error=error,
+        )
+
+    @staticmethod
+    def _callbacks(channel_cls: type[BaseChannel], callbacks: list[Callable] | None) -> list:
+        if callbacks is not None:
+            return callbacks
+        found = BaseChannel.get(channel_cls.listen_safe_name())
+        return found[1] if found else []
+
     def _run_claimed(
         self,
         channel_cls: type[BaseChannel],
@@ -299,9 +359,7 @@ class Processor:
         then delete the rows that succeeded. Returns (id, duration) of each that did."""
         if not rows:
             return []
-        if callbacks is None:
-            found = BaseChannel.get(channel_cls.listen_safe_name())
-            callbacks = found[1] if found else []
+        callbacks = self._callbacks(channel_cls, callbacks)
         in_batch = len(rows) > 1
         succeeded = []
         db = connections[self.using]
@@ -320,19 +378,7 @@ class Processor:
             except Exception as error:
                 if self._connection_lost(used):
                     raise
-                self._failure(
-                    error,
-                    "Listener of %s failed on stored notification %s; it stays stored",
-                    channel_cls.name(),
-                    row.pk,
-                )
-                signals.send(
-                    signals.message_failed,
-                    channel_cls,
-                    duration=time.perf_counter() - started,
-                    row_id=row.pk,
-                    error=error,
-                )
+                self._report(channel_cls, row.pk, error, started)
             else:
                 succeeded.append((row.pk, time.perf_counter() - started))
         store.acknowledge([pk for pk, _ in succeeded], self.using)
@@ -347,3 +393,8 @@ def _robust_hooks(db: object, start: int) -> None:
         entry = hooks[index]
         if len(entry) == 3:  # (savepoint ids, function, robust) since Django 4.2
             hooks[index] = (entry[0], entry[1], True)
+
+
+class _Reported(Exception):
+    """A listener failed on the only message of a transaction, and that was reported: roll
+    the transaction back (its row with it) and say no more."""

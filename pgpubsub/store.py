@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from django.db import connections
 from django.db.models import Q, TextField
 from django.db.models.functions import Cast
 
@@ -53,6 +54,25 @@ def claim_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) ->
         .values_list("pk", Cast("payload", TextField()))
     )
     return [StoredRow(*row) for row in rows]
+
+
+def take_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> list[StoredRow]:
+    """Claim and acknowledge at once: delete those of the stored rows ``row_ids`` that
+    :func:`claim_ids` would lock, returning them oldest first. Only a rollback of the
+    transaction brings them back, so it suits a transaction that holds one message."""
+    locked = (
+        _locked(using)
+        .filter(pk__in=row_ids, channel__in=stored_names(channel_cls))
+        .order_by("pk")
+        .values("pk")
+    )
+    sql, params = locked.query.get_compiler(using).as_sql()
+    table = connections[using].ops.quote_name(Notification._meta.db_table)
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {table} WHERE id IN ({sql}) RETURNING id, payload::text", params
+        )
+        return sorted(StoredRow(*row) for row in cursor.fetchall())
 
 
 def pending_ids(
