@@ -112,6 +112,7 @@ class DeliveryQueue:
         self._ready: deque[Delivery] = deque()
         self._lanes: dict[type[BaseChannel], _Lane] = {}
         self._waiting = 0
+        self._closed = False
         self._changed = threading.Condition()
 
     def __len__(self) -> int:
@@ -122,7 +123,9 @@ class DeliveryQueue:
         """Add ``delivery``, waiting up to ``timeout`` seconds for room. False if none came."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while self._waiting >= self.maxsize:
+            while self._waiting >= self.maxsize or self._closed:
+                if self._closed:
+                    return False
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -157,6 +160,8 @@ class DeliveryQueue:
         deadline = time.monotonic() + timeout
         with self._changed:
             while not self._ready:
+                if self._closed:
+                    return None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
@@ -175,9 +180,11 @@ class DeliveryQueue:
             self._admit(lane)
             self._changed.notify_all()
 
-    def clear(self) -> list[Delivery]:
-        """Remove and return every delivery not started yet."""
+    def close(self) -> list[Delivery]:
+        """Take no more deliveries, wake every waiting thread (``put`` returns False, ``get``
+        None), and remove and return the deliveries not started yet."""
         with self._changed:
+            self._closed = True
             dropped = list(self._ready)
             self._ready.clear()
             for lane in self._lanes.values():

@@ -31,9 +31,11 @@ from pgpubsub.wire import Assembler
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the listener waits for notifications, and workers for deliveries, before they
-#: look at the stop event again.
+#: Seconds the listener waits for room in a full queue, and run() for a stop request, between
+#: looks at the stop event.
 WAIT_TIMEOUT = 1.0
+#: Longest wait of an idle worker for a delivery, in seconds (stop() wakes it at once).
+IDLE_WAIT = 30.0
 #: First and longest pause between reconnection attempts, in seconds (doubling, with jitter).
 MIN_RECONNECT_DELAY = 0.5
 MAX_RECONNECT_DELAY = 30.0
@@ -173,6 +175,15 @@ class Runtime:
         """Tell every thread to stop, without waiting (safe in a signal handler)."""
         self._stopping.set()
         self._wake()
+        self._close_queue()
+
+    def _close_queue(self) -> None:
+        """Wake the workers waiting for a delivery; drop those not started (their lockable rows
+        stay stored, a later sweep processes them)."""
+        dropped = self._queue.close()
+        plain = sum(1 for delivery in dropped if delivery.kind is Kind.PLAIN)
+        if plain:
+            logger.warning("Stopping: %s plain message(s) not processed", plain)
 
     def _wake(self) -> None:
         if self._wakeup is not None:
@@ -196,10 +207,7 @@ class Runtime:
             _live.discard(self)
         if not threads or self._pid != os.getpid():
             return True  # never started, or started before a fork: its threads are not ours
-        dropped = self._queue.clear()
-        plain = sum(1 for delivery in dropped if delivery.kind is Kind.PLAIN)
-        if plain:
-            logger.warning("Stopping: %s plain message(s) not processed", plain)
+        self._close_queue()
         deadline = time.monotonic() + timeout
         current = threading.current_thread()
         for thread in threads:
@@ -298,7 +306,12 @@ class Runtime:
                             ", ".join(channel.name() for channel in self.channels),
                         )
                     self._enqueue_sweeps()
-                    received = wait_any(list(listening.values()), WAIT_TIMEOUT, self._wakeup[0])
+                    # Notifications, a stop request and wanted sweeps all end the wait: it
+                    # only has to end for the keepalive.
+                    keepalive_due = quiet_since + KEEPALIVE_INTERVAL - time.monotonic()
+                    received = wait_any(
+                        list(listening.values()), max(0.0, keepalive_due), self._wakeup[0]
+                    )
                     if not received:
                         if time.monotonic() - quiet_since > KEEPALIVE_INTERVAL:
                             # A connection that died silently (a network partition) fails
@@ -377,7 +390,7 @@ class Runtime:
         last_used = time.monotonic()
         try:
             while not self._stopping.is_set():
-                delivery = self._queue.get(WAIT_TIMEOUT)
+                delivery = self._queue.get(IDLE_WAIT)  # stop() closes the queue: no polling
                 if delivery is None:
                     continue
                 if self._stopping.is_set():  # taken just as the Runtime stops: not started
