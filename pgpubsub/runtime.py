@@ -31,10 +31,10 @@ from pgpubsub.wire import Assembler
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the listener waits for room in a full queue, and run() for a stop request, between
-#: looks at the stop event.
+#: Seconds the listener waits for room in a full queue between looks at the stop event.
 WAIT_TIMEOUT = 1.0
-#: Longest wait of an idle worker for a delivery, in seconds (stop() wakes it at once).
+#: Longest wait of an idle worker for a delivery, and of run() for a stop request, in seconds
+#: (both are woken at once).
 IDLE_WAIT = 30.0
 #: First and longest pause between reconnection attempts, in seconds (doubling, with jitter).
 MIN_RECONNECT_DELAY = 0.5
@@ -232,7 +232,8 @@ class Runtime:
         """Start, then block until ``request_stop()`` (or Ctrl-C), then stop."""
         self.start()
         try:
-            while not self._stopping.wait(WAIT_TIMEOUT):
+            # A signal handler's request_stop() ends the wait (signals interrupt it).
+            while not self._stopping.wait(IDLE_WAIT):
                 pass
         finally:
             self.stop()
