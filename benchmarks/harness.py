@@ -223,6 +223,84 @@ class CpuSample:
         return (later.ticks - self.ticks) / CLOCK_TICKS, "tick"
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (field 3 onwards)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(_stat_fields(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_sample(pids: Iterable[int]) -> CpuSample:
+    """The CPU time used so far by the processes ``pids`` (see ``CpuSample``); a process that
+    is gone counts nothing."""
+    threads: dict[tuple[int, int], int] = {}
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        try:
+            tids = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                runtime = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]
+            except (OSError, IndexError):
+                continue
+            threads[(pid, tid)] = int(runtime)
+    return CpuSample(threads, ticks)
+
+
+def _status(pid: int, field: str) -> int:
+    """A number of ``/proc/<pid>/status`` (``VmRSS`` in kB, ``Threads``); 0 if the process is
+    gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (``VmRSS``)."""
+    return _status(pid, "VmRSS") * 1024
+
+
+def thread_count(pid: int) -> int:
+    return _status(pid, "Threads")
+
+
+def voluntary_switches(pids: Iterable[int]) -> int:
+    """How many times the threads of ``pids`` gave up the CPU to wait (a blocking call, a
+    sleep, a timeout) so far: each wake-up of an idle thread is one. Threads that ended are not
+    counted."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = [entry.name for entry in Path(f"/proc/{pid}/task").iterdir()]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 class Process:
     """A subprocess in its own session (so it and any child it spawns are stopped together),
     its output in a log file."""
@@ -230,6 +308,8 @@ class Process:
     def __init__(self, name: str, args: list[str], cwd: Path, env: dict[str, str], log: Path):
         self.name = name
         self.log_path = log
+        #: The Unix socket a web server (gunicorn) listens on.
+        self.socket: Path | None = None
         self.started = time.perf_counter()
         self.started_at = time.time()  # epoch, to compare with the times the listeners record
         with open(log, "wb") as out:
@@ -291,37 +371,15 @@ class Process:
 
     def cpu_sample(self) -> CpuSample:
         """The CPU time used so far by the live process tree (see ``CpuSample``)."""
-        threads: dict[tuple[int, int], int] = {}
-        ticks = 0
-        for pid in self.tree():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-            try:
-                tids = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
-            except OSError:
-                continue
-            for tid in tids:
-                try:
-                    runtime = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]
-                except (OSError, IndexError):
-                    continue
-                threads[(pid, tid)] = int(runtime)
-        return CpuSample(threads, ticks)
+        return cpu_sample(self.tree())
 
     def rss_bytes(self) -> int:
         """Resident memory of the live process tree."""
-        total = 0
-        for pid in self.tree():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                continue
-        return total
+        return sum(rss_bytes(pid) for pid in self.tree())
+
+    def children(self) -> list[int]:
+        """The live processes this one started (gunicorn's workers)."""
+        return [pid for pid in self.tree() if pid != self.pid and parent_of(pid) == self.pid]
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -568,6 +626,19 @@ class Engine:
     def _start_gunicorn(
         self, processes: Processes, server: Server, side: Side, dbname: str
     ) -> Process:
+        return self.start_web(processes, server, side, dbname, embedded=True)
+
+    def start_web(
+        self,
+        processes: Processes,
+        server: Server,
+        side: Side,
+        dbname: str,
+        embedded: bool,
+        env: dict[str, str] | None = None,
+    ) -> Process:
+        """gunicorn with ``processes`` sync workers serving the benchmark project, with
+        ``PGPUBSUB_EMBEDDED`` on or off (everything else the same); ``env`` adds variables."""
         # A Unix socket in the project directory: no port to find, none to collide with.
         socket = side.project / f"gunicorn-{next(_socket_numbers)}.sock"
         args = [
@@ -584,10 +655,13 @@ class Engine:
             "warning",
             "benchsite.wsgi:application",
         ]
-        env = side.env(server, dbname, f"bench-{side.name}-web")
-        env["BENCH_EMBEDDED"] = "1"
-        env["BENCH_PGPUBSUB_WORKERS"] = str(self.threads)
-        return processes.start(f"{side.name}-gunicorn", args, side.project, env)
+        full_env = side.env(server, dbname, f"bench-{side.name}-web")
+        full_env["BENCH_EMBEDDED"] = "1" if embedded else "0"
+        full_env["BENCH_PGPUBSUB_WORKERS"] = str(self.threads)
+        full_env.update(env or {})
+        process = processes.start(f"{side.name}-gunicorn", args, side.project, full_env)
+        process.socket = socket
+        return process
 
 
 def ensure_gunicorn(side: Side, cache: Path, processes: Processes) -> None:

@@ -29,7 +29,7 @@ from benchmarks.harness import (
     ensure_theirs_venv,
     prepare_side,
 )
-from benchmarks.workloads import GROUPS, Context, Sizes, Workload, select
+from benchmarks.workloads import GROUPS, REQUEST_RATE, Context, Sizes, Workload, select
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 DEFAULT_VENV_DIR = Path(tempfile.gettempdir()) / "pgpubsub-bench" / "venv-django-pgpubsub-1.3.1"
@@ -41,6 +41,7 @@ FULL = Sizes(
     backlog=10000,
     rate=200.0,
     paced_seconds=10.0,
+    web_seconds=10.0,
 )
 QUICK = Sizes(
     events=100,
@@ -50,6 +51,7 @@ QUICK = Sizes(
     backlog=0,
     rate=200.0,
     paced_seconds=1.0,
+    web_seconds=1.0,
 )
 NOTES = [
     "In django-pgpubsub 1.3.1, lockable channels published with `notify()` are never processed "
@@ -73,9 +75,10 @@ NOTES = [
 
 ENGINE_LINE = (
     "`manage.py listen`, one process and one worker thread, unless the workload's title says "
-    "otherwise (`--processes`, `--threads`); embedded workloads (24–27): gunicorn serving the "
+    "otherwise (`--processes`, `--threads`); embedded workloads (24–28): gunicorn serving the "
     f"benchmark project with {EMBEDDED_WEB_WORKERS} sync workers and `PGPUBSUB_EMBEDDED = True`, "
-    f"{EMBEDDED_THREADS} worker threads per Runtime (`PGPUBSUB_WORKERS`)"
+    f"{EMBEDDED_THREADS} worker threads per Runtime (`PGPUBSUB_WORKERS`); workload 28 also "
+    "without it"
 )
 
 
@@ -95,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help=f"Small sizes for a smoke run (K={QUICK.events}, M={QUICK.messages}, "
-        f"idle {QUICK.idle_seconds:g}s, paced {QUICK.paced_seconds:g}s, no backlog workload "
+        f"idle {QUICK.idle_seconds:g}s, paced {QUICK.paced_seconds:g}s, web windows "
+        f"{QUICK.web_seconds:g}s, no backlog workload "
         "unless --backlog is given).",
     )
     parser.add_argument("--events", type=int, help=f"K, Events per run (default {FULL.events}).")
@@ -120,6 +124,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--paced-seconds",
         type=float,
         help=f"How long the paced producer sends, per channel (default {FULL.paced_seconds:g}).",
+    )
+    parser.add_argument(
+        "--web-seconds",
+        type=float,
+        help="Each window of workload 28 (idle, then serving), per mode "
+        f"(default {FULL.web_seconds:g}).",
     )
     parser.add_argument(
         "--only",
@@ -150,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("events", "messages", "backlog"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             parser.error(f"--{name} must be at least 2")
-    for name in ("rate", "paced_seconds", "idle_seconds"):
+    for name in ("rate", "paced_seconds", "idle_seconds", "web_seconds"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     try:
@@ -166,6 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         backlog=args.backlog or base.backlog,
         rate=args.rate or base.rate,
         paced_seconds=args.paced_seconds or base.paced_seconds,
+        web_seconds=args.web_seconds or base.web_seconds,
     )
     args.skipped = [w for w in args.workloads if w.needs_backlog and not args.sizes.backlog]
     args.workloads = [w for w in args.workloads if w not in args.skipped]
@@ -238,7 +249,8 @@ def measure(
 ) -> dict[str, dict[str, list[dict[str, float]] | list[str]]]:
     """workload name -> side name -> the metrics of each run (and "errors" -> messages).
     Sides alternate: ours first on even repetitions, theirs first on odd ones. A side whose
-    engine cannot run a workload (1.3.1 has no ``--threads``) is left out of it."""
+    engine cannot run a workload (1.3.1 has no ``--threads``), or a workload of this checkout
+    only (28), leaves it out."""
     results: dict = {w.name: {"errors": []} for w in workloads}
     for rep in range(repeat):
         order = sides if rep % 2 == 0 else list(reversed(sides))
@@ -246,7 +258,7 @@ def measure(
             for side in [None] if workload.sideless else order:
                 label = "ceiling" if side is None else side.name
                 engine = None if side is None else workload.engine.for_side(side.name)
-                if side is not None and engine is None:
+                if side is not None and (engine is None or workload.ours_only and label != "ours"):
                     continue
                 shown = "" if engine is None else f" with {engine.describe()}"
                 log(f"run {rep + 1}/{repeat}: {workload.number}. {workload.name} [{label}]{shown}")
@@ -317,6 +329,7 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
             "R (paced rate, /s)": args.sizes.rate,
             "paced seconds": args.sizes.paced_seconds,
             "idle seconds": args.sizes.idle_seconds,
+            "web seconds": args.sizes.web_seconds,
             "ceiling batch": args.sizes.batch,
             "repeat": args.repeat,
         },
@@ -326,7 +339,8 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
         "summary": summary_lines(rows),
         "scaling": grid(_SCALING_COLUMNS, _SCALING_ROWS, results),
         "comparison": grid(_COMPARISON_COLUMNS, _COMPARISON_ROWS, results),
-        "notes": NOTES + engine_notes(args) + idle_notes(args, results),
+        "web": grid(_WEB_COLUMNS, _WEB_ROWS, results),
+        "notes": NOTES + engine_notes(args) + idle_notes(args, results) + web_notes(args, results),
         "errors": [e for w in args.workloads for e in results[w.name]["errors"]],
     }
 
@@ -387,6 +401,19 @@ def summary_lines(rows: list[dict]) -> list[str]:
                     parts.append(f"{what} {label} {value / reference:.2f}x")
         if parts:
             lines.append(f"{title}: " + "; ".join(parts))
+    rss = _median(rows, "web-emb", "added_rss_mb", "ours")
+    cpu = _median(rows, "web-emb", "added_cpu_ms_per_s", "ours")
+    if rss is not None and cpu is not None:
+        listeners = [
+            f"{label} {value:.2f} ms/s"
+            for label, side in (("ours", "ours"), ("1.3.1", "theirs"))
+            if (value := _median(rows, "idle", "cpu_ms_per_s", side)) is not None
+        ]
+        lines.append(
+            f"The embedded Runtime adds {rss:.1f} MB RSS and {cpu:.2f} ms/s of idle CPU to a "
+            "gunicorn worker (workload 28, medians)"
+            + ("; an idle `listen` (workload 5) uses " + ", ".join(listeners) if listeners else "")
+        )
     return lines
 
 
@@ -401,15 +428,15 @@ def engine_notes(args) -> list[str]:
         )
     if any(e.embedded for e in engines):
         notes.append(
-            f"Embedded workloads (24–27): gunicorn with {EMBEDDED_WEB_WORKERS} sync workers serves "
+            f"Embedded workloads (24–28): gunicorn with {EMBEDDED_WEB_WORKERS} sync workers serves "
             "the benchmark project with `PGPUBSUB_EMBEDDED = True`: each worker runs a Runtime "
             f"(a listener thread, {EMBEDDED_THREADS} worker threads, stored rows recovered at "
             "start). Every worker LISTENs, so every notification reaches each of them: a "
             "lockable row is claimed by one (SKIP LOCKED), a plain message is processed by all "
             "(a broadcast; workload 27 checks that each worker received every message once). "
-            "django-pgpubsub 1.3.1 has no embedded mode: its column in these rows is its "
+            "django-pgpubsub 1.3.1 has no embedded mode: its column in workloads 24–27 is its "
             f"`listen --processes {EMBEDDED_WEB_WORKERS}` (as many processes receiving each "
-            "notification, one thread each)."
+            "notification, one thread each); workload 28 runs on this checkout only."
         )
         notes.append(
             "Workload 27 (and the plain rows of the comparison): msgs/s counts messages sent, "
@@ -497,6 +524,69 @@ _COMPARISON_ROWS = tuple(
         ("p99 (ms)", "p99_ms", 1),
     )
 )
+
+
+_WEB_COLUMNS = (
+    "gunicorn worker, Runtime off",
+    "gunicorn worker, Runtime on",
+    "added by the Runtime",
+    "`listen` (workload 5)",
+    "1.3.1 `listen` (workload 5)",
+)
+
+
+def _web_row(title: str, key: str, digits: int, idle_key: str | None = None):
+    """A row of the web table: workload 28 off, on, added; workload 5 of both sides (``-``,
+    a key no run has, when workload 5 does not measure it: an empty cell)."""
+    return (
+        title,
+        [
+            ("web-emb", "ours", f"off_{key}", digits, False),
+            ("web-emb", "ours", f"on_{key}", digits, False),
+            ("web-emb", "ours", f"added_{key}", digits, False),
+            ("idle", "ours", idle_key or "-", digits, False),
+            ("idle", "theirs", idle_key or "-", digits, False),
+        ],
+    )
+
+
+_WEB_ROWS = (
+    _web_row("RSS (MB; `listen`: its process tree)", "rss_mb", 1, "rss_mb"),
+    _web_row("idle CPU (ms/s)", "cpu_ms_per_s", 2, "cpu_ms_per_s"),
+    _web_row("idle wake-ups (per s)", "wakeups_per_s", 1, "wakeups_per_s"),
+    _web_row("threads", "threads", 0),
+    _web_row("database sessions while idle", "sessions", 1),
+    _web_row("CPU serving requests (ms/s)", "serve_cpu_ms_per_s", 2),
+    _web_row("request latency p50 (ms)", "req_p50_ms", 2),
+    _web_row("request latency p99 (ms)", "req_p99_ms", 2),
+    _web_row("RSS after serving (MB)", "served_rss_mb", 1),
+)
+
+
+def web_notes(args, results: dict) -> list[str]:
+    """How workload 28 measured."""
+    runs = results.get("web-emb", {}).get("ours", [])
+    if not runs:
+        return []
+    window = args.sizes.web_seconds
+    if all(run["cpu_in_ns"] for run in runs):
+        exact = "in nanoseconds per thread (schedstat)"
+    else:
+        exact = "partly in clock ticks (a thread ended, or no schedstat)"
+    return [
+        f"Workload 28 starts gunicorn ({EMBEDDED_WEB_WORKERS} sync workers) with "
+        "`PGPUBSUB_EMBEDDED = False`, then `True` (the order alternates from run to run; "
+        "everything else the same), waits until each worker has loaded the application and, "
+        "when on, each worker's Runtime processed a probe message (it LISTENs), then until no "
+        "worker's RSS changes over 0.5 s. It then measures each worker (not gunicorn's master): "
+        f"RSS (`VmRSS`), CPU over a {window:g} s idle window ({exact}) and wake-ups "
+        "(voluntary context switches of its threads), then the same while serving "
+        f"{REQUEST_RATE:g} requests per second for {window:g} s (paced, one connection each; "
+        "the page makes one query). Values are per worker (the mean of the workers); "
+        "\"added\" is on − off within a run. Workload 5's RSS and CPU are those of `listen`'s "
+        "whole process tree (3 processes for 1.3.1). django-pgpubsub 1.3.1 has no embedded "
+        "mode: nothing to run in its column."
+    ]
 
 
 def grid(columns: tuple[str, ...], rows: tuple, results: dict) -> dict | None:
@@ -594,6 +684,7 @@ def render_markdown(report: dict) -> str:
     for key, heading in (
         ("scaling", "Scaling of this checkout: `listen` processes and threads, and embedded"),
         ("comparison", "Embedded vs `listen` on the example workloads"),
+        ("web", "What the embedded Runtime adds to a gunicorn worker, and idle listeners"),
     ):
         table = report.get(key)
         if table:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import http.client
+import itertools
 import json
+import socket
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +28,10 @@ from benchmarks.harness import (
     Processes,
     Server,
     Side,
+    cpu_sample,
+    rss_bytes,
+    thread_count,
+    voluntary_switches,
     wait_for,
 )
 
@@ -52,6 +61,7 @@ class Sizes:
     backlog: int  # B: stored rows of the backlog workload (0: not run)
     rate: float  # messages per second of the paced producer (workload 8)
     paced_seconds: float  # how long the paced producer sends, per channel
+    web_seconds: float = 10.0  # each window of workload 28 (idle, then serving)
 
     def wait_timeout(self, count: int) -> float:
         """Seconds to wait for ``count`` messages: generous for 1.3.1's ~100 rows/s."""
@@ -116,6 +126,8 @@ class Workload:
     sideless: bool = False
     #: Runs only when the backlog size B is set (the full run; not ``--quick``).
     needs_backlog: bool = False
+    #: Runs on this checkout only (django-pgpubsub 1.3.1 has nothing to compare).
+    ours_only: bool = False
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -390,9 +402,11 @@ def idle_listener(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
             wait_ready(conn, listener)
             startup = time.perf_counter() - listener.started
             before = listener.cpu_sample()
+            switches = voluntary_switches(listener.tree())
             clock = time.perf_counter()
             time.sleep(ctx.sizes.idle_seconds)  # the measurement window itself
             after = listener.cpu_sample()
+            switches = voluntary_switches(listener.tree()) - switches
             window = time.perf_counter() - clock
             cpu, resolution = before.seconds_until(after)
             rss = listener.rss_bytes()
@@ -400,12 +414,197 @@ def idle_listener(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
                 raise BenchmarkError(f"{listener.name} exited while idle:\n{listener.log_tail()}")
             return {
                 "cpu_ms_per_s": cpu * 1000.0 / window,
+                "wakeups_per_s": switches / window,
                 "rss_mb": rss / 2**20,
                 "startup_s": startup,
                 "processes": float(len(listener.tree())),
                 # Not shown in the table: 1.0 when the CPU time was read in nanoseconds.
                 "cpu_in_ns": 1.0 if resolution == "ns" else 0.0,
             }
+
+
+# --- 28. what the embedded Runtime adds to a web worker -----------------------------------------
+
+#: Requests per second (to both workers together) while workload 28 measures serving workers.
+REQUEST_RATE = 100.0
+#: Workload 28 reads every worker's RSS this often until two readings in a row are the same
+#: (the workers have settled), for at most SETTLE_TIMEOUT seconds.
+SETTLE_INTERVAL = 0.5
+SETTLE_TIMEOUT = 30.0
+
+#: Which mode workload 28 measures first alternates from run to run.
+_web_runs = itertools.count()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the Unix socket gunicorn listens on."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def get_page(path: Path, url: str) -> str:
+    """GET ``url`` from the server on Unix socket ``path`` (one connection: gunicorn's sync
+    workers close it after each response); the body."""
+    conn = UnixHTTPConnection(path, timeout=30.0)
+    try:
+        conn.request("GET", url)
+        response = conn.getresponse()
+        body = response.read().decode(errors="replace")
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise BenchmarkError(f"GET {url}: HTTP {response.status}: {body[:500]}")
+    return body
+
+
+def _per_worker(values: dict[int, float]) -> float:
+    return statistics.fmean(values.values())
+
+
+def _cpu_ms_per_s(before: dict, after: dict, window: float) -> tuple[float, bool]:
+    """Mean CPU per worker in ms per second of ``window``, and whether every worker was read
+    in nanoseconds."""
+    used, exact = {}, True
+    for pid, sample in before.items():
+        seconds, resolution = sample.seconds_until(after[pid])
+        used[pid] = seconds * 1000.0 / window
+        exact = exact and resolution == "ns"
+    return _per_worker(used), exact
+
+
+def _settle(web: Process, workers: list[int]) -> None:
+    """Until no worker's RSS changed over SETTLE_INTERVAL (or SETTLE_TIMEOUT passed: the
+    workers are then measured as they are)."""
+    last: dict[int, int] = {}
+
+    def unchanged() -> bool:
+        nonlocal last
+        now = {pid: rss_bytes(pid) for pid in workers}
+        same, last = now == last, now
+        return same
+
+    with contextlib.suppress(BenchmarkError):  # the timeout; an exited gunicorn fails below
+        wait_for(unchanged, SETTLE_TIMEOUT, "the workers to settle", interval=SETTLE_INTERVAL)
+    if not web.alive():
+        raise BenchmarkError(f"{web.name} exited:\n{web.log_tail()}")
+
+
+def _web_mode(
+    ctx: Context, side: Side, engine: Engine, dbname: str, conn, embedded: bool
+) -> dict[str, float]:
+    """Start gunicorn with ``PGPUBSUB_EMBEDDED`` on or off, wait for its workers to load the
+    application (and, when on, for every Runtime to LISTEN), let them settle, then measure
+    each worker idle for ``Sizes.web_seconds``, then serving REQUEST_RATE requests per second
+    for as long."""
+    ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=side.project))
+    env = {"BENCH_READY_DIR": str(ready_dir)}
+    web = engine.start_web(ctx.processes, ctx.server, side, dbname, embedded, env)
+    try:
+        count = engine.processes
+
+        def loaded() -> list[int] | None:
+            workers = sorted(pid for pid in web.children() if (ready_dir / str(pid)).exists())
+            return workers if len(workers) == count else None
+
+        workers = wait_for(
+            loaded, READY_TIMEOUT, f"{count} gunicorn workers to load the application", [web]
+        )
+        if embedded:
+            wait_ready(conn, web, count)  # each worker's Runtime processed a probe: it LISTENs
+            with conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT DISTINCT split_part(key, '-', 3)::int FROM benchapp_item "
+                    "WHERE key LIKE 'probe-%'"
+                )
+                listening = sorted(row[0] for row in cursor.fetchall())
+            if listening != workers:
+                raise BenchmarkError(f"probes processed by {listening}, not the workers {workers}")
+        _settle(web, workers)
+
+        # Idle: no request, no notification.
+        before = {pid: cpu_sample([pid]) for pid in workers}
+        switches = voluntary_switches(workers)
+        clock = time.perf_counter()
+        time.sleep(ctx.sizes.web_seconds)  # the measurement window itself
+        after = {pid: cpu_sample([pid]) for pid in workers}
+        switches = voluntary_switches(workers) - switches
+        idle_window = time.perf_counter() - clock
+        idle_cpu, idle_exact = _cpu_ms_per_s(before, after, idle_window)
+        rss = {pid: rss_bytes(pid) / 2**20 for pid in workers}
+        threads = {pid: thread_count(pid) for pid in workers}
+        sessions = scalar(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+            [dbname, f"bench-{side.name}-web"],
+        )
+
+        # Serving: REQUEST_RATE requests per second, one page each (a query), paced.
+        requests = max(1, round(REQUEST_RATE * ctx.sizes.web_seconds))
+        latencies: list[float] = []
+
+        def request(n: int) -> None:
+            started = time.perf_counter()
+            get_page(web.socket, "/ping")
+            latencies.append(time.perf_counter() - started)
+
+        before = {pid: cpu_sample([pid]) for pid in workers}
+        clock = time.perf_counter()
+        late = paced(requests, REQUEST_RATE, request)
+        after = {pid: cpu_sample([pid]) for pid in workers}
+        serve_cpu, serve_exact = _cpu_ms_per_s(before, after, time.perf_counter() - clock)
+        served_rss = {pid: rss_bytes(pid) / 2**20 for pid in workers}
+        if sorted(web.children()) != workers:
+            raise BenchmarkError(
+                f"the gunicorn workers changed while measured: {workers} -> "
+                f"{sorted(web.children())}\n{web.log_tail()}"
+            )
+        latencies.sort()
+        return {
+            "rss_mb": _per_worker(rss),
+            "cpu_ms_per_s": idle_cpu,
+            "wakeups_per_s": switches / idle_window / count,
+            "threads": _per_worker(threads),
+            "sessions": sessions / count,
+            "serve_cpu_ms_per_s": serve_cpu,
+            "req_p50_ms": statistics.median(latencies) * 1000.0,
+            "req_p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000.0,
+            "served_rss_mb": _per_worker(served_rss),
+            "late_ms": late,
+            "cpu_in_ns": 1.0 if idle_exact and serve_exact else 0.0,
+        }
+    finally:
+        ctx.processes.stop(web)
+
+
+def web_overhead(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """What the embedded Runtime adds to a web process: gunicorn (``engine.processes`` sync
+    workers) serving the benchmark project with ``PGPUBSUB_EMBEDDED`` off, then on (or on,
+    then off: the order alternates from run to run), on the same database; each worker's RSS,
+    CPU and wake-ups while idle and while serving, per worker (the mean of the workers)."""
+    modes = (False, True) if next(_web_runs) % 2 == 0 else (True, False)
+    measured = {}
+    with ctx.fresh_database(side) as (dbname, conn):
+        for embedded in modes:
+            measured[embedded] = _web_mode(ctx, side, engine, dbname, conn, embedded)
+    off, on = measured[False], measured[True]
+    result = {}
+    for key in ("rss_mb", "cpu_ms_per_s", "wakeups_per_s", "serve_cpu_ms_per_s", "served_rss_mb"):
+        result[f"off_{key}"] = off[key]
+        result[f"on_{key}"] = on[key]
+        result[f"added_{key}"] = on[key] - off[key]
+    for key in ("req_p50_ms", "req_p99_ms", "late_ms", "threads", "sessions"):
+        result[f"off_{key}"] = off[key]
+        result[f"on_{key}"] = on[key]
+    result["cpu_in_ns"] = min(off["cpu_in_ns"], on["cpu_in_ns"])
+    return result
 
 
 # --- 8. latency at a fixed rate ---------------------------------------------------------------
@@ -520,6 +719,28 @@ BROADCAST_METRICS = (
     P50,
     P99,
 )
+_SERVING = f"serving {REQUEST_RATE:g} req/s"
+WEB_METRICS = (
+    Metric("off_rss_mb", "RSS per worker, Runtime off", "MB", False, 1),
+    Metric("on_rss_mb", "RSS per worker, Runtime on", "MB", False, 1),
+    Metric("added_rss_mb", "RSS the Runtime adds per worker", "MB", False, 1),
+    Metric("off_cpu_ms_per_s", "idle CPU per worker, Runtime off", "ms/s", False, 2),
+    Metric("on_cpu_ms_per_s", "idle CPU per worker, Runtime on", "ms/s", False, 2),
+    Metric("added_cpu_ms_per_s", "idle CPU the Runtime adds per worker", "ms/s", False, 2),
+    Metric("off_wakeups_per_s", "idle wake-ups per worker, Runtime off", "per s", False, 1),
+    Metric("on_wakeups_per_s", "idle wake-ups per worker, Runtime on", "per s", False, 1),
+    Metric("off_threads", "threads per worker, Runtime off", "", False, 0),
+    Metric("on_threads", "threads per worker, Runtime on", "", False, 0),
+    Metric("off_sessions", "database sessions per worker while idle, Runtime off", "", False, 1),
+    Metric("on_sessions", "database sessions per worker while idle, Runtime on", "", False, 1),
+    Metric("off_serve_cpu_ms_per_s", f"CPU per worker {_SERVING}, Runtime off", "ms/s", False, 2),
+    Metric("on_serve_cpu_ms_per_s", f"CPU per worker {_SERVING}, Runtime on", "ms/s", False, 2),
+    Metric("off_req_p50_ms", f"request latency p50 {_SERVING}, Runtime off", "ms", False, 2),
+    Metric("on_req_p50_ms", f"request latency p50 {_SERVING}, Runtime on", "ms", False, 2),
+    Metric("off_req_p99_ms", f"request latency p99 {_SERVING}, Runtime off", "ms", False, 2),
+    Metric("on_req_p99_ms", f"request latency p99 {_SERVING}, Runtime on", "ms", False, 2),
+    Metric("added_served_rss_mb", "RSS the Runtime adds per worker, after serving", "MB", False, 1),
+)
 
 TWO_PROCESSES = Engine(processes=2)
 EMBEDDED = Engine(embedded=True, processes=EMBEDDED_WEB_WORKERS, threads=EMBEDDED_THREADS)
@@ -579,6 +800,7 @@ WORKLOADS: tuple[Workload, ...] = (
         "idle listener",
         (
             Metric("cpu_ms_per_s", "CPU while idle", "ms/s", higher_is_better=False, digits=2),
+            Metric("wakeups_per_s", "wake-ups while idle", "per s", False, 1),
             Metric("rss_mb", "RSS (process tree)", "MB", higher_is_better=False, digits=1),
             Metric("startup_s", "start to ready", "s", higher_is_better=False, digits=2),
             Metric("processes", "processes", "", higher_is_better=False),
@@ -693,6 +915,17 @@ WORKLOADS: tuple[Workload, ...] = (
         BROADCAST_METRICS,
         plain_end_to_end,
         EMBEDDED,
+    ),
+    Workload(
+        28,
+        "web-emb",
+        f"embedded: what the Runtime adds to a gunicorn worker ({EMBEDDED_WEB_WORKERS} sync "
+        "workers, `PGPUBSUB_EMBEDDED` off, then on; idle, then serving; this checkout only: "
+        "1.3.1 has no embedded mode)",
+        WEB_METRICS,
+        web_overhead,
+        EMBEDDED,
+        ours_only=True,
     ),
 )
 

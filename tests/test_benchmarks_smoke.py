@@ -11,11 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.workloads import GROUPS, WORKLOADS, select
+from benchmarks.harness import Side
+from benchmarks.runner import measure
+from benchmarks.workloads import EMBEDDED, GROUPS, WORKLOADS, Workload, select
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The workloads of ``listen`` with one thread (1-12), and the newer ones: ``--threads`` and
-#: ``--processes`` scaling and the embedded Runtime under gunicorn (13-27).
+#: ``--processes`` scaling and the embedded Runtime under gunicorn (13-28).
 BASE = [w for w in WORKLOADS if w.number <= 12]
 SCALING_AND_EMBEDDED = [w for w in WORKLOADS if w.number > 12]
 
@@ -46,6 +48,8 @@ def quick_run(tmp_path_factory):
         "--idle-seconds",
         "0.5",
         "--paced-seconds",
+        "0.5",
+        "--web-seconds",
         "0.5",
         "--backlog",
         "300",  # the backlog workloads run only when given a size with --quick
@@ -117,7 +121,7 @@ def test_quick_run_measures_every_workload(quick_run):
 
 @pytest.mark.timeout(300)
 def test_quick_run_measures_threads_processes_and_embedded(quick_run):
-    """Workloads 13-27: ``listen --threads``/``--processes`` and gunicorn with the embedded
+    """Workloads 13-28: ``listen --threads``/``--processes`` and gunicorn with the embedded
     Runtime, and the tables that put them side by side."""
     assert_table_rows(quick_run.stdout, SCALING_AND_EMBEDDED)
     # The runs said which engine they used.
@@ -166,12 +170,75 @@ def test_quick_run_measures_threads_processes_and_embedded(quick_run):
         assert heading in quick_run.stdout
 
 
+@pytest.mark.timeout(300)
+def test_quick_run_measures_what_the_runtime_adds_to_a_web_worker(quick_run):
+    """Workload 28: gunicorn with PGPUBSUB_EMBEDDED off, then on; each worker's RSS, CPU,
+    wake-ups, threads and sessions, idle and serving requests, next to the idle listeners of
+    workload 5."""
+    assert "28. web-emb [ours] with gunicorn, 2 sync workers" in quick_run.stderr
+    report = quick_run.report
+    web = {row["key"]: row["ours"]["median"] for row in report["rows"] if row["name"] == "web-emb"}
+    # Off: a sync worker is one thread and holds no connection while idle (CONN_MAX_AGE = 0).
+    assert web["off_threads"] == 1 and web["off_sessions"] == 0, web
+    # On: the listener thread and PGPUBSUB_WORKERS (2) worker threads; one listening connection
+    # and at most one per worker thread.
+    assert web["on_threads"] == 4, web
+    assert 1 < web["on_sessions"] <= 3, web
+    # The issue's target: the Runtime adds at most 15 MB to a web process.
+    assert 0 < web["off_rss_mb"] and 0 < web["on_rss_mb"], web
+    assert abs(web["added_rss_mb"] - (web["on_rss_mb"] - web["off_rss_mb"])) < 1e-9, web
+    assert web["added_rss_mb"] < 15, web
+    for key in ("off_cpu_ms_per_s", "on_cpu_ms_per_s", "off_wakeups_per_s", "on_wakeups_per_s"):
+        assert web[key] >= 0, (key, web)
+    for mode in ("off", "on"):
+        assert web[f"{mode}_serve_cpu_ms_per_s"] > 0, web  # the requests were served
+        assert 0 < web[f"{mode}_req_p50_ms"] <= web[f"{mode}_req_p99_ms"] < 30_000, web
+
+    table = report["web"]
+    assert table["columns"] == [
+        "gunicorn worker, Runtime off",
+        "gunicorn worker, Runtime on",
+        "added by the Runtime",
+        "`listen` (workload 5)",
+        "1.3.1 `listen` (workload 5)",
+    ]
+    rows = {row["title"]: row["cells"] for row in table["rows"]}
+    idle_cpu = rows["idle CPU (ms/s)"]
+    assert [cell is not None for cell in idle_cpu] == [True, True, True, True, False], idle_cpu
+    assert idle_cpu[2]["median"] == web["added_cpu_ms_per_s"]
+    assert "What the embedded Runtime adds to a gunicorn worker" in quick_run.stdout
+    summary = "\n".join(report["summary"])
+    assert "The embedded Runtime adds" in summary and "an idle `listen`" in summary, summary
+    assert any(note.startswith("Workload 28 starts gunicorn") for note in report["notes"])
+    assert report["sizes"]["web seconds"] == 0.5
+
+
+def test_a_workload_of_this_checkout_only_runs_without_the_other_side():
+    """1.3.1 has no embedded mode: workload 28 never runs for it, even when it is measured."""
+    runs = []
+    workload = Workload(
+        99,
+        "recorded",
+        "records its runs",
+        (),
+        lambda ctx, side, engine: runs.append(side.name) or {},
+        EMBEDDED,
+        ours_only=True,
+    )
+    sides = [Side("ours", sys.executable, ROOT, None), Side("theirs", sys.executable, ROOT, None)]
+    results = measure(None, [workload], sides, repeat=2)
+    assert runs == ["ours", "ours"]
+    assert results["recorded"] == {"errors": [], "ours": [{}, {}]}
+    assert select("web-emb")[0].ours_only
+
+
 def test_groups_select_workloads():
     assert [w.name for w in select("embedded")] == [
         "drain-emb",
         "one-per-tx-emb",
         "bulk-emb",
         "broadcast-emb",
+        "web-emb",
     ]
     assert {w.number for w in select("scaling")} == {1, 2, 7, 9, 10} | set(range(13, 23))
     assert [w.number for w in select("2,compare")] == [2, 4, 7, 16, 19, 23, 25, 26, 27]

@@ -1,1 +1,4 @@
-urlpatterns = []
+from benchapp.views import ping
+from django.urls import path
+
+urlpatterns = [path("ping", ping)]
