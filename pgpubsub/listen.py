@@ -86,19 +86,9 @@ def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
         # Take what has arrived; more may arrive (on this connection) while it is processed.
         arrived = list(connection_wrapper.notifies)
         del connection_wrapper.notifies[: len(arrived)]
-        processor.process_many(_whole_messages(connection_wrapper.assembler, arrived))
+        processor.process_many(connection_wrapper.assembler.whole_messages(arrived))
         if not connection_wrapper.notifies:
             connection_wrapper.poll()
-
-
-def _whole_messages(assembler: Assembler, notifications: list[Any]) -> list[tuple[str, str]]:
-    """(channel, text) of each whole message among ``notifications`` (chunks are collected)."""
-    whole = []
-    for notification in notifications:
-        text = assembler.feed(notification.channel, notification.payload)
-        if text is not None:
-            whole.append((notification.channel, text))
-    return whole
 
 
 def recover(channels: list[Any] | None = None, processor: Processor | None = None) -> int:

@@ -323,12 +323,7 @@ class Runtime:
                         continue
                     quiet_since = time.monotonic()
                     self.last_notification_at = time.time()
-                    whole = []
-                    for notification in received:
-                        text = assembler.feed(notification.channel, notification.payload)
-                        if text is not None:
-                            whole.append((notification.channel, text))
-                    for delivery in plan(whole):
+                    for delivery in plan(assembler.whole_messages(received)):
                         self._dispatch(delivery)
                     delay = MIN_RECONNECT_DELAY
                 except Exception as exc:

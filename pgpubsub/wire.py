@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,16 @@ class Assembler:
 
     def __init__(self) -> None:
         self._parts: dict[tuple[str, str], tuple[float, list[str]]] = {}
+
+    def whole_messages(self, notifications: Iterable[Any]) -> list[tuple[str, str]]:
+        """(channel, text) of each whole message among ``notifications`` (each with
+        ``channel`` and ``payload``); chunks are collected until their message is whole."""
+        whole = []
+        for notification in notifications:
+            text = self.feed(notification.channel, notification.payload)
+            if text is not None:
+                whole.append((notification.channel, text))
+        return whole
 
     def feed(self, channel: str, payload: str) -> str | None:
         """The whole message text if ``payload`` completes one (or is not a chunk), else None."""
