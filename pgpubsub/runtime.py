@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import threading
 import time
 from typing import Any
@@ -237,6 +238,14 @@ class Runtime:
                 pass
         finally:
             self.stop()
+
+    def run_until_signalled(self) -> None:
+        """``run()``, with SIGTERM and SIGINT asking for the stop (when called on the main
+        thread: only it may set signal handlers)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self.request_stop())
+        self.run()
 
     def status(self) -> dict[str, Any]:
         """What the Runtime is doing, for health checks and metrics (no payloads)."""

@@ -32,10 +32,7 @@ RESTART_DELAY = 1.0
 def _forked_worker(channels: list[str] | None, recover: bool, threads: int) -> None:
     from pgpubsub.runtime import Runtime
 
-    runtime = Runtime(channels, workers=threads, recover=recover)
-    signal.signal(signal.SIGTERM, lambda *_: runtime.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: runtime.request_stop())
-    runtime.run()
+    Runtime(channels, workers=threads, recover=recover).run_until_signalled()
 
 
 def _command_prefix() -> list[str]:

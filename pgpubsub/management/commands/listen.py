@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import BaseCommand, CommandError
@@ -144,7 +142,4 @@ class Command(BaseCommand):
             runtime.start()
         except (ChannelNotFound, ImproperlyConfigured, ValueError) as exc:
             raise CommandError(str(exc)) from exc
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: runtime.request_stop())
-        runtime.run()
+        runtime.run_until_signalled()
