@@ -9,12 +9,16 @@ the test can find every database session it opened, including those of the child
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,37 @@ def backends(application_name: str, listening: bool = False) -> list[tuple[int, 
     with connection.cursor() as cursor:
         cursor.execute(sql, [application_name])
         return list(cursor.fetchall())
+
+
+def session_states(application_name: str) -> list[str]:
+    """The state (``active``, ``idle``, ``idle in transaction``...) of each session of the test
+    database opened under ``application_name``."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT state FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = %s",
+            [application_name],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str) -> tuple[int, Any] | None:
+    """(status, parsed JSON body) of a GET of ``url``, error statuses included; None while
+    nothing answers there (a server that is starting)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except OSError:
+        return None
 
 
 def child_pids(pid: int) -> set[int]:
@@ -184,6 +219,9 @@ class ServerProcess:
 
     def backends(self, listening: bool = False) -> list[tuple[int, str]]:
         return backends(self.name, listening)
+
+    def session_states(self) -> list[str]:
+        return session_states(self.name)
 
     def wait_listening(self, count: int = 1, timeout: float = 30.0) -> list[tuple[int, str]]:
         """Wait until exactly ``count`` of its sessions have LISTENed; returns them."""

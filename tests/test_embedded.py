@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sys
 import time
 import urllib.request
 from collections import Counter
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Count
 
 import pgpubsub
 from pgpubsub.models import Notification
-from tests.processes import MANAGE, ServerProcess, outputs, pid_alive, wait_for
+from tests.processes import MANAGE, ServerProcess, free_port, outputs, pid_alive, wait_for
 from tests.testapp import channels
 from tests.testapp.models import Author, Effect, Post
 
@@ -47,12 +46,6 @@ NOT_EMBEDDED = {**EMBEDDED, "PGPUBSUB_TEST_EMBEDDED": "0"}
 
 AUTHORS = 1000
 BROADCASTS = 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def gunicorn(*options: str) -> list[str]:
@@ -252,18 +245,6 @@ def test_gunicorn_hooks_start_a_runtime_per_worker(processes, tmp_path):
     assert_no_traceback(server)
 
 
-def in_transaction(server: ServerProcess) -> int:
-    """How many sessions of ``server`` are inside a transaction (running a lockable
-    notification's callbacks) and waiting for their process."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = %s AND state = 'idle in transaction'",
-            [server.name],
-        )
-        return cursor.fetchone()[0]
-
-
 SERVERS = {"gunicorn": (gunicorn, GUNICORN_WORKERS), "uvicorn": (uvicorn, 1)}
 
 
@@ -275,7 +256,12 @@ def test_sigterm_lets_a_running_callback_finish(processes, kind):
     children = server.children()
 
     pgpubsub.notify(channels.SlowJob, key="slow", seconds=2)
-    wait_for(lambda: in_transaction(server) == 1, 30, "the slow job running", watch=[server])
+    wait_for(
+        lambda: server.session_states().count("idle in transaction") == 1,
+        30,
+        "the slow job running",
+        watch=[server],
+    )
     assert_stops(server, *children, codes=(0, -signal.SIGTERM))
 
     finished = Effect.objects.filter(key="slow").exists()

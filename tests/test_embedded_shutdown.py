@@ -2,32 +2,22 @@
 running callback finish (gunicorn and uvicorn: tests/test_embedded.py). And a web process whose
 Runtime could not start says so on its health view."""
 
-import json
 import os
 import signal
-import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 import pgpubsub
 from pgpubsub.models import Notification
-from tests.processes import MANAGE, outputs, wait_for
+from tests.processes import MANAGE, free_port, get_json, outputs, wait_for
 from tests.testapp import channels
 from tests.testapp.models import Effect
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 
 EMBEDDED = {"PGPUBSUB_TEST_EMBEDDED": "1", "PGPUBSUB_TEST_SHUTDOWN_TIMEOUT": "20"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def servers(port: int) -> dict[str, list[str]]:
@@ -44,7 +34,7 @@ def test_sigterm_lets_the_running_callback_finish(processes, server):
     process = processes.start_command(servers(free_port())[server], ready=1, env=EMBEDDED)
     pgpubsub.notify(channels.SlowJob, key="in-flight", seconds=2.0)
     wait_for(
-        lambda: any(state == "idle in transaction" for state in states(process.name)),
+        lambda: any(state == "idle in transaction" for state in process.session_states()),
         30,
         "the slow job to be claimed",
         watch=[process],
@@ -65,18 +55,6 @@ def test_sigterm_lets_the_running_callback_finish(processes, server):
     process.wait_no_backends(10)
 
 
-def states(application_name: str) -> list[str]:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = %s",
-            [application_name],
-        )
-        return [row[0] for row in cursor.fetchall()]
-
-
 def test_a_runtime_that_could_not_start_fails_the_health_view(processes):
     port = free_port()
     server = processes.start_command(
@@ -85,18 +63,12 @@ def test_a_runtime_that_could_not_start_fails_the_health_view(processes):
         env={**EMBEDDED, "PGPUBSUB_TEST_CHANNELS": channels.Unheard.name()},
     )  # fmt: skip
 
-    def answer():
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/pgpubsub/health/", timeout=10
-            ) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-        except OSError:
-            return None  # not serving yet
-
-    code, body = wait_for(answer, 60, "a health answer", watch=[server])
+    code, body = wait_for(
+        lambda: get_json(f"http://127.0.0.1:{port}/pgpubsub/health/"),
+        60,
+        "a health answer",
+        watch=[server],
+    )
     assert code == 503, body
     assert body["runtimes"] == []
     assert body["problems"] == [

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import psycopg2
 import pytest
 
 from pgpubsub.testing.postgres import django_database
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "example" / "manage.py"
@@ -298,12 +298,6 @@ def test_demo_runs_the_listeners_inside_the_web_server_and_can_run_again(
     assert again.server_pid != demo.server_pid
     assert query(example_database_url, "SELECT count(*) FROM blog_author") == [(2 * len(NAMES),)]
     assert query(example_database_url, "SELECT count(*) FROM blog_post") == [(2 * len(NAMES),)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Browser:

@@ -2,7 +2,6 @@
 
 import datetime
 import json
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -78,16 +77,10 @@ def test_reports_each_runtime_of_the_process(live_server):
     assert code == 200 and body["runtimes"] == []
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(90)
 def test_a_web_worker_whose_runtime_cannot_listen_is_failing(processes):
     """gunicorn in embedded mode, its LISTEN alias pointing at a port where no server runs."""
-    from tests.processes import wait_for
+    from tests.processes import free_port, get_json, wait_for
 
     port = free_port()
     server = processes.start_command(
@@ -109,17 +102,8 @@ def test_a_web_worker_whose_runtime_cannot_listen_is_failing(processes):
     )
     url = f"http://127.0.0.1:{port}/pgpubsub/health/"
 
-    def answer():
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-        except OSError:
-            return None  # not serving yet
-
     def failing_with_a_runtime():
-        got = answer()
+        got = get_json(url)
         return (
             got if got and got[1].get("runtimes") and got[1]["runtimes"][0]["last_error"] else None
         )

@@ -392,7 +392,7 @@ def test_sigterm_leaves_a_callback_that_outlasts_the_shutdown_timeout_stored(pro
     pgpubsub.notify(channels.Job, key="quick", text="work")
     # The slow job's transaction stays open while its callback sleeps.
     wait_for(
-        lambda: any(state == "idle in transaction" for state in session_states(listener)),
+        lambda: any(state == "idle in transaction" for state in listener.session_states()),
         30,
         "the slow job to be claimed",
         watch=[listener],
@@ -412,13 +412,3 @@ def test_sigterm_leaves_a_callback_that_outlasts_the_shutdown_timeout_stored(pro
             channel=channels.SlowJob.listen_safe_name()
         )
         assert free.count() == 1
-
-
-def session_states(process: ListenProcess) -> list[str]:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = %s",
-            [process.name],
-        )
-        return [row[0] for row in cursor.fetchall()]
