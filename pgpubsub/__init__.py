@@ -14,7 +14,7 @@ from pgpubsub.listeners import (
     pre_update_listener,
     trigger_listener,
 )
-from pgpubsub.notify import notify, process_stored_notifications
+from pgpubsub.notify import notify, process_stored_notifications, retry_failed
 
 __all__ = [
     "Channel",
@@ -31,6 +31,7 @@ __all__ = [
     "pre_save_listener",
     "pre_update_listener",
     "process_stored_notifications",
+    "retry_failed",
     "set_notification_context",
     "trigger_listener",
 ]

@@ -7,10 +7,11 @@ from django.db.models.signals import post_migrate
 def _install_functions(sender, using: str = "default", **kwargs) -> None:
     from django.db import connections
 
-    from pgpubsub.sql import install_functions
+    from pgpubsub.sql import install_defaults, install_functions
 
     if connections[using].vendor == "postgresql":
         install_functions(using)
+        install_defaults(using)
 
 
 class PgpubsubConfig(AppConfig):

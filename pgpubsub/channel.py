@@ -64,6 +64,12 @@ class BaseChannel:
     #: processed on (None: ``PGPUBSUB_DATABASE`` for listening and the ``Notification``
     #: model's database for the rest). A trigger channel names its model's database.
     database: ClassVar[str | None] = None
+    #: Lockable channels: attempts a message gets before it is marked failed (None:
+    #: ``PGPUBSUB_MAX_ATTEMPTS``).
+    max_attempts: ClassVar[int | None] = None
+    #: Lockable channels: seconds before a failed message's second attempt, doubling for each
+    #: later one (None: ``PGPUBSUB_RETRY_DELAY``).
+    retry_delay: ClassVar[float | None] = None
 
     def __post_init__(self) -> None:
         self.callbacks: list[Callable] = []
@@ -196,7 +202,27 @@ class Channel(BaseChannel):
         for name, codec in cls.codecs().items():
             if name in data["kwargs"]:
                 values[name] = codec.decode(data["kwargs"][name], f"{cls.__qualname__}.{name}")
+        missing = [name for name in cls._required_fields() if name not in values]
+        if missing:
+            raise InvalidPayload(
+                f"{cls.name()}: payload lacks the field(s) {', '.join(missing)}: {data!r:.200}"
+            )
         return values
+
+    @classmethod
+    def _required_fields(cls) -> list[str]:
+        """The fields a message cannot be built without (they have no default)."""
+        cached = cls.__dict__.get("_pgpubsub_required")
+        if cached is None:
+            cached = [
+                field.name
+                for field in dataclasses.fields(cls)
+                if field.init
+                and field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING
+            ]
+            cls._pgpubsub_required = cached
+        return cached
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections
 from django.db.utils import load_backend
 
-from pgpubsub import conf
+from pgpubsub import conf, retries
 from pgpubsub.channel import TriggerChannel, locate_channel, registry
 from pgpubsub.deliveries import max_concurrency
 from pgpubsub.exceptions import ChannelNotFound, ListenerSignatureError
@@ -102,6 +102,10 @@ def _check_runtime_settings() -> list:
         ("PGPUBSUB_CHANNELS", conf.channels, '["blog.channels.PostReads"]'),
         ("PGPUBSUB_RECOVER_ON_START", conf.recover_on_start, "True"),
         ("PGPUBSUB_SHUTDOWN_TIMEOUT", conf.shutdown_timeout, "10"),
+        ("PGPUBSUB_MAX_ATTEMPTS", conf.max_attempts, "5"),
+        ("PGPUBSUB_RETRY_DELAY", conf.retry_delay, "2"),
+        ("PGPUBSUB_RETRY_MAX_DELAY", conf.retry_max_delay, "300"),
+        ("PGPUBSUB_SWEEP_INTERVAL", conf.sweep_interval, "30"),
     ):
         try:
             read()
@@ -139,6 +143,18 @@ def _check_runtime_settings() -> list:
                     hint="Remove it (no limit) or set a positive int; 1 runs messages in order.",
                     obj=channel,
                     id="pgpubsub.E012",
+                )
+            )
+        try:
+            retries.check(channel)
+        except ValueError as exc:
+            errors.append(
+                Error(
+                    str(exc),
+                    hint="Remove it for the setting's default, or set max_attempts to a "
+                    "positive int and retry_delay to a positive number of seconds.",
+                    obj=channel,
+                    id="pgpubsub.E015",
                 )
             )
     if getattr(settings, "PGPUBSUB_EMBEDDED", False) is True:

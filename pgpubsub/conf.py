@@ -133,3 +133,29 @@ def shutdown_timeout() -> float:
     """``PGPUBSUB_SHUTDOWN_TIMEOUT`` (default ``10``): seconds a stopping Runtime gives the
     callbacks that are running to finish."""
     return float(_positive("PGPUBSUB_SHUTDOWN_TIMEOUT", 10, float))
+
+
+def max_attempts() -> int:
+    """``PGPUBSUB_MAX_ATTEMPTS`` (default ``5``): attempts a lockable message gets before it is
+    marked failed (a channel's ``max_attempts`` wins)."""
+    return _positive("PGPUBSUB_MAX_ATTEMPTS", 5)
+
+
+def retry_delay() -> float:
+    """``PGPUBSUB_RETRY_DELAY`` (default ``2``): seconds before the second attempt of a failed
+    lockable message; each later one waits twice as long, with jitter (a channel's
+    ``retry_delay`` wins)."""
+    return float(_positive("PGPUBSUB_RETRY_DELAY", 2, float))
+
+
+def retry_max_delay() -> float:
+    """``PGPUBSUB_RETRY_MAX_DELAY`` (default ``300``): the longest wait between two attempts,
+    in seconds."""
+    return float(_positive("PGPUBSUB_RETRY_MAX_DELAY", 300, float))
+
+
+def sweep_interval() -> float:
+    """``PGPUBSUB_SWEEP_INTERVAL`` (default ``30``): seconds between two sweeps of a Runtime,
+    which claim the stored messages nobody is processing (a missed NOTIFY, a dead process's
+    messages)."""
+    return float(_positive("PGPUBSUB_SWEEP_INTERVAL", 30, float))

@@ -44,18 +44,23 @@ class Delivery:
         return cls(Kind.SWEEP, channel, found[1] if found else [])
 
 
-def plan(notifications: Iterable[tuple[str, str]]) -> list[Delivery]:
+def plan(
+    notifications: Iterable[tuple[str, str]],
+    ignored: Callable[[str, str, str], None] | None = None,
+) -> list[Delivery]:
     """Deliveries for whole notifications ``(channel name, payload)``, in arrival order.
 
     Consecutive stored-row notifications of one lockable channel share a delivery (up to
-    ``store.BATCH_SIZE``). Notifications on channels without listeners are logged and dropped.
+    ``store.BATCH_SIZE``). Notifications that lead nowhere (a channel without listeners here,
+    a lockable channel's payload that is neither a row id nor a request to sweep) are logged,
+    told to ``ignored(channel name, payload, reason)`` if given, and dropped.
     """
     deliveries: list[Delivery] = []
     batch: Delivery | None = None
     for channel_name, payload in notifications:
         found = BaseChannel.get(channel_name)
         if found is None:
-            logger.warning("Ignoring notification on channel %s: no listener for it", channel_name)
+            _ignore(ignored, channel_name, payload, "no listener for that channel here")
             continue
         channel, callbacks = found
         if not channel.lock_notifications:
@@ -65,15 +70,33 @@ def plan(notifications: Iterable[tuple[str, str]]) -> list[Delivery]:
             continue
         row_id = wire.row_id(payload)
         if row_id is None:
-            # The recovery request, or a whole payload from a trigger of an older version.
             batch = None
-            deliveries.append(Delivery(Kind.SWEEP, channel, callbacks))
+            if payload == wire.RECOVER or payload.startswith("{"):
+                # The recovery request, or a whole payload from a trigger of an older version
+                # (which stored the row too): the table has the messages.
+                deliveries.append(Delivery(Kind.SWEEP, channel, callbacks))
+            else:
+                _ignore(ignored, channel_name, payload, "not a stored notification id")
             continue
         if batch is None or batch.channel is not channel or len(batch.row_ids) >= store.BATCH_SIZE:
             batch = Delivery(Kind.ROWS, channel, callbacks)
             deliveries.append(batch)
         batch.row_ids.append(row_id)
     return deliveries
+
+
+def _ignore(
+    ignored: Callable[[str, str, str], None] | None, channel_name: str, payload: str, reason: str
+) -> None:
+    found = BaseChannel.get(channel_name)
+    logger.warning(
+        "Ignoring a notification on %s (%s): %.100r",
+        found[0].name() if found else channel_name,
+        reason,
+        payload,
+    )
+    if ignored is not None:
+        ignored(channel_name, payload, reason)
 
 
 def max_concurrency(channel: type[BaseChannel]) -> int | None:

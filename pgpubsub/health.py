@@ -1,6 +1,6 @@
 """What an operator needs to know about the database side of pgpubsub, without any payload:
-the stored backlog per channel, the age of its oldest row, and how full PostgreSQL's
-notification queue is."""
+the stored backlog per channel, the age of its oldest row still to be processed, the rows
+marked failed, and how full PostgreSQL's notification queue is."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django.db import connections
-from django.db.models import Count, Min
+from django.db.models import Count, Min, Q
 from django.utils import timezone
 
 from pgpubsub import conf
@@ -19,14 +19,18 @@ from pgpubsub.channel import BaseChannel
 @dataclass
 class ChannelBacklog:
     channel: str  # the dotted class name when this process knows the channel, else as stored
-    stored: int
-    oldest_age_seconds: float | None  # None for rows older than the created_at column
+    stored: int  # every row, failed ones included
+    failed: int  # marked failed: kept, not tried again until retried
+    # Of the rows still to be processed; None when there is none (or for rows older than the
+    # created_at column).
+    oldest_age_seconds: float | None
 
 
 @dataclass
 class DatabaseStatus:
     database: str
     stored: int
+    failed: int
     oldest_age_seconds: float | None
     notification_queue_usage: float  # pg_notification_queue_usage(): 0.0 (empty) to 1.0 (full)
     channels: list[ChannelBacklog] = field(default_factory=list)
@@ -58,11 +62,20 @@ def database_status(using: str | None = None) -> DatabaseStatus:
         Notification.objects.using(alias)
         .order_by()
         .values("channel")
-        .annotate(stored=Count("id"), oldest=Min("created_at"))
+        .annotate(
+            stored=Count("id"),
+            failed=Count("id", filter=Q(failed_at__isnull=False)),
+            oldest=Min("created_at", filter=Q(failed_at__isnull=True)),
+        )
     )
     channels = sorted(
         (
-            ChannelBacklog(channel_label(row["channel"]), row["stored"], _age(row["oldest"], now))
+            ChannelBacklog(
+                channel_label(row["channel"]),
+                row["stored"],
+                row["failed"],
+                _age(row["oldest"], now),
+            )
             for row in per_channel
         ),
         key=lambda backlog: (-(backlog.oldest_age_seconds or 0.0), backlog.channel),
@@ -74,6 +87,7 @@ def database_status(using: str | None = None) -> DatabaseStatus:
     return DatabaseStatus(
         database=alias,
         stored=sum(backlog.stored for backlog in channels),
+        failed=sum(backlog.failed for backlog in channels),
         oldest_age_seconds=max(ages) if ages else None,
         notification_queue_usage=float(usage),
         channels=channels,

@@ -34,10 +34,30 @@ class Notification(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, null=True)
     # References django_migrations.id through a constraint made in migration 0003.
     db_version = models.IntegerField(null=True)
+    # What went wrong so far (see pgpubsub.retries). The database gives ``attempts`` its default
+    # too: the SQL functions that store rows name only ``channel`` and ``payload``.
+    attempts = models.PositiveIntegerField(default=0, help_text="Failed attempts so far.")
+    next_attempt_at = models.DateTimeField(
+        null=True, blank=True, help_text="Not claimed before this time (empty: at once)."
+    )
+    failed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When pgpubsub gave up on it; it is not tried again unless retried.",
+    )
+    last_error = models.TextField(null=True, blank=True, help_text="Type and message.")
+    last_traceback = models.TextField(null=True, blank=True)
 
     class Meta:
         ordering = ["created_at"]
-        indexes = [models.Index(fields=["channel", "id"], name="pgpubsub_channel_id_idx")]
+        indexes = [
+            # What listeners look for: a channel's rows that have not failed, by id.
+            models.Index(
+                fields=["channel", "id"],
+                name="pgpubsub_pending_idx",
+                condition=models.Q(failed_at__isnull=True),
+            )
+        ]
         triggers = [
             pgtrigger.Trigger(
                 name="pgpubsub_notification_set_db_version",
@@ -46,6 +66,16 @@ class Notification(models.Model):
                 func=_SET_DB_VERSION,
             )
         ]
+
+    @property
+    def status(self) -> str:
+        """``"failed"`` (given up), ``"retrying"`` (failed before, will be tried again) or
+        ``"pending"``."""
+        if self.failed_at is not None:
+            return self.FAILED
+        return self.RETRYING if self.attempts else self.PENDING
+
+    PENDING, RETRYING, FAILED = "pending", "retrying", "failed"
 
     def __repr__(self) -> str:
         return (

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 
 from pgpubsub import conf, wire
 from pgpubsub.channel import BaseChannel, Channel, locate_channel, select_channels
@@ -77,3 +77,34 @@ def process_stored_notifications(
             cursor.execute(
                 "SELECT pg_notify(%s, %s)", [channel_cls.listen_safe_name(), wire.RECOVER]
             )
+
+
+def retry_failed(
+    channels: Iterable[type[BaseChannel] | str] | None = None,
+    ids: Iterable[int] | None = None,
+    using: str | None = None,
+) -> int:
+    """Give stored notifications new attempts, now: every one marked failed (of ``channels``,
+    when given), or the rows ``ids`` whatever their state (failed, waiting for their next
+    attempt). Their attempts count from zero again, and their NOTIFY is sent again so that a
+    running listener processes them at once. Returns how many rows were retried."""
+    from pgpubsub import store  # needs the app registry (models)
+
+    named = None if channels is None else [locate_channel(channel) for channel in channels]
+    row_ids = None if ids is None else [int(pk) for pk in ids]
+    by_alias: dict[str, list[type[BaseChannel]] | None] = {}
+    if named is None:
+        by_alias[using or conf.notifications_alias()] = None
+    else:
+        for channel_cls in named:
+            alias = using or channel_cls.database or conf.notifications_alias()
+            by_alias.setdefault(alias, []).append(channel_cls)
+    retried = 0
+    for alias, selected in by_alias.items():
+        with transaction.atomic(using=alias):  # the NOTIFYs go out with the commit
+            rows = store.retry(selected, row_ids, alias)
+            store.notify_rows(rows, alias)
+        if rows:
+            logger.info("Retrying %s stored notification(s) on %s", len(rows), alias)
+        retried += len(rows)
+    return retried

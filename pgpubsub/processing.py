@@ -9,6 +9,11 @@ that succeeded. A message's effects commit if and only if its acknowledgement do
   violates one fails alone instead of failing the commit of the whole batch;
 - should the commit still fail, each message of the batch is processed again in a transaction
   of its own.
+
+A failed attempt is recorded on the message's row (:mod:`pgpubsub.retries` says when it is
+tried again, or that it is marked failed); a message that cannot be read is marked failed at
+once. Failures never propagate (unless ``raise_errors``): one bad message or listener cannot
+stop the thread that processes messages.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import connections, transaction
 
-from pgpubsub import deliveries, signals, store
+from pgpubsub import deliveries, retries, signals, store
 from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
@@ -40,9 +45,11 @@ _CHECK_DEFERRED = (
 class _Tally:
     """Counts and errors, shared by a Processor and those it made for other databases."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_retry: Callable[[type[BaseChannel], float], None] | None) -> None:
+        self.on_retry = on_retry
         self.processed = 0
         self.failed = 0
+        self.invalid = 0  # of the failed: messages that could not be read
         self.catch_up_needed = False
         self.first_error: BaseException | None = None
         self.last_error: BaseException | None = None
@@ -60,15 +67,16 @@ class Processor:
     """Processes notifications on the calling thread's Django connection for ``using`` (or
     for the ``database`` of a channel that names one).
 
-    Failures are logged with their traceback and counted; they do not propagate (unless
-    ``raise_errors``), so one bad message or callback cannot stop a listener. A failed lockable
-    message stays stored. When the connection breaks while a lockable message is processed,
-    the message stays stored and ``catch_up_needed`` is set: the caller should process the
-    stored messages once the connection is back.
+    Failures are logged and counted; they do not propagate (unless ``raise_errors``). A failed
+    lockable message stays stored, with its attempt recorded; ``on_retry(channel, seconds)`` is
+    told when it is due again. When the connection breaks while a lockable message is
+    processed, the message stays stored (no attempt is counted) and ``catch_up_needed`` is set:
+    the caller should process the stored messages once the connection is back.
     """
 
     processed = _shared("processed")
     failed = _shared("failed")
+    invalid = _shared("invalid")
     catch_up_needed = _shared("catch_up_needed")
     first_error = _shared("first_error")
     last_error = _shared("last_error")
@@ -78,12 +86,13 @@ class Processor:
         using: str = "default",
         raise_errors: bool = False,
         stopping: threading.Event | None = None,
+        on_retry: Callable[[type[BaseChannel], float], None] | None = None,
         _tally: _Tally | None = None,
     ) -> None:
         self.using = using
         self.raise_errors = raise_errors
         self.stopping = stopping
-        self._tally = _tally or _Tally()
+        self._tally = _tally or _Tally(on_retry)
         self._others: dict[str, Processor] = {}
 
     def for_channel(self, channel_cls: type[BaseChannel]) -> Processor:
@@ -94,22 +103,19 @@ class Processor:
             return self
         other = self._others.get(alias)
         if other is None:
-            other = Processor(alias, self.raise_errors, self.stopping, self._tally)
+            other = Processor(alias, self.raise_errors, self.stopping, _tally=self._tally)
             self._others[alias] = other
         return other
 
-    def _count(self, processed: int = 0, failed: int = 0) -> None:
+    def _count(self, processed: int = 0, failed: int = 0, invalid: int = 0) -> None:
         with self._tally.lock:
             self._tally.processed += processed
             self._tally.failed += failed
+            self._tally.invalid += invalid
 
-    def _failure(self, error: BaseException, message: str, *args: object) -> None:
-        logger.error(message, *args, exc_info=error)
-        self.record_failure(error)
-
-    def record_failure(self, error: BaseException) -> None:
+    def record_failure(self, error: BaseException, invalid: bool = False) -> None:
         """Count a failed message (already logged) and keep its error."""
-        self._count(failed=1)
+        self._count(failed=1, invalid=int(invalid))
         self.last_error = error
         if self.first_error is None:
             self.first_error = error
@@ -166,21 +172,31 @@ class Processor:
         or not at all)."""
         started = time.perf_counter()
         try:
+            message = channel_cls.build_from_payload(payload, callbacks)
+        except Exception as error:
+            logger.error(
+                "Dropping a message of %s that cannot be read: %s",
+                channel_cls.name(),
+                retries.describe(error),
+                extra={"pgpubsub_error": error},
+            )
+            self._signal_failure(channel_cls, None, error, started, 1, True)
+            self.record_failure(error, invalid=True)
+            return 0
+        try:
             with transaction.atomic(using=self.using):
-                channel_cls.build_from_payload(payload, callbacks).execute_callbacks()
+                message.execute_callbacks()
         except Exception as error:
             # A plain message is not kept, so there is nothing to retry: repair and go on.
             self._connection_lost(None)
-            self._failure(
-                error, "Listener of %s failed on message %.200r", channel_cls.name(), payload
+            logger.error(
+                "Listener of %s failed on message %.200r",
+                channel_cls.name(),
+                payload,
+                exc_info=error,
             )
-            signals.send(
-                signals.message_failed,
-                channel_cls,
-                duration=time.perf_counter() - started,
-                row_id=None,
-                error=error,
-            )
+            self._signal_failure(channel_cls, None, error, started, 1, True)
+            self.record_failure(error)
             return 0
         self._count(processed=1)
         signals.send(
@@ -188,6 +204,7 @@ class Processor:
             channel_cls,
             duration=time.perf_counter() - started,
             row_id=None,
+            attempt=1,
         )
         return 1
 
@@ -195,7 +212,7 @@ class Processor:
         self, channel_cls: type[BaseChannel], callbacks: list[Callable], row_id: int
     ) -> bool:
         """Claim, run and acknowledge stored row ``row_id``. False if it was not processed
-        (someone else has it, it is gone, or a listener failed)."""
+        (someone else has it, it is gone or not due, or a listener failed)."""
         return self.process_stored_rows(channel_cls, [row_id], callbacks) == 1
 
     def process_stored_rows(
@@ -205,7 +222,7 @@ class Processor:
         callbacks: list[Callable] | None = None,
         raise_on_disconnect: bool = False,
     ) -> int:
-        """Claim the stored rows ``row_ids`` of the channel that no one else holds, run and
+        """Claim the due stored rows ``row_ids`` of the channel that no one else holds, run and
         acknowledge them in one transaction. Returns how many succeeded.
 
         When the connection breaks, the rows stay stored: the error is raised with
@@ -216,6 +233,7 @@ class Processor:
             )
         used = self._open_connection()
         committed: list[bool] = []
+        taken: list[store.StoredRow] = []
         try:
             with transaction.atomic(using=self.using):
                 # The first commit hook: tells a failed commit from a hook that failed after it.
@@ -223,13 +241,15 @@ class Processor:
                 if len(row_ids) == 1:
                     # The transaction is this message's own: claim and acknowledge in one
                     # statement; a failure rolls both back.
-                    rows = store.take_ids(channel_cls, row_ids, self.using)
-                    done = self._run_taken(channel_cls, callbacks, rows, used)
+                    taken = store.take_ids(channel_cls, row_ids, self.using)
+                    done = self._run_taken(channel_cls, callbacks, taken, used)
                 else:
                     rows = store.claim_ids(channel_cls, row_ids, self.using)
                     done = self._run_claimed(channel_cls, callbacks, rows, used)
-        except _Reported:
-            return 0  # a listener failed: logged and counted, its row is stored again
+        except _Failed as failed:
+            # Its transaction rolled back: the row is stored again, unlocked; record the attempt.
+            self._failed_attempt(channel_cls, failed.row, failed.error, failed.started, failed.read)
+            return 0
         except Exception as error:
             if committed:
                 logger.error(
@@ -256,21 +276,30 @@ class Processor:
                     self.process_stored_rows(channel_cls, [pk], callbacks, raise_on_disconnect)
                     for pk in row_ids
                 )
+            elif taken:  # its commit failed (a deferred constraint): an attempt that failed
+                self._failed_attempt(channel_cls, taken[0], error, time.perf_counter(), True)
             else:
-                self._failure(
-                    error,
+                logger.error(
                     "Processing stored notification %s of %s failed; it stays stored",
                     row_ids[0],
                     channel_cls.name(),
+                    exc_info=error,
                 )
-                return 0
+                self.record_failure(error)
+            return 0
         self._count(processed=len(done))
-        for row_id, duration in done:  # committed: now they count as processed
-            signals.send(signals.message_processed, channel_cls, duration=duration, row_id=row_id)
+        for row_id, duration, attempt in done:  # committed: now they count as processed
+            signals.send(
+                signals.message_processed,
+                channel_cls,
+                duration=duration,
+                row_id=row_id,
+                attempt=attempt,
+            )
         return len(done)
 
     def process_stored_channel(self, channel_cls: type[BaseChannel]) -> int:
-        """Process every stored row of the channel that no one else holds, in batches of
+        """Process every due stored row of the channel that no one else holds, in batches of
         ``store.BATCH_SIZE`` per transaction, until none is left or ``stopping`` is set.
         Returns how many succeeded. Raises the error when the connection breaks."""
         if channel_cls.database not in (None, self.using):
@@ -302,43 +331,111 @@ class Processor:
         callbacks: list[Callable] | None,
         rows: list[store.StoredRow],
         used: object,
-    ) -> list[tuple[int, float]]:
+    ) -> list[tuple[int, float, int]]:
         """Inside the transaction that deleted the one row of ``rows``: run its callbacks.
-        A failure is reported, then raised as :class:`_Reported` to roll the transaction back."""
+        A failure is raised as :class:`_Failed`, to roll the transaction back."""
         if not rows:
             return []
         (row,) = rows
         db = connections[self.using]
         hooks = len(db.run_on_commit)
         started = time.perf_counter()
+        read = False
         try:
             message = channel_cls.build_from_payload(
                 row.payload, self._callbacks(channel_cls, callbacks)
             )
+            read = True
             message.execute_callbacks()
         except Exception as error:
             if self._connection_lost(used):
                 raise
-            self._report(channel_cls, row.pk, error, started)
-            raise _Reported from error
+            raise _Failed(row, error, started, read) from error
         _robust_hooks(db, hooks)
-        return [(row.pk, time.perf_counter() - started)]
+        return [(row.pk, time.perf_counter() - started, row.attempts + 1)]
 
-    def _report(
-        self, channel_cls: type[BaseChannel], row_id: int, error: Exception, started: float
+    def _failed_attempt(
+        self,
+        channel_cls: type[BaseChannel],
+        row: store.StoredRow,
+        error: Exception,
+        started: float,
+        read: bool,
+        locked: bool = False,
     ) -> None:
-        self._failure(
-            error,
-            "Listener of %s failed on stored notification %s; it stays stored",
-            channel_cls.name(),
-            row_id,
-        )
+        """Log, count, signal and record a failed attempt of ``row`` (``read``: its message
+        could be read, so a listener failed). ``locked``: this transaction holds the row."""
+        attempt = row.attempts + 1
+        limit = retries.max_attempts(channel_cls)
+        retry_in = retries.backoff(channel_cls, attempt) if read and attempt < limit else None
+        name = channel_cls.name()
+        if not read:
+            logger.error(
+                "Stored notification %s of %s cannot be read, marked failed: %s",
+                row.pk,
+                name,
+                retries.describe(error),
+                extra={"pgpubsub_error": error},
+            )
+        elif retry_in is None:
+            logger.error(
+                "Listener of %s failed on stored notification %s (attempt %s of %s): marked "
+                "failed, it stays stored until retried",
+                name,
+                row.pk,
+                attempt,
+                limit,
+                exc_info=error,
+            )
+        else:
+            logger.error(
+                "Listener of %s failed on stored notification %s (attempt %s of %s); next "
+                "attempt in %.1fs",
+                name,
+                row.pk,
+                attempt,
+                limit,
+                retry_in,
+                exc_info=error,
+            )
+        self._signal_failure(channel_cls, row.pk, error, started, attempt, retry_in is None)
+        self.record_failure(error, invalid=not read)
+        try:
+            store.record_failure(
+                row.pk,
+                retries.describe(error),
+                retries.format_traceback(error),
+                retry_in,
+                self.using,
+                locked=locked,
+            )
+        except Exception as exc:
+            if locked:
+                raise  # the batch's transaction is broken: its handler decides
+            # Without the record the row is due at once: a later sweep tries it again.
+            self._connection_lost(None)
+            logger.warning("Could not record the failed attempt of %s: %s", row.pk, exc)
+            return
+        if retry_in is not None and self._tally.on_retry is not None:
+            self._tally.on_retry(channel_cls, retry_in)
+
+    @staticmethod
+    def _signal_failure(
+        channel_cls: type[BaseChannel],
+        row_id: int | None,
+        error: Exception,
+        started: float,
+        attempt: int,
+        final: bool,
+    ) -> None:
         signals.send(
             signals.message_failed,
             channel_cls,
             duration=time.perf_counter() - started,
             row_id=row_id,
             error=error,
+            attempt=attempt,
+            final=final,
         )
 
     @staticmethod
@@ -354,9 +451,10 @@ class Processor:
         callbacks: list[Callable] | None,
         rows: list[store.StoredRow],
         used: object,
-    ) -> list[tuple[int, float]]:
+    ) -> list[tuple[int, float, int]]:
         """Inside the claiming transaction: run each row's callbacks in a savepoint of its own,
-        then delete the rows that succeeded. Returns (id, duration) of each that did."""
+        then delete the rows that succeeded. Returns (id, duration, attempt) of each that did;
+        the failed attempts of the others are recorded in the same transaction."""
         if not rows:
             return []
         callbacks = self._callbacks(channel_cls, callbacks)
@@ -366,9 +464,12 @@ class Processor:
         for row in rows:
             started = time.perf_counter()
             hooks = len(db.run_on_commit)
+            read = False
             try:
                 with transaction.atomic(using=self.using):
-                    channel_cls.build_from_payload(row.payload, callbacks).execute_callbacks()
+                    message = channel_cls.build_from_payload(row.payload, callbacks)
+                    read = True
+                    message.execute_callbacks()
                     if in_batch:
                         with db.cursor() as cursor:
                             cursor.execute(_CHECK_DEFERRED)
@@ -378,10 +479,10 @@ class Processor:
             except Exception as error:
                 if self._connection_lost(used):
                     raise
-                self._report(channel_cls, row.pk, error, started)
+                self._failed_attempt(channel_cls, row, error, started, read, locked=True)
             else:
-                succeeded.append((row.pk, time.perf_counter() - started))
-        store.acknowledge([pk for pk, _ in succeeded], self.using)
+                succeeded.append((row.pk, time.perf_counter() - started, row.attempts + 1))
+        store.acknowledge([pk for pk, _, _ in succeeded], self.using)
         return succeeded
 
 
@@ -395,6 +496,10 @@ def _robust_hooks(db: object, start: int) -> None:
             hooks[index] = (entry[0], entry[1], True)
 
 
-class _Reported(Exception):
-    """A listener failed on the only message of a transaction, and that was reported: roll
-    the transaction back (its row with it) and say no more."""
+class _Failed(Exception):
+    """The only message of a transaction failed: roll the transaction back (its row with it),
+    then record the attempt."""
+
+    def __init__(self, row: store.StoredRow, error: Exception, started: float, read: bool):
+        super().__init__(str(error))
+        self.row, self.error, self.started, self.read = row, error, started, read

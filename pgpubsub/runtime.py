@@ -7,7 +7,9 @@ deliveries from the queue and runs them on its own Django connection to the noti
 database (:mod:`pgpubsub.processing`).
 
 Lockable rows are the truth: a Runtime sweeps a lockable channel's stored rows when it starts
-(with ``recover``), after it reconnects, and when the queue had no room for a notification.
+(with ``recover``), after it reconnects, when the queue had no room for a notification, when a
+failed message it recorded is due again, and every ``PGPUBSUB_SWEEP_INTERVAL`` seconds (for the
+messages whose NOTIFY nobody got, and those of a process that died).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from django.db import connections
 from django.db.utils import InterfaceError, OperationalError
 
-from pgpubsub import conf, store
+from pgpubsub import conf, retries, store
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
 from pgpubsub.connection import ListenConnection, wait_any
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, max_concurrency, plan
@@ -39,12 +41,14 @@ WAIT_TIMEOUT = 1.0
 IDLE_WAIT = 30.0
 #: First and longest pause between reconnection attempts, in seconds (doubling, with jitter).
 MIN_RECONNECT_DELAY = 0.5
-MAX_RECONNECT_DELAY = 30.0
+MAX_RECONNECT_DELAY = 10.0
 #: Seconds without a notification after which the listener checks its connections with a
 #: round trip.
 KEEPALIVE_INTERVAL = 60.0
 #: Seconds a worker's connection may sit unused before it is checked before use.
 IDLE_CHECK_AFTER = 10.0
+#: Seconds added to a retry's delay before its sweep, so that the row is due when swept.
+RETRY_MARGIN = 0.05
 
 
 # The Runtimes started in this process and not stopped yet.
@@ -97,10 +101,15 @@ class Runtime:
         self.channels = selected_channels(channels)
         for channel in self.channels:
             max_concurrency(channel)  # a bad value fails here, not in a worker
+            if channel.lock_notifications:
+                retries.check(channel)
         self.workers = conf.workers() if workers is None else workers
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be a positive int, not {self.workers!r}")
         self.recover = recover
+        self.sweep_interval = conf.sweep_interval()
+        for read in (conf.max_attempts, conf.retry_delay, conf.retry_max_delay):
+            read()  # the workers read them when a message fails: a bad value fails here
         self.shutdown_timeout = (
             conf.shutdown_timeout() if shutdown_timeout is None else shutdown_timeout
         )
@@ -119,7 +128,10 @@ class Runtime:
         self._sweeping: set[type[BaseChannel]] = set()
         self._swept: dict[type[BaseChannel], int] = {}  # rows taken by a sweep in progress
         self._next_report: dict[type[BaseChannel], float] = {}
+        # Lockable channels with a failed message due again, and when (time.monotonic()).
+        self._retry_at: dict[type[BaseChannel], float] = {}
         self._in_flight = 0
+        self._ignored = 0
         self.connected = False
         self.reconnects = 0
         self.started_at: float | None = None
@@ -150,7 +162,9 @@ class Runtime:
                 self._want_sweep(self._lockable())
             threads = [threading.Thread(target=self._listen, name="pgpubsub-listener")]
             for number in range(self.workers):
-                processor = Processor(self.using, stopping=self._stopping)
+                processor = Processor(
+                    self.using, stopping=self._stopping, on_retry=self._schedule_retry
+                )
                 self._processors.append(processor)
                 threads.append(
                     threading.Thread(
@@ -251,6 +265,7 @@ class Runtime:
         """What the Runtime is doing, for health checks and metrics (no payloads)."""
         processed = sum(processor.processed for processor in self._processors)
         failed = sum(processor.failed for processor in self._processors)
+        invalid = sum(processor.invalid for processor in self._processors)
         errors = [p.last_error for p in self._processors if p.last_error is not None]
         last_error = self._listener_error or (errors[-1] if errors else None)
         return {
@@ -264,6 +279,8 @@ class Runtime:
             "in_flight": self._in_flight,
             "processed": processed,
             "failed": failed,
+            "invalid": invalid,
+            "ignored": self._ignored,
             "reconnects": self.reconnects,
             "last_error": None
             if last_error is None
@@ -282,6 +299,34 @@ class Runtime:
             self._sweeps_wanted.update(channels)
         self._wake()  # the listener queues sweeps
 
+    def _schedule_retry(self, channel: type[BaseChannel], seconds: float) -> None:
+        """A worker recorded a failed message of ``channel`` that is due in ``seconds``: the
+        listener sweeps the channel then."""
+        due = time.monotonic() + seconds + RETRY_MARGIN
+        with self._books:
+            if due >= self._retry_at.get(channel, float("inf")):
+                return
+            self._retry_at[channel] = due
+        self._wake()  # the listener's wait may have to end sooner
+
+    def _due_retries(self, now: float) -> float:
+        """Sweep the channels whose retries are due; returns when the next one is."""
+        with self._books:
+            due = [channel for channel, at in self._retry_at.items() if at <= now]
+            for channel in due:
+                del self._retry_at[channel]
+            following = min(self._retry_at.values(), default=float("inf"))
+        if due:
+            self._want_sweep(due)
+        return following
+
+    def _sweep_pause(self) -> float:
+        # Jitter keeps the Runtimes of many processes from sweeping all at once.
+        return self.sweep_interval * random.uniform(0.8, 1.0)
+
+    def _count_ignored(self, channel_name: str, payload: str, reason: str) -> None:
+        self._ignored += 1  # only the listener thread counts
+
     def _listen(self) -> None:
         # One LISTEN connection per database the channels are on (usually one).
         names: dict[str, list[str]] = {}
@@ -294,6 +339,8 @@ class Runtime:
         ever_connected = False
         missed = False  # notifications may have been sent while no connection listened
         quiet_since = time.monotonic()
+        lockable = self._lockable()
+        next_sweep = time.monotonic() + self._sweep_pause() if lockable else float("inf")
         try:
             while not self._stopping.is_set():
                 try:
@@ -316,12 +363,18 @@ class Runtime:
                             ", ".join(channel.name() for channel in self.channels),
                         )
                     self._enqueue_sweeps()
-                    # Notifications, a stop request and wanted sweeps all end the wait: it
-                    # only has to end for the keepalive.
-                    keepalive_due = quiet_since + KEEPALIVE_INTERVAL - time.monotonic()
+                    # Notifications, a stop request, wanted sweeps and newly scheduled retries
+                    # all end the wait: it only has to end for what is due by then.
+                    now = time.monotonic()
+                    due = min(quiet_since + KEEPALIVE_INTERVAL, next_sweep, self._due_retries(now))
                     received = wait_any(
-                        list(listening.values()), max(0.0, keepalive_due), self._wakeup[0]
+                        list(listening.values()), max(0.0, due - now), self._wakeup[0]
                     )
+                    now = time.monotonic()
+                    if now >= next_sweep:
+                        self._want_sweep(lockable)
+                        next_sweep = now + self._sweep_pause()
+                    self._due_retries(now)
                     if not received:
                         if time.monotonic() - quiet_since > KEEPALIVE_INTERVAL:
                             # A connection that died silently (a network partition) fails
@@ -332,7 +385,8 @@ class Runtime:
                         continue
                     quiet_since = time.monotonic()
                     self.last_notification_at = time.time()
-                    for delivery in plan(assembler.whole_messages(received)):
+                    messages = assembler.whole_messages(received)
+                    for delivery in plan(messages, ignored=self._count_ignored):
                         self._dispatch(delivery)
                     delay = MIN_RECONNECT_DELAY
                 except Exception as exc:

@@ -2,10 +2,13 @@
 
 Both are sent by the thread that ran the listeners, with ``sender`` the channel class:
 
-- ``message_processed(channel, duration, row_id)``: every listener of a message returned. For a
-  lockable message (``row_id`` is its stored row) it is sent once the acknowledgement committed.
-- ``message_failed(channel, duration, row_id, error)``: a listener raised ``error``; the
-  message's work was rolled back (a lockable message stays stored).
+- ``message_processed(channel, duration, row_id, attempt)``: every listener of a message
+  returned. For a lockable message (``row_id`` is its stored row) it is sent once the
+  acknowledgement committed; ``attempt`` is 1 for a first attempt, 2 for the first retry...
+- ``message_failed(channel, duration, row_id, error, attempt, final)``: a listener raised
+  ``error``, or the message could not be read; the message's work was rolled back (a lockable
+  message stays stored). ``final``: it will not be tried again (a plain message, or a lockable
+  one now marked failed).
 
 ``duration`` is the time its listeners took, in seconds. A receiver that raises is logged and
 does not affect processing. More keyword arguments may come: receivers take ``**kwargs``.

@@ -85,7 +85,31 @@ DROP FUNCTION IF EXISTS pgpubsub_store(text, jsonb);
 """
 
 
+# Rows are stored by INSERTs that name only channel and payload (the functions above, and the
+# triggers of django-pgpubsub 1.x until they are regenerated): the columns added since need
+# database defaults. Migration 0008 sets them; this sets them where tables were made without
+# migrations, and only when missing (ALTER TABLE waits for every transaction on the table).
+DEFAULTS_SQL = """
+DO $pgpubsub$ BEGIN
+    IF EXISTS (
+        SELECT 1 FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'pgpubsub_notification'
+        AND column_name = 'attempts' AND column_default IS NULL
+    ) THEN
+        ALTER TABLE pgpubsub_notification ALTER COLUMN attempts SET DEFAULT 0;
+    END IF;
+END
+$pgpubsub$;
+"""
+
+
 def install_functions(using: str = "default") -> None:
     """Create or replace the publishing functions in database ``using``."""
     with connections[using].cursor() as cursor:
         cursor.execute(FUNCTIONS_SQL)
+
+
+def install_defaults(using: str = "default") -> None:
+    """Give the columns of ``pgpubsub_notification`` that need one their database default."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(DEFAULTS_SQL)

@@ -1,27 +1,38 @@
-"""Every query on stored notifications: find pending rows, claim rows by id, acknowledge."""
+"""Every query on stored notifications: find pending rows, claim rows by id, acknowledge them,
+record a failed attempt, retry failed rows.
+
+A row is *due* when it has not failed for good (``failed_at`` is empty) and its next attempt is
+not in the future; listeners only ever claim due rows. The hot queries are plain SQL with
+parameters (no payload or name is ever pasted into them); ``PGPUBSUB_LISTENER_FILTER`` joins
+them as a subquery built by the ORM.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from django.db import connections
-from django.db.models import Q, TextField
-from django.db.models.functions import Cast
 
 from pgpubsub import conf
-from pgpubsub.channel import BaseChannel
+from pgpubsub.channel import BaseChannel, listen_name
 from pgpubsub.models import Notification
 
 #: Most stored rows claimed per transaction: enough to share a commit among many messages,
 #: few enough that concurrent listeners share a burst and a slow listener holds few rows.
 BATCH_SIZE = 20
 
+_TABLE = Notification._meta.db_table
+_DUE = "failed_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+
 
 class StoredRow(NamedTuple):
-    """A claimed row: its id and its payload as JSON text (parsed later, by the channel)."""
+    """A claimed row: its id, its payload as JSON text (parsed later, by the channel), and the
+    failed attempts it had before this one."""
 
     pk: int
     payload: str
+    attempts: int = 0
 
 
 def stored_names(channel_cls: type[BaseChannel]) -> list[str]:
@@ -30,47 +41,58 @@ def stored_names(channel_cls: type[BaseChannel]) -> list[str]:
     return [channel_cls.listen_safe_name(), channel_cls.name()]
 
 
-def _listener_filter() -> Q:
+def wire_name(stored: str) -> str:
+    """The LISTEN name the listeners of a row stored under ``stored`` wait on: rows that
+    django-pgpubsub 1.x ``notify()`` stored carry the channel's dotted path instead."""
+    if BaseChannel.get(stored) or "." not in stored:
+        return stored
+    return listen_name(stored)
+
+
+def _filter_sql(using: str) -> tuple[str, list]:
+    """`` AND id IN (...)`` for ``PGPUBSUB_LISTENER_FILTER``, or nothing."""
     provider = conf.listener_filter_provider()
-    return provider.get_filter() if provider is not None else Q()
+    if provider is None:
+        return "", []
+    allowed = Notification.objects.using(using).filter(provider.get_filter()).values("pk")
+    sql, params = allowed.query.get_compiler(using).as_sql()
+    return f" AND id IN ({sql})", list(params)
 
 
-def _locked(using: str):
+def _claimable(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> tuple[str, list]:
+    """The conditions of the due rows among ``row_ids``; locked with SKIP LOCKED, they give the
+    rows no one else holds."""
+    extra, params = _filter_sql(using)
     return (
-        Notification.objects.using(using)
-        .select_for_update(skip_locked=True, of=("self",))
-        .filter(_listener_filter())
+        f"id = ANY(%s) AND channel = ANY(%s) AND {_DUE}{extra}",
+        [list(row_ids), stored_names(channel_cls), *params],
     )
 
 
 def claim_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> list[StoredRow]:
-    """Lock those of the stored rows ``row_ids`` of the channel that are there, not locked by
-    another listener and not excluded by ``PGPUBSUB_LISTENER_FILTER``, for this transaction;
-    oldest first."""
-    rows = (
-        _locked(using)
-        .filter(pk__in=row_ids, channel__in=stored_names(channel_cls))
-        .order_by("pk")
-        .values_list("pk", Cast("payload", TextField()))
-    )
-    return [StoredRow(*row) for row in rows]
+    """Lock those of the stored rows ``row_ids`` of the channel that are there, due, not
+    locked by another listener and not excluded by ``PGPUBSUB_LISTENER_FILTER``, for this
+    transaction; oldest first."""
+    where, params = _claimable(channel_cls, row_ids, using)
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, payload::text, attempts FROM {_TABLE} WHERE {where} "
+            "ORDER BY id FOR UPDATE SKIP LOCKED",
+            params,
+        )
+        return [StoredRow(*row) for row in cursor.fetchall()]
 
 
 def take_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> list[StoredRow]:
     """Claim and acknowledge at once: delete those of the stored rows ``row_ids`` that
     :func:`claim_ids` would lock, returning them oldest first. Only a rollback of the
     transaction brings them back, so it suits a transaction that holds one message."""
-    locked = (
-        _locked(using)
-        .filter(pk__in=row_ids, channel__in=stored_names(channel_cls))
-        .order_by("pk")
-        .values("pk")
-    )
-    sql, params = locked.query.get_compiler(using).as_sql()
-    table = connections[using].ops.quote_name(Notification._meta.db_table)
+    where, params = _claimable(channel_cls, row_ids, using)
     with connections[using].cursor() as cursor:
         cursor.execute(
-            f"DELETE FROM {table} WHERE id IN ({sql}) RETURNING id, payload::text", params
+            f"DELETE FROM {_TABLE} WHERE id IN (SELECT id FROM {_TABLE} WHERE {where} "
+            "FOR UPDATE SKIP LOCKED) RETURNING id, payload::text, attempts",
+            params,
         )
         return sorted(StoredRow(*row) for row in cursor.fetchall())
 
@@ -78,17 +100,91 @@ def take_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> 
 def pending_ids(
     channel_cls: type[BaseChannel], after_id: int, using: str, limit: int = BATCH_SIZE
 ) -> list[int]:
-    """Ids of up to ``limit`` stored rows of the channel above ``after_id``, oldest first,
+    """Ids of up to ``limit`` due rows of the channel above ``after_id``, oldest first,
     without locking them (claiming them skips those another listener holds)."""
-    return list(
-        Notification.objects.using(using)
-        .filter(_listener_filter(), channel__in=stored_names(channel_cls), pk__gt=after_id)
-        .order_by("pk")
-        .values_list("pk", flat=True)[:limit]
-    )
+    extra, params = _filter_sql(using)
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM {_TABLE} WHERE channel = ANY(%s) AND id > %s AND {_DUE}{extra} "
+            "ORDER BY id LIMIT %s",
+            [stored_names(channel_cls), after_id, *params, limit],
+        )
+        return [row[0] for row in cursor.fetchall()]
 
 
 def acknowledge(row_ids: list[int], using: str) -> None:
     """Delete processed rows (inside the transaction that processed them)."""
     if row_ids:
-        Notification.objects.using(using).filter(pk__in=row_ids)._raw_delete(using)
+        with connections[using].cursor() as cursor:
+            cursor.execute(f"DELETE FROM {_TABLE} WHERE id = ANY(%s)", [list(row_ids)])
+
+
+def record_failure(
+    row_id: int,
+    error: str,
+    traceback: str,
+    retry_in: float | None,
+    using: str,
+    locked: bool = True,
+) -> bool:
+    """Count a failed attempt of row ``row_id`` and keep its error: it is due again in
+    ``retry_in`` seconds, or (``None``) marked failed. ``locked``: this transaction holds the
+    row; otherwise it is locked here first, and left alone if another listener holds it (that
+    one records what happens). False if the row was not updated."""
+    where = (
+        "id = %s"
+        if locked
+        else f"id = (SELECT id FROM {_TABLE} WHERE id = %s FOR UPDATE SKIP LOCKED)"
+    )
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_TABLE} SET attempts = attempts + 1, last_error = %s, last_traceback = %s, "
+            "next_attempt_at = CASE WHEN %s::float8 IS NULL THEN NULL "
+            "ELSE now() + make_interval(secs => %s::float8) END, "
+            "failed_at = CASE WHEN %s::float8 IS NULL THEN now() END "
+            f"WHERE {where}",
+            [error, traceback, retry_in, retry_in, retry_in, row_id],
+        )
+        return cursor.rowcount == 1
+
+
+def retry(
+    channels: Iterable[type[BaseChannel]] | None = None,
+    row_ids: Iterable[int] | None = None,
+    using: str | None = None,
+) -> list[tuple[int, str]]:
+    """Make rows due now with a fresh count of attempts, and return their (id, stored channel
+    name). With ``row_ids``, those rows (failed, waiting for their next attempt, or not tried
+    yet); otherwise every row marked failed, of ``channels`` if given."""
+    alias = using or conf.notifications_alias()
+    conditions, params = [], []
+    if row_ids is not None:
+        conditions.append("id = ANY(%s)")
+        params.append(list(row_ids))
+    else:
+        conditions.append("failed_at IS NOT NULL")
+    if channels is not None:
+        conditions.append("channel = ANY(%s)")
+        params.append([name for channel in channels for name in stored_names(channel)])
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_TABLE} SET attempts = 0, next_attempt_at = NULL, failed_at = NULL "
+            f"WHERE {' AND '.join(conditions)} RETURNING id, channel",
+            params,
+        )
+        return sorted(cursor.fetchall())
+
+
+def notify_rows(rows: Iterable[tuple[int, str]], using: str) -> int:
+    """Send the NOTIFY of each stored row ``(id, stored channel name)`` again, so that a
+    running listener claims it; returns how many were sent."""
+    rows = [(pk, wire_name(name)) for pk, name in rows if name]
+    if not rows:
+        return 0
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_notify(wire, pk::text) FROM unnest(%s::text[], %s::bigint[]) "
+            "AS rows(wire, pk) ORDER BY pk",
+            [[wire for _, wire in rows], [pk for pk, _ in rows]],
+        )
+    return len(rows)

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 
 from pgpubsub.testing import postgres
@@ -38,3 +40,28 @@ def listening(django_db_setup):
     wrapper.stop()
     with connection.cursor() as cursor:
         cursor.execute("UNLISTEN *")
+
+
+@pytest.fixture
+def runtimes():
+    """``runtimes(**kwargs)`` starts a Runtime in this process and waits until it listens; all
+    are stopped after the test, and none of their threads may outlive it."""
+    from pgpubsub.runtime import Runtime
+    from tests.processes import wait_for
+    from tests.testapp.listeners import timings
+
+    started: list[Runtime] = []
+
+    def start(**kwargs) -> Runtime:
+        runtime = Runtime(**kwargs)
+        started.append(runtime)
+        runtime.start()
+        wait_for(lambda: runtime.status()["connected"], 30, "the Runtime to listen")
+        return runtime
+
+    timings.clear()
+    yield start
+    for runtime in started:
+        runtime.stop(10)
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("pgpubsub-")]
+    timings.clear()

@@ -27,6 +27,17 @@ DATABASES["other"] = {
     **DATABASES["default"],
     "TEST": {"NAME": f"test_{DATABASES['default']['NAME']}_other_{os.getpid()}"},
 }
+# The same database through a connection of its own: what a listener writes there commits
+# whatever its own transaction does (tests/testapp/listeners.py: run_chaos_job).
+# Its sessions are named apart, so that fault-injection tests can leave them alone.
+DATABASES["side"] = {
+    **DATABASES["default"],
+    "OPTIONS": {
+        **DATABASES["default"]["OPTIONS"],
+        "application_name": f"{DATABASES['default']['OPTIONS'].get('application_name', '')}-side",
+    },
+    "TEST": {"MIRROR": "default"},
+}
 # Tests of listeners with persistent connections set this in the environment of a subprocess.
 if os.environ.get("PGPUBSUB_TEST_CONN_MAX_AGE"):
     DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["PGPUBSUB_TEST_CONN_MAX_AGE"])
@@ -44,8 +55,9 @@ for _name in ("WORKERS", "QUEUE_SIZE"):
         globals()[f"PGPUBSUB_{_name}"] = int(os.environ[f"PGPUBSUB_TEST_{_name}"])
 if os.environ.get("PGPUBSUB_TEST_CHANNELS"):
     PGPUBSUB_CHANNELS = os.environ["PGPUBSUB_TEST_CHANNELS"].split(",")
-if os.environ.get("PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"):
-    PGPUBSUB_SHUTDOWN_TIMEOUT = float(os.environ["PGPUBSUB_TEST_SHUTDOWN_TIMEOUT"])
+for _name in ("SHUTDOWN_TIMEOUT", "SWEEP_INTERVAL"):
+    if os.environ.get(f"PGPUBSUB_TEST_{_name}"):
+        globals()[f"PGPUBSUB_{_name}"] = float(os.environ[f"PGPUBSUB_TEST_{_name}"])
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "tests.urls"
 WSGI_APPLICATION = "tests.wsgi.application"

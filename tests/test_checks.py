@@ -119,6 +119,11 @@ def test_database_alias_with_an_engine_that_does_not_import():
         ({"PGPUBSUB_CHANNELS": ["tests.testapp.channels.Nope"]}, "pgpubsub.E011"),
         ({"PGPUBSUB_RECOVER_ON_START": 1}, "pgpubsub.E011"),
         ({"PGPUBSUB_SHUTDOWN_TIMEOUT": -1}, "pgpubsub.E011"),
+        ({"PGPUBSUB_MAX_ATTEMPTS": 0}, "pgpubsub.E011"),
+        ({"PGPUBSUB_MAX_ATTEMPTS": 2.0}, "pgpubsub.E011"),
+        ({"PGPUBSUB_RETRY_DELAY": "2"}, "pgpubsub.E011"),
+        ({"PGPUBSUB_RETRY_MAX_DELAY": 0}, "pgpubsub.E011"),
+        ({"PGPUBSUB_SWEEP_INTERVAL": None}, "pgpubsub.E011"),
     ],
 )
 def test_settings_of_the_wrong_type(overrides, expected):
@@ -280,7 +285,7 @@ def test_missing_sql_function_is_an_error():
 def test_database_that_migrate_is_about_to_update_is_not_reported():
     # `migrate` runs these checks before migrating: what it is about to install must not stop it.
     execute("DROP FUNCTION pgpubsub_notify(text, text)")
-    execute("DELETE FROM django_migrations WHERE app = 'pgpubsub' AND name LIKE '0007%'")
+    execute("DELETE FROM django_migrations WHERE app = 'pgpubsub' AND name >= '0007'")
     assert pgpubsub_messages(databases=["default"]) == []
 
     notify_trigger(Post, channels.PostTrigger).uninstall(Post)
@@ -325,6 +330,26 @@ def test_a_bad_max_concurrency_is_reported():
         del registry[Throttled]
     assert [m.id for m in messages] == ["pgpubsub.E012"]
     assert "Throttled.max_concurrency" in messages[0].msg and messages[0].obj is Throttled
+
+
+@pytest.mark.parametrize(
+    ("attributes", "wrong"),
+    [
+        ({"max_attempts": 0}, "Retried.max_attempts must be a positive int or None, not 0"),
+        ({"retry_delay": "1s"}, "Retried.retry_delay must be a positive number of seconds"),
+    ],
+)
+def test_bad_retry_attributes_are_reported(attributes, wrong):
+    from dataclasses import dataclass
+
+    Retried = dataclass(type("Retried", (channels.Job,), {"__module__": __name__, **attributes}))
+    registry[Retried].append(lambda key, text: None)
+    try:
+        messages = pgpubsub_messages()
+    finally:
+        del registry[Retried]
+    assert [m.id for m in messages] == ["pgpubsub.E015"]
+    assert wrong in messages[0].msg and messages[0].obj is Retried
 
 
 class LiteRouter:

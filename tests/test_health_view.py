@@ -48,6 +48,19 @@ def test_failing_when_the_oldest_stored_notification_is_too_old(live_server):
     assert code == 200 and body["max_backlog_age_seconds"] == 3600
 
 
+def test_rows_marked_failed_are_reported_but_are_no_backlog(live_server):
+    # A message that failed for good waits for a person, not for a listener: a probe that
+    # failed for it would take every web process out of service.
+    pgpubsub.notify(channels.Job, key="given-up", text="x")
+    Notification.objects.update(
+        created_at=timezone.now() - datetime.timedelta(days=2), failed_at=timezone.now()
+    )
+    code, body, _ = get(live_server)
+    assert code == 200 and body["problems"] == []
+    assert (body["database"]["stored"], body["database"]["failed"]) == (1, 1)
+    assert body["database"]["oldest_age_seconds"] is None
+
+
 def test_only_get_and_head(live_server):
     request = urllib.request.Request(live_server.url + "/pgpubsub/health/", method="POST")
     with pytest.raises(urllib.error.HTTPError) as raised:

@@ -127,7 +127,7 @@ def test_process_stored_notifications_wakes_a_running_listener(processes):
             payload={"kwargs": {"key": f"silent-{number}", "text": ""}},
         )
     # A notified job is processed by claiming its own row only: the silent rows stay stored
-    # (the listener has no periodic sweep that could pick them up in this short window).
+    # (its periodic sweep, every PGPUBSUB_SWEEP_INTERVAL = 30 s, is not due in this window).
     pgpubsub.notify(channels.Job, key="marker")
     wait_for(lambda: effects("marker") == 1, 30, "the marker job to be processed", watch=[listener])
     assert stored(channels.Job) == 5

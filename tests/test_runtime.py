@@ -19,27 +19,6 @@ from tests.testapp.models import Effect
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-def runtimes():
-    """``runtimes(**kwargs)`` starts a Runtime and waits until it listens; all are stopped
-    after the test, and none of their threads may outlive it."""
-    started: list[Runtime] = []
-
-    def start(**kwargs) -> Runtime:
-        runtime = Runtime(**kwargs)
-        started.append(runtime)
-        runtime.start()
-        wait_for(lambda: runtime.status()["connected"], 30, "the Runtime to listen")
-        return runtime
-
-    timings.clear()
-    yield start
-    for runtime in started:
-        runtime.stop(10)
-    assert not [thread for thread in threading.enumerate() if thread.name.startswith("pgpubsub-")]
-    timings.clear()
-
-
 def sessions() -> set[int]:
     """Backend pids of the other sessions on the test database."""
     with connection.cursor() as cursor:
@@ -220,6 +199,12 @@ def test_bad_settings_fail_when_the_runtime_is_made(settings):
     settings.PGPUBSUB_SHUTDOWN_TIMEOUT = "soon"
     with pytest.raises(ImproperlyConfigured, match="PGPUBSUB_SHUTDOWN_TIMEOUT must be a posit"):
         Runtime()
+    del settings.PGPUBSUB_SHUTDOWN_TIMEOUT
+    for name in ("PGPUBSUB_MAX_ATTEMPTS", "PGPUBSUB_RETRY_DELAY", "PGPUBSUB_RETRY_MAX_DELAY"):
+        setattr(settings, name, 0)
+        with pytest.raises(ImproperlyConfigured, match=f"{name} must be a positive"):
+            Runtime()
+        delattr(settings, name)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])

@@ -23,7 +23,8 @@ def status(*args: str) -> str:
 
 def test_an_empty_backlog():
     assert status().splitlines() == [
-        "Database 'default': 0 stored notification(s), oldest -; notification queue 0.0% full"
+        "Database 'default': 0 stored notification(s), 0 failed, oldest -; notification queue "
+        "0.0% full"
     ]
 
 
@@ -38,28 +39,35 @@ def test_the_backlog_per_channel_oldest_first_without_payloads():
     # A row django-pgpubsub 1.x stored under the dotted name, before created_at existed.
     Notification.objects.create(channel="some.old.Channel", payload={"kwargs": {}})
     Notification.objects.filter(channel="some.old.Channel").update(created_at=None)
+    # A failed row is kept, but is no backlog: it is older than the others and not counted in
+    # the oldest age.
+    pgpubsub.notify(channels.Job, key="secret-failed", text="do not show me")
+    Notification.objects.filter(payload__kwargs__key="secret-failed").update(
+        failed_at=timezone.now(), attempts=5, created_at=hour_ago - datetime.timedelta(days=3)
+    )
 
     report = json.loads(status("--json"))
     assert report["database"] == "default"
-    assert report["stored"] == 5
+    assert report["stored"] == 6
+    assert report["failed"] == 1
     assert 3900 <= report["oldest_age_seconds"] < 4000
     assert 0.0 <= report["notification_queue_usage"] < 0.01
-    assert [(c["channel"], c["stored"]) for c in report["channels"]] == [
-        (channels.FailingJob.name(), 1),
-        (channels.Job.name(), 3),
-        ("some.old.Channel", 1),
+    assert [(c["channel"], c["stored"], c["failed"]) for c in report["channels"]] == [
+        (channels.FailingJob.name(), 1, 0),
+        (channels.Job.name(), 4, 1),
+        ("some.old.Channel", 1, 0),
     ]
     assert report["channels"][2]["oldest_age_seconds"] is None
 
     table = status()
     assert table.splitlines()[0].startswith(
-        "Database 'default': 5 stored notification(s), oldest 1h 05m"
+        "Database 'default': 6 stored notification(s), 1 failed, oldest 1h 05m"
     )
     rows = [line.split() for line in table.splitlines()[1:]]
-    assert rows[0] == ["channel", "stored", "oldest"]
-    assert rows[1][:2] == [channels.FailingJob.name(), "1"] and rows[1][2:] == ["1h", "05m"]
-    assert rows[2][:2] == [channels.Job.name(), "3"]
-    assert rows[3] == ["some.old.Channel", "1", "-"]
+    assert rows[0] == ["channel", "stored", "failed", "oldest"]
+    assert rows[1][:3] == [channels.FailingJob.name(), "1", "0"] and rows[1][3:] == ["1h", "05m"]
+    assert rows[2][:3] == [channels.Job.name(), "4", "1"]
+    assert rows[3] == ["some.old.Channel", "1", "0", "-"]
     assert "secret" not in table and "do not show me" not in table
     assert "secret" not in json.dumps(report)
 

@@ -221,6 +221,7 @@ def migrated(scratch_databases):
 def test_migrate_applies_only_the_new_migrations(migrated):
     upgraded, _fresh, _before, output = migrated
     assert "Applying pgpubsub.0007_functions_and_channel_index... OK" in output
+    assert "Applying pgpubsub.0008_notification_attempts... OK" in output
     for old in ("0001", "0002", "0003", "0004", "0005", "0006"):
         assert f"Applying pgpubsub.{old}" not in output
     assert "Applying contenttypes." not in output
@@ -230,7 +231,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
         pgpubsub_rows = fetch(
             conn, "SELECT id, name FROM django_migrations WHERE app = 'pgpubsub' ORDER BY id"
         )
-    # The 20 rows 1.3.1's project had are untouched; 0007 is recorded once, after them.
+    # The 20 rows 1.3.1's project had are untouched; 0007 and 0008 are recorded once, after them.
     assert len(rows) == 20
     assert rows[0] == (1, "contenttypes", "0001_initial")
     assert [row[0] for row in pgpubsub_rows[:6]] == [15, 16, 17, 18, 19, 20]
@@ -242,6 +243,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
         "0005_alter_notification_options",
         "0006_payload_stores_proper_jsonb",
         "0007_functions_and_channel_index",
+        "0008_notification_attempts",
     ]
     assert pgpubsub_rows[6][0] > 20
 
@@ -262,8 +264,17 @@ def test_upgraded_schema_matches_a_fresh_one(migrated):
         "payload",
         "created_at",
         "db_version",
+        "attempts",
+        "next_attempt_at",
+        "failed_at",
+        "last_error",
+        "last_traceback",
     ]
-    assert "pgpubsub_channel_id_idx" in {name for name, _ in fresh_schema["indexes"]}
+    # Rows are stored by INSERTs that name channel and payload only.
+    defaults = {row[0]: row[5] for row in fresh_schema["columns"]}
+    assert defaults["attempts"] == "0"
+    indexes = dict(fresh_schema["indexes"])
+    assert "WHERE (failed_at IS NULL)" in indexes["pgpubsub_pending_idx"]
     constraints = {name: definition for name, _, definition in fresh_schema["constraints"]}
     assert constraints["pgpubsub_notification_db_version_fk"] == (
         "FOREIGN KEY (db_version) REFERENCES django_migrations(id) ON DELETE RESTRICT"

@@ -162,8 +162,10 @@ class _FailureLog(logging.Handler):
         self.failures: list[tuple[str, BaseException]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread and record.exc_info and record.exc_info[1]:
-            self.failures.append((record.getMessage(), record.exc_info[1]))
+        # Messages that cannot be read are logged without a traceback, their error attached.
+        error = getattr(record, "pgpubsub_error", None) or (record.exc_info or (None, None))[1]
+        if record.thread == self.thread and error is not None:
+            self.failures.append((record.getMessage(), error))
 
 
 @contextmanager

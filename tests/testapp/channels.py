@@ -186,3 +186,43 @@ class Hooked(Channel):
 
     lock_notifications = True
     key: str
+
+
+@dataclass
+class Flaky(Channel):
+    """A lockable channel retried quickly, whose listener fails the first ``failures``
+    attempts of each message (counted in-process)."""
+
+    lock_notifications = True
+    max_attempts = 3
+    retry_delay = 0.2
+    key: str
+    failures: int = 1
+
+
+@dataclass
+class ChaosJob(Channel):
+    """A lockable channel for fault-injection runs across processes: ``fail`` is ``""``,
+    ``"once"`` (the first attempt fails, wherever it runs) or ``"always"``."""
+
+    lock_notifications = True
+    max_attempts = 3
+    retry_delay = 0.1
+    key: str
+    fail: str = ""
+
+
+@dataclass
+class Relay(Channel):
+    """A plain channel whose listener publishes a ``Job`` (and, if ``again``, a ``Relay``)."""
+
+    key: str
+    again: int = 0
+
+
+@dataclass
+class LockedRelay(Channel):
+    """A lockable channel whose listener publishes a ``Job`` and a ``Message``."""
+
+    lock_notifications = True
+    key: str

@@ -13,7 +13,7 @@ from django.db.models import F
 import pgpubsub
 from pgpubsub.triggers import Notify
 from tests.testapp import channels
-from tests.testapp.models import Effect, Post
+from tests.testapp.models import Effect, Marker, Post
 
 #: (channel name, keyword arguments) of each in-process delivery, in order.
 received: list[tuple[str, dict]] = []
@@ -207,3 +207,43 @@ def hook_on_commit(key: str) -> None:
         hooks_ran.append(key)
 
     transaction.on_commit(after_commit)
+
+
+#: Key -> monotonic time of each attempt of a Flaky message, in-process.
+flaky_attempts: dict[str, list[float]] = {}
+
+
+@pgpubsub.listener(channels.Flaky)
+def run_flaky(key: str, failures: int) -> None:
+    attempts = flaky_attempts.setdefault(key, [])
+    attempts.append(time.monotonic())
+    # Written before failing: the failed attempt's rollback must undo it (the key is unique).
+    Effect.objects.create(key=key, channel="Flaky", value=str(len(attempts)), pid=os.getpid())
+    if len(attempts) <= failures:
+        raise RuntimeError(f"flaky {key} failed on attempt {len(attempts)}")
+
+
+@pgpubsub.listener(channels.ChaosJob)
+def run_chaos_job(key: str, fail: str) -> None:
+    if fail == "always":
+        raise RuntimeError(f"chaos job {key} always fails")
+    if fail == "once":
+        # The marker commits on a connection of its own, whatever this attempt does next.
+        _, first = Marker.objects.using("side").get_or_create(key=key)
+        if first:
+            raise RuntimeError(f"chaos job {key} fails on its first attempt")
+    Effect.objects.create(key=key, channel="ChaosJob", pid=os.getpid())
+
+
+@pgpubsub.listener(channels.Relay)
+def relay(key: str, again: int) -> None:
+    pgpubsub.notify(channels.Job, key=f"{key}-relayed", text="relayed")
+    if again:
+        pgpubsub.notify(channels.Relay, key=f"{key}+", again=again - 1)
+
+
+@pgpubsub.listener(channels.LockedRelay)
+def locked_relay(key: str) -> None:
+    Effect.objects.create(key=key, channel="LockedRelay", pid=os.getpid())
+    pgpubsub.notify(channels.Job, key=f"{key}-relayed", text="relayed")
+    pgpubsub.notify(channels.Message, key=f"{key}-relayed", text="relayed")

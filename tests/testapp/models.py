@@ -49,3 +49,10 @@ class Effect(models.Model):
     channel = models.TextField()
     value = models.TextField(default="")
     pid = models.IntegerField(null=True)
+
+
+class Marker(models.Model):
+    """Written outside the listener's transaction (through the ``side`` alias): survives the
+    rollback of a failed attempt, so a listener can tell its first attempt from later ones."""
+
+    key = models.TextField(unique=True)

@@ -1,0 +1,176 @@
+"""Failed lockable messages: attempts recorded on the row, retried with backoff, then marked
+failed and kept; retried by hand. In-process Runtimes on a real Postgres."""
+
+import logging
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import connection, transaction
+from django.test import override_settings
+
+import pgpubsub
+from pgpubsub import retries
+from pgpubsub.models import Notification
+from pgpubsub.runtime import Runtime
+from tests.processes import wait_for
+from tests.testapp import channels
+from tests.testapp.listeners import flaky_attempts
+from tests.testapp.models import Effect
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+
+@pytest.fixture(autouse=True)
+def _clear_attempts():
+    flaky_attempts.clear()
+    yield
+    flaky_attempts.clear()
+
+
+def effects(channel: str) -> list[str]:
+    return sorted(Effect.objects.filter(channel=channel).values_list("key", flat=True))
+
+
+def row_of(key: str) -> Notification | None:
+    return Notification.objects.filter(payload__kwargs__key=key).first()
+
+
+def test_a_listener_that_fails_once_succeeds_on_its_next_attempt(runtimes):
+    runtime = runtimes(channels=[channels.Flaky], workers=2)
+    pgpubsub.notify(channels.Flaky, key="once", failures=1)
+
+    wait_for(lambda: effects("Flaky") == ["once"], 30, "the second attempt")
+    # The failed attempt's write was rolled back: only the second attempt's Effect exists.
+    assert Effect.objects.get(key="once").value == "2"
+    assert len(flaky_attempts["once"]) == 2
+    assert not Notification.objects.exists()
+    status = runtime.status()
+    assert (status["processed"], status["failed"], status["invalid"]) == (1, 1, 0)
+
+
+def test_attempts_back_off_then_the_row_is_marked_failed_and_kept(runtimes, caplog):
+    caplog.set_level(logging.ERROR, logger="pgpubsub")
+    runtimes(channels=[channels.Flaky], workers=2)
+    pgpubsub.notify(channels.Flaky, key="doomed", failures=99)
+
+    row = wait_for(
+        lambda: (row := row_of("doomed")) and row.failed_at is not None and row,
+        30,
+        "the row to be marked failed",
+    )
+    assert row.attempts == channels.Flaky.max_attempts == 3
+    assert row.status == Notification.FAILED
+    assert row.last_error == "RuntimeError: flaky doomed failed on attempt 3"
+    assert "Traceback (most recent call last)" in row.last_traceback
+    assert "in run_flaky" in row.last_traceback
+    assert effects("Flaky") == []  # every attempt rolled back
+    times = flaky_attempts["doomed"]
+    assert len(times) == 3
+    # retry_delay 0.2 s, doubled: at least half of 0.2 s, then of 0.4 s (jitter cuts up to half).
+    assert times[1] - times[0] >= 0.1
+    assert times[2] - times[1] >= 0.2
+    logged = [r.getMessage() for r in caplog.records if "doomed" in str(r.exc_info)]
+    assert any("attempt 1 of 3); next attempt in" in message for message in logged)
+    assert any("attempt 3 of 3): marked failed" in message for message in logged)
+
+    # A failed row is not tried again on its own: not by a sweep, not by its NOTIFY.
+    pgpubsub.process_stored_notifications([channels.Flaky])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [channels.Flaky.listen_safe_name(), str(row.pk)])
+    pgpubsub.notify(channels.Flaky, key="later", failures=0)
+    wait_for(lambda: effects("Flaky") == ["later"], 30, "a later message")
+    assert len(flaky_attempts["doomed"]) == 3
+    assert row_of("doomed").attempts == 3
+
+
+def test_a_failing_message_of_a_batch_fails_alone(runtimes):
+    runtime = runtimes(channels=[channels.Flaky], workers=1)
+    with transaction.atomic():  # arrive together: claimed in one transaction
+        for number in range(5):
+            pgpubsub.notify(channels.Flaky, key=f"b{number}", failures=99 if number == 2 else 0)
+
+    wait_for(lambda: len(effects("Flaky")) == 4, 30, "the four good messages")
+    row = wait_for(lambda: row_of("b2"), 5, "the failed row")
+    assert row.attempts >= 1 and row.last_error.startswith("RuntimeError: flaky b2")
+    assert Notification.objects.count() == 1
+    wait_for(lambda: row_of("b2").failed_at is not None, 30, "b2 to be marked failed")
+    assert runtime.status()["processed"] == 4
+
+
+def test_retry_delay_and_max_attempts_default_to_the_settings():
+    with override_settings(PGPUBSUB_MAX_ATTEMPTS=7, PGPUBSUB_RETRY_DELAY=1.5):
+        assert retries.max_attempts(channels.Job) == 7
+        assert retries.retry_delay(channels.Job) == 1.5
+        assert retries.max_attempts(channels.Flaky) == 3  # the channel's own
+    assert retries.max_attempts(channels.Job) == 5
+    assert retries.retry_delay(channels.Job) == 2.0
+    for failures in range(1, 12):
+        wait = retries.backoff(channels.Job, failures)
+        longest = min(300.0, 2.0 * 2 ** (failures - 1))
+        assert longest / 2 <= wait <= longest
+    with override_settings(PGPUBSUB_RETRY_MAX_DELAY=5):
+        assert retries.backoff(channels.Job, 30) <= 5
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "message"),
+    [
+        ("max_attempts", 0, "max_attempts must be a positive int or None, not 0"),
+        ("max_attempts", True, "max_attempts must be a positive int or None, not True"),
+        ("retry_delay", -1, "retry_delay must be a positive number of seconds or None, not -1"),
+        ("retry_delay", "2", "retry_delay must be a positive number of seconds or None, not '2'"),
+    ],
+)
+def test_bad_retry_attributes_fail_when_the_runtime_is_made(attribute, value, message):
+    setattr(channels.Flaky, attribute, value)
+    try:
+        with pytest.raises(ValueError, match=message):
+            Runtime(channels=[channels.Flaky])
+    finally:
+        setattr(channels.Flaky, attribute, {"max_attempts": 3, "retry_delay": 0.2}[attribute])
+
+
+def fail_for_good(key: str) -> Notification:
+    pgpubsub.notify(channels.Flaky, key=key, failures=3)
+    return wait_for(
+        lambda: (row := row_of(key)) and row.failed_at is not None and row,
+        30,
+        f"{key} to be marked failed",
+    )
+
+
+def test_retry_failed_gives_failed_rows_new_attempts(runtimes):
+    runtimes(channels=[channels.Flaky], workers=2)
+    failed = fail_for_good("fixed-later")
+    # Before: the listener fails 3 times, so its 4th attempt (the first after a retry) succeeds.
+
+    assert pgpubsub.retry_failed() == 1
+    wait_for(lambda: effects("Flaky") == ["fixed-later"], 30, "the retried message")
+    assert not Notification.objects.filter(pk=failed.pk).exists()
+    assert len(flaky_attempts["fixed-later"]) == 4
+    assert pgpubsub.retry_failed() == 0
+
+
+def test_retry_failed_by_channel_and_by_id(runtimes):
+    runtimes(channels=[channels.Flaky], workers=2)
+    first, second = fail_for_good("one"), fail_for_good("two")
+
+    assert pgpubsub.retry_failed(channels=[channels.Job]) == 0  # none of that channel
+    assert pgpubsub.retry_failed(ids=[first.pk]) == 1
+    wait_for(lambda: effects("Flaky") == ["one"], 30, "the retried message")
+    assert Notification.objects.get(pk=second.pk).status == Notification.FAILED
+    assert pgpubsub.retry_failed(channels=[channels.Flaky]) == 1
+    wait_for(lambda: effects("Flaky") == ["one", "two"], 30, "the other one")
+
+
+def test_retry_command(runtimes):
+    runtimes(channels=[channels.Flaky], workers=2)
+    failed = fail_for_good("by-command")
+    out = StringIO()
+
+    call_command("pgpubsub", "retry", "--ids", str(failed.pk), stdout=out)
+    assert out.getvalue().strip() == "Retried 1 stored notification(s)."
+    wait_for(lambda: effects("Flaky") == ["by-command"], 30, "the retried message")
+    call_command("pgpubsub", "retry", stdout=out)
+    assert out.getvalue().splitlines()[-1] == "Retried 0 stored notification(s)."
