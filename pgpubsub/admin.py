@@ -1,5 +1,5 @@
-"""Django admin for stored notifications: see what waits to be processed, have it processed
-now, or delete it.
+"""Django admin for stored notifications: see what waits to be processed and what failed, retry
+it now, or delete it.
 
 Django imports this module (admin autodiscovery) only when ``django.contrib.admin`` is
 installed; it registers :class:`NotificationAdmin` on the default site only then, so importing
@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 from typing import Any
 
 from django.apps import apps
 from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
-from django.db import connections
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-from pgpubsub.channel import BaseChannel, listen_name, registry
+from pgpubsub import store
+from pgpubsub.channel import registry
 from pgpubsub.health import channel_label
 from pgpubsub.models import Notification
-
-_LISTEN_NAME = re.compile(r"^pgpubsub_[0-9a-f]{5}$")
-
-
-def wire_channel(stored: str) -> str:
-    """The LISTEN name the listeners of a row's channel wait on.
-
-    Rows that django-pgpubsub 1.x ``notify()`` stored carry the channel's dotted path, whose
-    listeners wait on the LISTEN name derived from that path.
-    """
-    if _LISTEN_NAME.match(stored) or BaseChannel.get(stored) or "." not in stored:
-        return stored
-    return listen_name(stored)  # as BaseChannel.listen_safe_name() derives it
 
 
 def format_age(delta: datetime.timedelta) -> str:
@@ -67,6 +54,14 @@ def pretty_json(payload: Any) -> str:
     return json.dumps(payload, indent=2, ensure_ascii=False)
 
 
+#: Characters of the last error shown in the list (the row's page shows all of it).
+ERROR_COLUMN_LENGTH = 80
+
+
+def _pre(text: str) -> str:
+    return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
+
+
 class ChannelFilter(admin.SimpleListFilter):
     """The channels that have stored rows, by dotted class name (one choice per channel, also
     when some of its rows are stored under its LISTEN name and others under its dotted name)."""
@@ -87,39 +82,44 @@ class ChannelFilter(admin.SimpleListFilter):
         value = self.value()
         if not value:
             return queryset
-        return queryset.filter(channel__in={value, wire_channel(value)})
+        return queryset.filter(channel__in={value, store.wire_name(value)})
 
 
-@admin.action(description="Process now", permissions=["process"])
-def process_now(
+class StatusFilter(admin.SimpleListFilter):
+    """Pending (not tried yet), retrying (failed, tried again later) or failed (given up)."""
+
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [
+            (Notification.PENDING, "pending"),
+            (Notification.RETRYING, "retrying"),
+            (Notification.FAILED, "failed"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value == Notification.FAILED:
+            return queryset.filter(failed_at__isnull=False)
+        if value == Notification.RETRYING:
+            return queryset.filter(failed_at__isnull=True, attempts__gt=0)
+        if value == Notification.PENDING:
+            return queryset.filter(failed_at__isnull=True, attempts=0)
+        return queryset
+
+
+@admin.action(description="Retry now", permissions=["process"])
+def retry_now(
     model_admin: NotificationAdmin, request: HttpRequest, queryset: QuerySet[Notification]
 ) -> None:
-    """Send the selected rows' NOTIFY again (payload: the row id), so that a running listener
-    claims and processes each of them."""
-    stored = [
-        name
-        for name in queryset.order_by().values_list("channel", flat=True).distinct()
-        if name  # Postgres refuses to NOTIFY an empty channel name
-    ]
-    sent = 0
-    if stored:
-        connection = connections[queryset.db]
-        opts = Notification._meta
-        table = connection.ops.quote_name(opts.db_table)
-        pk, channel = (
-            connection.ops.quote_name(opts.get_field(f).column) for f in ("id", "channel")
-        )
-        selected = queryset.order_by().values("pk").query
-        selected_sql, params = selected.get_compiler(queryset.db).as_sql()
-        # One statement for any number of rows: nothing is loaded into Python.
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT pg_notify(names.wire, n.{pk}::text) FROM {table} AS n "
-                "JOIN unnest(%s::text[], %s::text[]) AS names(stored, wire) "
-                f"ON n.{channel} = names.stored WHERE n.{pk} IN ({selected_sql}) ORDER BY n.{pk}",
-                [stored, [wire_channel(name) for name in stored], *params],
-            )
-            sent = cursor.rowcount
+    """Make the selected rows due now with a fresh count of attempts (failed ones too), and
+    send their NOTIFY again (payload: the row id), so that a running listener claims and
+    processes each of them."""
+    selected = list(queryset.order_by().values_list("pk", flat=True))
+    with transaction.atomic(using=queryset.db):  # the NOTIFYs go out with the commit
+        rows = store.retry(row_ids=selected, using=queryset.db)
+        sent = store.notify_rows(rows, queryset.db)
     model_admin.message_user(
         request,
         ngettext(
@@ -138,14 +138,39 @@ class NotificationAdmin(admin.ModelAdmin):
     Columns and detail fields are plain tuples: subclasses (and later versions) extend them.
     """
 
-    list_display = ("id", "channel_name", "created_at", "age", "db_version")
-    list_filter = (ChannelFilter,)
-    search_fields = ("channel",)
-    search_help_text = "Part of a channel's dotted or LISTEN name, or a notification id."
+    list_display = (
+        "id",
+        "channel_name",
+        "status",
+        "attempts",
+        "created_at",
+        "age",
+        "next_attempt_at",
+        "error",
+        "db_version",
+    )
+    list_filter = (ChannelFilter, StatusFilter)
+    search_fields = ("channel", "last_error")
+    search_help_text = (
+        "Part of a channel's dotted or LISTEN name or of the last error, or a notification id."
+    )
     ordering = ("id",)
-    fields = ("id", "channel_name", "created_at", "age", "db_version", "payload_pretty")
+    fields = (
+        "id",
+        "channel_name",
+        "status",
+        "attempts",
+        "created_at",
+        "age",
+        "next_attempt_at",
+        "failed_at",
+        "db_version",
+        "payload_pretty",
+        "last_error",
+        "traceback_pretty",
+    )
     readonly_fields = fields
-    actions = ("delete_selected", process_now)
+    actions = ("delete_selected", retry_now)
 
     @admin.display(description="channel", ordering="channel")
     def channel_name(self, obj: Notification) -> str:
@@ -157,11 +182,27 @@ class NotificationAdmin(admin.ModelAdmin):
             return None
         return format_age(timezone.now() - obj.created_at)
 
+    @admin.display(description="status", ordering="failed_at")
+    def status(self, obj: Notification) -> str:
+        return obj.status
+
+    @admin.display(description="last error", ordering="last_error")
+    def error(self, obj: Notification) -> str | None:
+        text = obj.last_error
+        if not text:
+            return None
+        first = text.splitlines()[0]
+        return (
+            first if len(first) <= ERROR_COLUMN_LENGTH else first[: ERROR_COLUMN_LENGTH - 1] + "…"
+        )
+
     @admin.display(description="payload")
     def payload_pretty(self, obj: Notification) -> str:
-        return format_html(
-            '<pre style="white-space: pre-wrap; margin: 0">{}</pre>', pretty_json(obj.payload)
-        )
+        return _pre(pretty_json(obj.payload))
+
+    @admin.display(description="traceback")
+    def traceback_pretty(self, obj: Notification) -> str | None:
+        return _pre(obj.last_traceback) if obj.last_traceback else None
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet, search_term: str
@@ -189,7 +230,7 @@ class NotificationAdmin(admin.ModelAdmin):
         return False  # the detail view is read-only
 
     def has_process_permission(self, request: HttpRequest) -> bool:
-        """The "Process now" action needs the model's change permission (no form uses it here)."""
+        """The "Retry now" action needs the model's change permission (no form uses it here)."""
         opts = self.opts
         codename = get_permission_codename("change", opts)
         return request.user.has_perm(f"{opts.app_label}.{codename}")

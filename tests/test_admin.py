@@ -1,8 +1,9 @@
 """The admin of stored notifications, driven over real HTTP against a live server: log in, list,
-filter, search, read a payload, have rows processed now, delete them."""
+filter, search, read a payload and a traceback, retry rows now, delete them."""
 
 from __future__ import annotations
 
+import datetime
 import html
 import http.cookiejar
 import json
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.utils import timezone
 
 import pgpubsub
 from pgpubsub.channel import Channel
@@ -239,7 +241,7 @@ def test_change_page_shows_the_payload_as_escaped_pretty_json(browser):
     assert "tests.testapp.channels.Job" in page
 
 
-def test_process_now_sends_each_selected_rows_notify(browser, listen_connection):
+def test_retry_now_sends_each_selected_rows_notify(browser, listen_connection):
     rows = [store_job(f"job-{n}") for n in range(3)]
     # A row as django-pgpubsub 1.x notify() stored it: under the channel's dotted name.
     legacy = Notification.objects.create(
@@ -250,7 +252,7 @@ def test_process_now_sends_each_selected_rows_notify(browser, listen_connection)
     listen_connection.listen([channels.Job.listen_safe_name(), Unregistered.listen_safe_name()])
     selected = [rows[0].pk, rows[2].pk, legacy.pk, unregistered.pk]
 
-    page = browser.action("process_now", selected)
+    page = browser.action("retry_now", selected)
 
     assert "Sent 4 notifications; running listeners will process them." in messages(page)
     # Sent in one transaction: they arrive together, and nothing else comes with them.
@@ -265,7 +267,7 @@ def test_process_now_sends_each_selected_rows_notify(browser, listen_connection)
     assert Notification.objects.count() == 5  # the rows stay until a listener processes them
 
 
-def test_process_now_has_a_running_listener_process_the_rows(browser, processes):
+def test_retry_now_has_a_running_listener_process_the_rows(browser, processes):
     rows = [store_job(f"late-{n}", text="work") for n in range(3)]
     legacy = Notification.objects.create(
         channel=channels.Job.name(), payload={"kwargs": {"key": "late-legacy", "text": "work"}}
@@ -275,7 +277,7 @@ def test_process_now_has_a_running_listener_process_the_rows(browser, processes)
     processes.start()
     assert Notification.objects.count() == 4
 
-    page = browser.action("process_now", [row.pk for row in rows] + [legacy.pk])
+    page = browser.action("retry_now", [row.pk for row in rows] + [legacy.pk])
 
     assert "Sent 4 notifications; running listeners will process them." in messages(page)
     wait_for(
@@ -295,18 +297,90 @@ def test_process_now_has_a_running_listener_process_the_rows(browser, processes)
     ]
 
 
-def test_process_now_needs_the_change_permission(live_server, django_user_model, browser):
+def test_retry_now_needs_the_change_permission(live_server, django_user_model, browser):
     row = store_job("job")
     viewer = django_user_model.objects.create_user("viewer", password=PASSWORD, is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_notification"))
     client = Browser(live_server.url)
     client.log_in("viewer", PASSWORD)
 
-    assert 'value="process_now"' in browser.get(CHANGELIST)
+    assert 'value="retry_now"' in browser.get(CHANGELIST)
     page = client.get(CHANGELIST)
     assert listed_ids(page) == [row.pk]
-    assert 'value="process_now"' not in page
+    assert 'value="retry_now"' not in page
     assert 'value="delete_selected"' not in page
+
+
+def mark_failed(row: Notification, attempts: int = 5, error: str = "RuntimeError: boom") -> None:
+    Notification.objects.filter(pk=row.pk).update(
+        attempts=attempts,
+        failed_at=timezone.now(),
+        last_error=error,
+        last_traceback='Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: boom',
+    )
+
+
+def test_failures_are_listed_with_status_attempts_next_attempt_and_error(browser):
+    pending, retrying, failed = (store_job(key) for key in ("pending", "retrying", "failed"))
+    Notification.objects.filter(pk=retrying.pk).update(
+        attempts=2,
+        next_attempt_at=timezone.now() + datetime.timedelta(minutes=5),
+        last_error="ValueError: " + "long " * 40,
+    )
+    mark_failed(failed)
+
+    page = browser.get(CHANGELIST)
+
+    assert listed_ids(page) == [pending.pk, retrying.pk, failed.pk]
+    assert cells(page, "status") == ["pending", "retrying", "failed"]
+    assert cells(page, "attempts") == ["0", "2", "5"]
+    assert cells(page, "next_attempt_at")[0] == "-"
+    assert cells(page, "next_attempt_at")[1] != "-"
+    errors = cells(page, "error")
+    assert errors[0] == "-"
+    assert errors[1].startswith("ValueError: long long") and errors[1].endswith("…")
+    assert len(errors[1]) == 80
+    assert errors[2] == "RuntimeError: boom"
+    for status, expected in [("pending", pending), ("retrying", retrying), ("failed", failed)]:
+        assert listed_ids(browser.get(CHANGELIST, status=status)) == [expected.pk], status
+    assert listed_ids(browser.get(CHANGELIST, q="boom")) == [failed.pk]
+
+
+def test_change_page_shows_the_error_and_its_traceback(browser):
+    row = store_job("broken")
+    mark_failed(row, error="RuntimeError: <b>boom</b>")
+
+    page = browser.get(f"{CHANGELIST}{row.pk}/change/")
+
+    assert "<b>boom</b>" not in page
+    assert "RuntimeError: &lt;b&gt;boom&lt;/b&gt;" in page
+    traceback = html.unescape(re.findall(r"<pre[^>]*>(.*?)</pre>", page, re.S)[1])
+    assert traceback.startswith("Traceback (most recent call last):")
+
+
+def test_retry_now_gives_failed_rows_new_attempts(browser, processes):
+    failed = store_job("given-up", text="work")
+    mark_failed(failed)
+    processes.start("--recover")  # even a sweep leaves failed rows alone
+    store_job("fresh", text="work")
+    wait_for(
+        lambda: Effect.objects.filter(key="fresh").exists(),
+        TIMEOUT,
+        "the fresh job",
+        watch=processes.started,
+    )
+    assert Notification.objects.get(pk=failed.pk).status == "failed"
+
+    page = browser.action("retry_now", [failed.pk])
+
+    assert "Sent 1 notification; a running listener will process it." in messages(page)
+    wait_for(
+        lambda: not Notification.objects.exists(),
+        TIMEOUT,
+        "the retried row to be processed",
+        watch=processes.started,
+    )
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["fresh", "given-up"]
 
 
 def test_delete_selected_asks_then_deletes(browser):
