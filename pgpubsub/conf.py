@@ -66,7 +66,13 @@ def listener_filter_provider() -> Any | None:
             f"PGPUBSUB_LISTENER_FILTER = {path!r} cannot be imported ({exc}). "
             "Set it to the dotted path of a class with a get_filter() method returning a Q."
         ) from exc
-    provider = provider_cls()
+    try:
+        provider = provider_cls()
+    except Exception as exc:
+        raise ImproperlyConfigured(
+            f"PGPUBSUB_LISTENER_FILTER = {path!r} cannot be instantiated ({exc}). "
+            "Set it to the dotted path of a class that takes no arguments."
+        ) from exc
     if not callable(getattr(provider, "get_filter", None)):
         raise ImproperlyConfigured(
             f"PGPUBSUB_LISTENER_FILTER = {path!r} has no get_filter() method."

@@ -55,6 +55,8 @@ for _name in ("WORKERS", "QUEUE_SIZE"):
         globals()[f"PGPUBSUB_{_name}"] = int(os.environ[f"PGPUBSUB_TEST_{_name}"])
 if os.environ.get("PGPUBSUB_TEST_CHANNELS"):
     PGPUBSUB_CHANNELS = os.environ["PGPUBSUB_TEST_CHANNELS"].split(",")
+if os.environ.get("PGPUBSUB_TEST_LISTENER_FILTER"):
+    PGPUBSUB_LISTENER_FILTER = os.environ["PGPUBSUB_TEST_LISTENER_FILTER"]
 for _name in ("SHUTDOWN_TIMEOUT", "SWEEP_INTERVAL"):
     if os.environ.get(f"PGPUBSUB_TEST_{_name}"):
         globals()[f"PGPUBSUB_{_name}"] = float(os.environ[f"PGPUBSUB_TEST_{_name}"])
