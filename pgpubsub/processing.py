@@ -129,11 +129,14 @@ class Processor:
     def _connection_lost(self, used: object | None) -> bool:
         """After a failure: True when the connection the work ran on (``used``; None if the
         work did not need one) broke. A broken connection is closed; Django may already have
-        replaced it (``atomic()`` does when its rollback fails)."""
+        replaced it (``atomic()`` does when its rollback fails).
+
+        The driver tells, without a query: in a transaction that a listener's database error
+        aborted, a query would fail too, and that is no lost connection."""
         db = connections[self.using]
         if used is not None and db.connection is not used:
             return True
-        if db.connection is None or db.is_usable():
+        if db.connection is None or not _broken(db.connection):
             return False
         db.close()
         return True
@@ -484,6 +487,12 @@ class Processor:
                 succeeded.append((row.pk, time.perf_counter() - started, row.attempts + 1))
         store.acknowledge([pk for pk, _, _ in succeeded], self.using)
         return succeeded
+
+
+def _broken(raw: object) -> bool:
+    """True when the driver connection ``raw`` (psycopg2 or psycopg 3) was closed or found
+    broken: both drivers mark it so when an operation on it failed for that reason."""
+    return bool(getattr(raw, "closed", False)) or bool(getattr(raw, "broken", False))
 
 
 def _robust_hooks(db: object, start: int) -> None:

@@ -174,3 +174,26 @@ def test_retry_command(runtimes):
     wait_for(lambda: effects("Flaky") == ["by-command"], 30, "the retried message")
     call_command("pgpubsub", "retry", stdout=out)
     assert out.getvalue().splitlines()[-1] == "Retried 0 stored notification(s)."
+
+
+@pytest.mark.parametrize("together", [1, 3], ids=["own-transaction", "batch"])
+def test_a_database_error_in_a_listener_is_a_failed_attempt_not_a_lost_connection(
+    runtimes, together
+):
+    runtime = runtimes(channels=[channels.Duplicating], workers=1)
+    with transaction.atomic():
+        for number in range(together):
+            pgpubsub.notify(channels.Duplicating, key=f"dup-{number}")
+
+    wait_for(
+        lambda: Notification.objects.filter(failed_at__isnull=False).count() == together,
+        30,
+        lambda: (
+            f"rows marked failed; {list(Notification.objects.values('attempts', 'last_error'))}"
+        ),
+    )
+    for row in Notification.objects.all():
+        assert row.attempts == 2
+        assert row.last_error.startswith("IntegrityError: duplicate key value")
+    status = runtime.status()
+    assert status["failed"] == 2 * together and status["reconnects"] == 0

@@ -226,3 +226,14 @@ class LockedRelay(Channel):
 
     lock_notifications = True
     key: str
+
+
+@dataclass
+class Duplicating(Channel):
+    """A lockable channel whose listener fails with a database error (a duplicate key), which
+    leaves its transaction aborted."""
+
+    lock_notifications = True
+    max_attempts = 2
+    retry_delay = 0.1
+    key: str

@@ -247,3 +247,9 @@ def locked_relay(key: str) -> None:
     Effect.objects.create(key=key, channel="LockedRelay", pid=os.getpid())
     pgpubsub.notify(channels.Job, key=f"{key}-relayed", text="relayed")
     pgpubsub.notify(channels.Message, key=f"{key}-relayed", text="relayed")
+
+
+@pgpubsub.listener(channels.Duplicating)
+def duplicate(key: str) -> None:
+    Effect.objects.create(key=key, channel="Duplicating")
+    Effect.objects.create(key=key, channel="Duplicating")
