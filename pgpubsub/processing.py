@@ -5,10 +5,15 @@ Lockable messages that arrive together are handled together, up to ``store.BATCH
 time: one query claims them, each runs in a savepoint of its own, and one query deletes those
 that succeeded. A message's effects commit if and only if its acknowledgement does:
 
-- deferred constraints are checked at the end of each message's savepoint, so a message that
-  violates one fails alone instead of failing the commit of the whole batch;
+- a message that fails is rolled back to its savepoint, alone; the others' work stays;
+- deferred constraints are checked at the end of each message, so a message that violates one
+  fails alone instead of failing the commit of the whole batch;
 - should the commit still fail, each message of the batch is processed again in a transaction
   of its own.
+
+A savepoint that succeeded is not released (the commit ends it): a message of a batch costs its
+listeners' queries and two more (SAVEPOINT, the constraint check); a batch, three (claim,
+delete, commit).
 
 A failed attempt is recorded on the message's row (:mod:`pgpubsub.retries` says when it is
 tried again, or that it is marked failed); a message that cannot be read is marked failed at
@@ -24,14 +29,12 @@ import time
 from collections.abc import Callable, Iterable
 
 from django.db import connections, transaction
+from django.db.transaction import TransactionManagementError
 
 from pgpubsub import deliveries, retries, signals, store
 from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
-
-#: Seconds between progress lines while a channel's backlog is processed.
-PROGRESS_INTERVAL = 5.0
 
 # Checks the deferred constraints a message's work left pending (a violation raises here, in
 # the message's savepoint), then defers them again as Django declares its foreign keys.
@@ -40,6 +43,9 @@ _CHECK_DEFERRED = (
     "DO $pgpubsub$ BEGIN SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS ALL DEFERRED; "
     "END $pgpubsub$"
 )
+
+#: Seconds between progress lines while a channel's backlog is processed.
+PROGRESS_INTERVAL = 5.0
 
 
 class _Tally:
@@ -467,23 +473,32 @@ class Processor:
         for row in rows:
             started = time.perf_counter()
             hooks = len(db.run_on_commit)
+            savepoint = transaction.savepoint(self.using)
             read = False
             try:
-                with transaction.atomic(using=self.using):
-                    message = channel_cls.build_from_payload(row.payload, callbacks)
-                    read = True
-                    message.execute_callbacks()
-                    if in_batch:
-                        with db.cursor() as cursor:
-                            cursor.execute(_CHECK_DEFERRED)
-                # The message's on_commit() functions run after the commit, where one that
-                # fails would skip the others': it is logged instead.
-                _robust_hooks(db, hooks)
+                message = channel_cls.build_from_payload(row.payload, callbacks)
+                read = True
+                message.execute_callbacks()
+                if db.needs_rollback:
+                    # Django's atomic() would roll this back quietly; it is a failure.
+                    raise TransactionManagementError(
+                        "A listener caught a database error inside an atomic block without "
+                        "a savepoint: its work cannot be committed"
+                    )
+                if in_batch:
+                    with db.cursor() as cursor:
+                        cursor.execute(_CHECK_DEFERRED)
             except Exception as error:
                 if self._connection_lost(used):
                     raise
+                transaction.savepoint_rollback(savepoint, self.using)
+                db.needs_rollback = False
+                del db.run_on_commit[hooks:]  # its on_commit() functions go with its work
                 self._failed_attempt(channel_cls, row, error, started, read, locked=True)
             else:
+                # The message's on_commit() functions run after the commit, where one that
+                # fails would skip the others': it is logged instead.
+                _robust_hooks(db, hooks)
                 succeeded.append((row.pk, time.perf_counter() - started, row.attempts + 1))
         store.acknowledge([pk for pk, _, _ in succeeded], self.using)
         return succeeded
