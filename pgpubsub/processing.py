@@ -356,6 +356,7 @@ class Processor:
             )
             read = True
             message.execute_callbacks()
+            _check_not_doomed(db)
         except Exception as error:
             if self._connection_lost(used):
                 raise
@@ -479,12 +480,7 @@ class Processor:
                 message = channel_cls.build_from_payload(row.payload, callbacks)
                 read = True
                 message.execute_callbacks()
-                if db.needs_rollback:
-                    # Django's atomic() would roll this back quietly; it is a failure.
-                    raise TransactionManagementError(
-                        "A listener caught a database error inside an atomic block without "
-                        "a savepoint: its work cannot be committed"
-                    )
+                _check_not_doomed(db)
                 if in_batch:
                     with db.cursor() as cursor:
                         cursor.execute(_CHECK_DEFERRED)
@@ -502,6 +498,17 @@ class Processor:
                 succeeded.append((row.pk, time.perf_counter() - started, row.attempts + 1))
         store.acknowledge([pk for pk, _, _ in succeeded], self.using)
         return succeeded
+
+
+def _check_not_doomed(db: object) -> None:
+    """Raise when the listeners left the transaction marked for rollback (one caught a database
+    error inside an ``atomic()`` block without a savepoint): Django would roll it back quietly,
+    acknowledgement included, as if the message had succeeded."""
+    if db.needs_rollback:
+        raise TransactionManagementError(
+            "A listener caught a database error inside an atomic block without a savepoint: "
+            "its work cannot be committed"
+        )
 
 
 def _broken(raw: object) -> bool:

@@ -197,3 +197,23 @@ def test_a_database_error_in_a_listener_is_a_failed_attempt_not_a_lost_connectio
         assert row.last_error.startswith("IntegrityError: duplicate key value")
     status = runtime.status()
     assert status["failed"] == 2 * together and status["reconnects"] == 0
+
+
+@pytest.mark.parametrize("together", [1, 3], ids=["own-transaction", "batch"])
+def test_a_listener_that_dooms_its_transaction_fails_instead_of_vanishing(runtimes, together):
+    runtimes(channels=[channels.Swallowing, channels.Job], workers=1)
+    with transaction.atomic():
+        for number in range(together):
+            pgpubsub.notify(channels.Swallowing, key=f"doomed-{number}")
+        pgpubsub.notify(channels.Job, key="bystander")
+
+    wait_for(
+        lambda: Notification.objects.filter(failed_at__isnull=False).count() == together,
+        30,
+        lambda: (
+            f"rows marked failed; {list(Notification.objects.values('attempts', 'last_error'))}"
+        ),
+    )
+    for row in Notification.objects.all():
+        assert row.last_error.startswith("TransactionManagementError: A listener caught")
+    assert list(Effect.objects.values_list("key", flat=True)) == ["bystander"]

@@ -237,3 +237,13 @@ class Duplicating(Channel):
     max_attempts = 2
     retry_delay = 0.1
     key: str
+
+
+@dataclass
+class Swallowing(Channel):
+    """A lockable channel whose listener catches a database error inside an atomic block
+    without a savepoint, which dooms the transaction."""
+
+    lock_notifications = True
+    max_attempts = 1
+    key: str

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pgtrigger
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 
 import pgpubsub
@@ -253,3 +253,13 @@ def locked_relay(key: str) -> None:
 def duplicate(key: str) -> None:
     Effect.objects.create(key=key, channel="Duplicating")
     Effect.objects.create(key=key, channel="Duplicating")
+
+
+@pgpubsub.listener(channels.Swallowing)
+def swallow(key: str) -> None:
+    Effect.objects.create(key=key, channel="Swallowing")
+    try:
+        with transaction.atomic(savepoint=False):
+            Effect.objects.create(key=key, channel="Swallowing")
+    except IntegrityError:
+        pass  # the transaction is doomed all the same
