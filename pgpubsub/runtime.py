@@ -525,7 +525,12 @@ class Runtime:
             channel, delivery.after_id, processor.using, limit=store.BATCH_SIZE * self.workers
         )
         if not page or self._stopping.is_set():
+            # The end of a sweep whose last page was full: say so, and start the next count at 0.
+            self._report_sweep(channel, 0, delivery.after_id, False)
             return False
+        full = len(page) == store.BATCH_SIZE * self.workers  # there may be more
+        # Counted before the next page can be read (by another worker), so pages add up in order.
+        self._report_sweep(channel, len(page), page[-1], full)
         batches = [page[i : i + store.BATCH_SIZE] for i in range(0, len(page), store.BATCH_SIZE)]
         here = batches[:1] + [
             batch
@@ -535,20 +540,21 @@ class Runtime:
             )
         ]
         continued = False
-        if len(page) == store.BATCH_SIZE * self.workers:  # there may be more
+        if full:
             next_page = Delivery(Kind.SWEEP, channel, delivery.callbacks, after_id=page[-1])
             continued = self._queue.offer(next_page)
             if not continued:
-                self._want_sweep([channel])  # once this one is done and there is room
+                self._report_sweep(channel, 0, page[-1], False)  # this sweep ends here
+                self._want_sweep([channel])  # another, once this one is done and there is room
         for batch in here:
             processor.process_stored_rows(
                 channel, batch, delivery.callbacks, raise_on_disconnect=True
             )
-        self._report_sweep(channel, len(page), page[-1], continued)
         return continued
 
     def _report_sweep(self, channel: type[BaseChannel], count: int, last_id: int, more: bool):
-        """Log a long sweep's progress every ``PROGRESS_INTERVAL`` seconds, and its end."""
+        """Count the ``count`` rows of a page just read; log a long sweep's progress every
+        ``PROGRESS_INTERVAL`` seconds, and its end (``more`` False)."""
         with self._books:
             total = self._swept.get(channel, 0) + count
             self._swept[channel] = total if more else 0

@@ -187,6 +187,31 @@ def test_a_sweep_shares_its_pages_with_every_worker(runtimes):
     assert not Notification.objects.exists()
 
 
+def test_a_sweep_reports_its_end_also_after_a_full_last_page(runtimes, caplog):
+    caplog.set_level(logging.INFO, logger="pgpubsub")
+    send_jobs(channels.SlowJob, 80)  # two full pages of 2 workers x 20
+    runtimes(channels=[channels.SlowJob], workers=2, recover=True)
+    name = channels.SlowJob.name()
+    wait_for(
+        lambda: f"Swept 80 stored notifications of {name}" in caplog.text,
+        30,
+        lambda: f"the end of the first sweep; {len(effects('SlowJob'))} effects",
+    )
+    send_jobs(channels.SlowJob, 41, prefix="later-")
+    wait_for(lambda: len(effects("SlowJob")) == 121, 30, "the later jobs")
+    pgpubsub.process_stored_notifications([channels.SlowJob])  # a sweep that finds nothing
+    Notification.objects.bulk_create(
+        Notification(channel=channels.SlowJob.listen_safe_name(), payload={"kwargs": {"key": k}})
+        for k in (f"silent-{n}" for n in range(41))
+    )
+    pgpubsub.process_stored_notifications([channels.SlowJob])
+    wait_for(
+        lambda: f"Swept 41 stored notifications of {name}" in caplog.text,
+        30,
+        lambda: f"the end of the second sweep (counted from 0): {caplog.text[-2000:]}",
+    )
+
+
 def test_bad_settings_fail_when_the_runtime_is_made(settings):
     from django.core.exceptions import ImproperlyConfigured
 
