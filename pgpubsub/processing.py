@@ -11,9 +11,9 @@ that succeeded. A message's effects commit if and only if its acknowledgement do
 - should the commit still fail, each message of the batch is processed again in a transaction
   of its own.
 
-A savepoint that succeeded is not released (the commit ends it): a message of a batch costs its
-listeners' queries and two more (SAVEPOINT, the constraint check); a batch, three (claim,
-delete, commit).
+A savepoint that succeeded is not released (the commit ends it), and a message's constraint
+check goes with the next message's SAVEPOINT: a message of a batch costs its listeners' queries
+and one round trip more; a batch, four (claim, last check, delete, commit).
 
 A failed attempt is recorded on the message's row (:mod:`pgpubsub.retries` says when it is
 tried again, or that it is marked failed); a message that cannot be read is marked failed at
@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
@@ -36,13 +37,10 @@ from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
 
-# Checks the deferred constraints a message's work left pending (a violation raises here, in
-# the message's savepoint), then defers them again as Django declares its foreign keys.
-# One statement (a DO block), so that it also runs where multi-statement queries are refused.
-_CHECK_DEFERRED = (
-    "DO $pgpubsub$ BEGIN SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS ALL DEFERRED; "
-    "END $pgpubsub$"
-)
+# Checks the deferred constraints a message's work left pending (a violation raises here, while
+# the message's savepoint can still undo it), then defers them again as Django declares its
+# foreign keys.
+_CHECK_DEFERRED = "SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS ALL DEFERRED"
 
 #: Seconds between progress lines while a channel's backlog is processed.
 PROGRESS_INTERVAL = 5.0
@@ -464,40 +462,97 @@ class Processor:
     ) -> list[tuple[int, float, int]]:
         """Inside the claiming transaction: run each row's callbacks in a savepoint of its own,
         then delete the rows that succeeded. Returns (id, duration, attempt) of each that did;
-        the failed attempts of the others are recorded in the same transaction."""
+        the failed attempts of the others are recorded in the same transaction.
+
+        The deferred constraints a message left pending are checked in the statement that
+        opens the next message's savepoint (and after the last message): one round trip per
+        message for both."""
         if not rows:
             return []
         callbacks = self._callbacks(channel_cls, callbacks)
-        in_batch = len(rows) > 1
-        succeeded = []
         db = connections[self.using]
-        for row in rows:
+        check = len(rows) > 1  # alone, its check is the commit's
+        succeeded: list[tuple[int, float, int]] = []
+        unchecked: _Ran | None = None  # the last message that succeeded, not checked yet
+        for index, row in enumerate(rows):
+            savepoint = f"pgpubsub_{index}"
+            opening = f'SAVEPOINT "{savepoint}"'
+            if unchecked is not None:
+                if not self._check_deferred(channel_cls, unchecked, succeeded, used, opening):
+                    _execute(db, opening)
+            else:
+                _execute(db, opening)
             started = time.perf_counter()
             hooks = len(db.run_on_commit)
-            savepoint = transaction.savepoint(self.using)
             read = False
             try:
                 message = channel_cls.build_from_payload(row.payload, callbacks)
                 read = True
                 message.execute_callbacks()
                 _check_not_doomed(db)
-                if in_batch:
-                    with db.cursor() as cursor:
-                        cursor.execute(_CHECK_DEFERRED)
             except Exception as error:
                 if self._connection_lost(used):
                     raise
-                transaction.savepoint_rollback(savepoint, self.using)
-                db.needs_rollback = False
-                del db.run_on_commit[hooks:]  # its on_commit() functions go with its work
+                self._undo(db, savepoint, hooks)
                 self._failed_attempt(channel_cls, row, error, started, read, locked=True)
-            else:
-                # The message's on_commit() functions run after the commit, where one that
-                # fails would skip the others': it is logged instead.
-                _robust_hooks(db, hooks)
-                succeeded.append((row.pk, time.perf_counter() - started, row.attempts + 1))
+                unchecked = None
+                continue
+            # The message's on_commit() functions run after the commit, where one that
+            # fails would skip the others': it is logged instead.
+            _robust_hooks(db, hooks)
+            succeeded.append((row.pk, time.perf_counter() - started, row.attempts + 1))
+            unchecked = _Ran(row, started, hooks, savepoint) if check else None
+        if unchecked is not None:
+            self._check_deferred(channel_cls, unchecked, succeeded, used)
         store.acknowledge([pk for pk, _, _ in succeeded], self.using)
         return succeeded
+
+    def _check_deferred(
+        self,
+        channel_cls: type[BaseChannel],
+        ran: _Ran,
+        succeeded: list[tuple[int, float, int]],
+        used: object,
+        then: str | None = None,
+    ) -> bool:
+        """Check the deferred constraints the message ``ran`` (the last of ``succeeded``) left
+        pending, then run the statement ``then`` in the same round trip. A violation undoes
+        that message and records its failed attempt; returns False then (``then`` did not
+        run)."""
+        db = connections[self.using]
+        try:
+            _execute(db, _CHECK_DEFERRED if then is None else f"{_CHECK_DEFERRED}; {then}")
+        except Exception as error:
+            if self._connection_lost(used):
+                raise
+            self._undo(db, ran.savepoint, ran.hooks)
+            succeeded.pop()
+            self._failed_attempt(channel_cls, ran.row, error, ran.started, True, locked=True)
+            return False
+        return True
+
+    @staticmethod
+    def _undo(db: object, savepoint: str, hooks: int) -> None:
+        """Roll a message's work back to its savepoint, its on_commit() functions with it."""
+        db.savepoint_rollback(savepoint)
+        db.needs_rollback = False
+        del db.run_on_commit[hooks:]
+
+
+class _Ran(NamedTuple):
+    """A message of a batch that succeeded: what undoing it needs."""
+
+    row: store.StoredRow
+    started: float
+    hooks: int  # its on_commit() functions come after this many
+    savepoint: str
+
+
+def _execute(db: object, sql: str) -> None:
+    """Run pgpubsub's own statement ``sql`` (no parameters) on the driver's cursor: no query
+    logging or execute wrappers for what users did not write; errors as Django's."""
+    with db.wrap_database_errors, db.connection.cursor() as cursor:
+        cursor.execute(sql)
 
 
 def _check_not_doomed(db: object) -> None:
