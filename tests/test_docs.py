@@ -669,3 +669,16 @@ def test_samples_run_in_the_example_project(example_database_url, tmp_path):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_the_docs_build_without_warnings(tmp_path):
+    """``mkdocs build --strict`` (mkdocs.yml turns broken links and anchors into warnings)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "delivery" / "index.html").exists()
