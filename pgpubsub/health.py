@@ -10,6 +10,7 @@ from typing import Any
 
 from django.db import connections
 from django.db.models import Count, Min, Q
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from pgpubsub import conf
@@ -21,8 +22,9 @@ class ChannelBacklog:
     channel: str  # the dotted class name when this process knows the channel, else as stored
     stored: int  # every row, failed ones included
     failed: int  # marked failed: kept, not tried again until retried
-    # Of the rows still to be processed; None when there is none (or for rows older than the
-    # created_at column).
+    # Of the rows a listener should take now (not failed, not waiting for their next attempt),
+    # since they were stored or since their next attempt was due; None when there is none (or
+    # for rows older than the created_at column).
     oldest_age_seconds: float | None
 
 
@@ -65,7 +67,14 @@ def database_status(using: str | None = None) -> DatabaseStatus:
         .annotate(
             stored=Count("id"),
             failed=Count("id", filter=Q(failed_at__isnull=False)),
-            oldest=Min("created_at", filter=Q(failed_at__isnull=True)),
+            # How long the rows a listener should take now have waited for one: since they
+            # were stored, or since their next attempt was due; rows marked failed, or
+            # waiting for their next attempt, wait for no listener.
+            oldest=Min(
+                Coalesce("next_attempt_at", "created_at"),
+                filter=Q(failed_at__isnull=True)
+                & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now())),
+            ),
         )
     )
     channels = sorted(

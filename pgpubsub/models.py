@@ -51,12 +51,19 @@ class Notification(models.Model):
     class Meta:
         ordering = ["created_at"]
         indexes = [
-            # What listeners look for: a channel's rows that have not failed, by id.
+            # What listeners look for: a channel's rows not tried yet, by id...
             models.Index(
                 fields=["channel", "id"],
                 name="pgpubsub_pending_idx",
-                condition=models.Q(failed_at__isnull=True),
-            )
+                condition=models.Q(failed_at__isnull=True, next_attempt_at__isnull=True),
+            ),
+            # ... and those waiting for their next attempt, by when it is due (kept apart, so
+            # that many of them do not slow down looking for the others).
+            models.Index(
+                fields=["channel", "next_attempt_at"],
+                name="pgpubsub_retry_idx",
+                condition=models.Q(failed_at__isnull=True, next_attempt_at__isnull=False),
+            ),
         ]
         triggers = [
             pgtrigger.Trigger(

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.transaction import TransactionManagementError
 
 from pgpubsub import deliveries, retries, signals, store
@@ -44,13 +44,49 @@ _CHECK_DEFERRED = "SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS ALL DEFERRED"
 
 #: Seconds between progress lines while a channel's backlog is processed.
 PROGRESS_INTERVAL = 5.0
+#: Losses of the connection in a row while a stored message was processed from which on each
+#: counts as a failed attempt of the message.
+LOSSES_PER_ATTEMPT = 3
+
+
+class Losses:
+    """How many times in a row the connection broke while each stored row was processed;
+    shared by the workers of a Runtime."""
+
+    #: Rows remembered at most (a flood of losses forgets the oldest).
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def lost(self, row_ids: Iterable[int]) -> dict[int, int]:
+        """Count one more loss for each row; their counts."""
+        with self._lock:
+            counts = {pk: self._counts.get(pk, 0) + 1 for pk in row_ids}
+            self._counts.update(counts)
+            while len(self._counts) > self.LIMIT:
+                del self._counts[next(iter(self._counts))]
+            return counts
+
+    def forget(self, row_ids: Iterable[int]) -> None:
+        """The rows were processed."""
+        if self._counts:
+            with self._lock:
+                for pk in row_ids:
+                    self._counts.pop(pk, None)
 
 
 class _Tally:
     """Counts and errors, shared by a Processor and those it made for other databases."""
 
-    def __init__(self, on_retry: Callable[[type[BaseChannel], float], None] | None) -> None:
+    def __init__(
+        self,
+        on_retry: Callable[[type[BaseChannel], float], None] | None,
+        losses: Losses | None,
+    ) -> None:
         self.on_retry = on_retry
+        self.losses = losses or Losses()
         self.processed = 0
         self.failed = 0
         self.invalid = 0  # of the failed: messages that could not be read
@@ -91,12 +127,13 @@ class Processor:
         raise_errors: bool = False,
         stopping: threading.Event | None = None,
         on_retry: Callable[[type[BaseChannel], float], None] | None = None,
+        losses: Losses | None = None,
         _tally: _Tally | None = None,
     ) -> None:
         self.using = using
         self.raise_errors = raise_errors
         self.stopping = stopping
-        self._tally = _tally or _Tally(on_retry)
+        self._tally = _tally or _Tally(on_retry, losses)
         self._others: dict[str, Processor] = {}
 
     def for_channel(self, channel_cls: type[BaseChannel]) -> Processor:
@@ -193,6 +230,7 @@ class Processor:
         try:
             with transaction.atomic(using=self.using):
                 message.execute_callbacks()
+                _check_not_doomed(connections[self.using])
         except Exception as error:
             # A plain message is not kept, so there is nothing to retry: repair and go on.
             self._connection_lost(None)
@@ -266,6 +304,7 @@ class Processor:
                     exc_info=error,
                 )
             elif self._connection_lost(used):
+                self._lost_while_running(channel_cls, row_ids)
                 if raise_on_disconnect:
                     raise
                 logger.warning(
@@ -295,6 +334,7 @@ class Processor:
                 self.record_failure(error)
             return 0
         self._count(processed=len(done))
+        self._tally.losses.forget(row_id for row_id, _, _ in done)
         for row_id, duration, attempt in done:  # committed: now they count as processed
             signals.send(
                 signals.message_processed,
@@ -362,6 +402,43 @@ class Processor:
         _robust_hooks(db, hooks)
         return [(row.pk, time.perf_counter() - started, row.attempts + 1)]
 
+    def _lost_while_running(self, channel_cls: type[BaseChannel], row_ids: list[int]) -> None:
+        """The connection broke while rows ``row_ids`` were processed. That is no failed
+        attempt (the server may have restarted), but a listener may break its own connection
+        (say, by outlasting ``idle_in_transaction_session_timeout``): the rows that lost it
+        again and again wait longer each time, and from ``LOSSES_PER_ATTEMPT`` in a row on,
+        each loss counts as a failed attempt."""
+        counts = self._tally.losses.lost(row_ids)
+        again = {pk: n for pk, n in counts.items() if n > 1}
+        if not again:
+            return  # the first time: the caller tries once more, or a sweep does
+        delay = retries.backoff(channel_cls, max(again.values()) - 1)
+        charged = [pk for pk, n in again.items() if n >= LOSSES_PER_ATTEMPT]
+        error = (
+            "ConnectionLost: the database connection was lost while its listeners ran, "
+            f"{max(again.values())} times in a row"
+        )
+        try:
+            self._open_connection()  # a new one: the broken one is closed
+            store.record_lost(
+                list(again), delay, charged, retries.max_attempts(channel_cls), error, self.using
+            )
+        except Exception as exc:  # the server may be away: the rows stay due meanwhile
+            self._connection_lost(None)
+            logger.warning("Could not put off messages %s: %s", sorted(again), exc)
+            return
+        logger.warning(
+            "The database connection was lost while the listeners of %s ran on stored "
+            "notification(s) %s, %s times in a row: next attempt in %.1fs%s",
+            channel_cls.name(),
+            ", ".join(map(str, sorted(again))),
+            max(again.values()),
+            delay,
+            " (counted as a failed attempt)" if charged else "",
+        )
+        if self._tally.on_retry is not None:
+            self._tally.on_retry(channel_cls, delay)
+
     def _failed_attempt(
         self,
         channel_cls: type[BaseChannel],
@@ -424,11 +501,17 @@ class Processor:
             self._connection_lost(None)
             logger.warning("Could not record the failed attempt of %s: %s", row.pk, exc)
             return
-        if retry_in is not None and self._tally.on_retry is not None:
-            self._tally.on_retry(channel_cls, retry_in)
+        on_retry = self._tally.on_retry
+        if retry_in is not None and on_retry is not None:
+            if locked:  # due once the batch commits (before, it still holds the row)
+                transaction.on_commit(
+                    lambda: on_retry(channel_cls, retry_in), self.using, robust=True
+                )
+            else:
+                on_retry(channel_cls, retry_in)
 
-    @staticmethod
     def _signal_failure(
+        self,
         channel_cls: type[BaseChannel],
         row_id: int | None,
         error: Exception,
@@ -436,15 +519,24 @@ class Processor:
         attempt: int,
         final: bool,
     ) -> None:
-        signals.send(
-            signals.message_failed,
-            channel_cls,
-            duration=time.perf_counter() - started,
-            row_id=row_id,
-            error=error,
-            attempt=attempt,
-            final=final,
-        )
+        if not signals.message_failed.has_listeners(channel_cls):
+            return
+        kwargs = {
+            "duration": time.perf_counter() - started,
+            "row_id": row_id,
+            "error": error,
+            "attempt": attempt,
+            "final": final,
+        }
+        if not connections[self.using].in_atomic_block:
+            signals.send(signals.message_failed, channel_cls, **kwargs)
+            return
+        # Inside a batch's transaction: a receiver's database error must undo only its own work.
+        try:
+            with transaction.atomic(using=self.using):
+                signals.send(signals.message_failed, channel_cls, **kwargs)
+        except DatabaseError:
+            logger.error("A receiver of message_failed broke the transaction", exc_info=True)
 
     @staticmethod
     def _callbacks(channel_cls: type[BaseChannel], callbacks: list[Callable] | None) -> list:

@@ -64,14 +64,33 @@ def backoff(channel: type[BaseChannel], failures: int) -> float:
 
 
 def describe(error: BaseException) -> str:
-    """``"ErrorType: message"``, shortened to ``MAX_ERROR_LENGTH``."""
-    text = f"{type(error).__name__}: {error}"
+    """``"ErrorType: message"``, shortened to ``MAX_ERROR_LENGTH``, storable as text."""
+    try:
+        message = str(error)
+    except Exception:  # an exception whose __str__ fails still gets recorded
+        message = object.__repr__(error)
+    text = storable(f"{type(error).__name__}: {message}")
     return text if len(text) <= MAX_ERROR_LENGTH else text[: MAX_ERROR_LENGTH - 1] + "…"
 
 
 def format_traceback(error: BaseException) -> str:
     """The traceback of ``error`` as text; a long one keeps its end (where it was raised)."""
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    except Exception:
+        text = describe(error)
+    text = storable(text)
     if len(text) <= MAX_TRACEBACK_LENGTH:
         return text
     return "…\n" + text[-(MAX_TRACEBACK_LENGTH - 2) :]
+
+
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL can store it: no NUL, no lone surrogate (both are escaped)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -14,6 +14,8 @@ messages whose NOTIFY nobody got, and those of a process that died).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import random
@@ -29,7 +31,7 @@ from pgpubsub import conf, retries, store
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
 from pgpubsub.connection import ListenConnection, wait_any
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, max_concurrency, plan
-from pgpubsub.processing import PROGRESS_INTERVAL, Processor
+from pgpubsub.processing import PROGRESS_INTERVAL, Losses, Processor
 from pgpubsub.wire import Assembler
 
 logger = logging.getLogger(__name__)
@@ -128,8 +130,10 @@ class Runtime:
         self._sweeping: set[type[BaseChannel]] = set()
         self._swept: dict[type[BaseChannel], int] = {}  # rows taken by a sweep in progress
         self._next_report: dict[type[BaseChannel], float] = {}
-        # Lockable channels with a failed message due again, and when (time.monotonic()).
-        self._retry_at: dict[type[BaseChannel], float] = {}
+        # (when, number, channel) of each failed message due again (time.monotonic()), a heap.
+        self._retry_at: list[tuple[float, int, type[BaseChannel]]] = []
+        self._retries_scheduled = itertools.count()
+        self._losses = Losses()  # shared by the workers: a row may come back to another one
         self._in_flight = 0
         self._ignored = 0
         self.connected = False
@@ -163,7 +167,10 @@ class Runtime:
             threads = [threading.Thread(target=self._listen, name="pgpubsub-listener")]
             for number in range(self.workers):
                 processor = Processor(
-                    self.using, stopping=self._stopping, on_retry=self._schedule_retry
+                    self.using,
+                    stopping=self._stopping,
+                    on_retry=self._schedule_retry,
+                    losses=self._losses,
                 )
                 self._processors.append(processor)
                 threads.append(
@@ -304,20 +311,21 @@ class Runtime:
         listener sweeps the channel then."""
         due = time.monotonic() + seconds + RETRY_MARGIN
         with self._books:
-            if due >= self._retry_at.get(channel, float("inf")):
-                return
-            self._retry_at[channel] = due
-        self._wake()  # the listener's wait may have to end sooner
+            earliest = self._retry_at[0][0] if self._retry_at else float("inf")
+            # Every due time is kept: a sweep at the first finds the later ones not due yet.
+            heapq.heappush(self._retry_at, (due, next(self._retries_scheduled), channel))
+        if due < earliest:
+            self._wake()  # the listener's wait has to end sooner
 
     def _due_retries(self, now: float) -> float:
         """Sweep the channels whose retries are due; returns when the next one is."""
+        due = set()
         with self._books:
-            due = [channel for channel, at in self._retry_at.items() if at <= now]
-            for channel in due:
-                del self._retry_at[channel]
-            following = min(self._retry_at.values(), default=float("inf"))
+            while self._retry_at and self._retry_at[0][0] <= now:
+                due.add(heapq.heappop(self._retry_at)[2])
+            following = self._retry_at[0][0] if self._retry_at else float("inf")
         if due:
-            self._want_sweep(due)
+            self._want_sweep(list(due))
         return following
 
     def _sweep_pause(self) -> float:

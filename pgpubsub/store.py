@@ -54,7 +54,10 @@ def _filter_sql(using: str) -> tuple[str, list]:
     provider = conf.listener_filter_provider()
     if provider is None:
         return "", []
-    allowed = Notification.objects.using(using).filter(provider.get_filter()).values("pk")
+    # Without the model's ordering: an ORDER BY in the subquery costs a sort of the table.
+    allowed = (
+        Notification.objects.using(using).filter(provider.get_filter()).order_by().values("pk")
+    )
     sql, params = allowed.query.get_compiler(using).as_sql()
     return f" AND id IN ({sql})", list(params)
 
@@ -107,19 +110,24 @@ def pending_ids(
     """Ids of up to ``limit`` due rows of the channel above ``after_id``, oldest first,
     without locking them (claiming them skips those another listener holds).
 
-    One ordered range of the channel index per stored name, merged: whatever the planner knows
-    of the table, a page costs its own rows, not the size of the backlog."""
+    Per stored name, an ordered range of the index of rows not tried yet, and the due rows of
+    the index of rows waiting for a retry; merged. Whatever the planner knows of the table, a
+    page costs its own rows and the retries due, not the size of the backlog."""
     extra, params = _filter_sql(using)
-    names = stored_names(channel_cls)
-    branch = (
-        f"(SELECT id FROM {_TABLE} WHERE channel = %s AND id > %s AND {_DUE}{extra} "
-        "ORDER BY id LIMIT %s)"
+    branches = (
+        "failed_at IS NULL AND next_attempt_at IS NULL",
+        "failed_at IS NULL AND next_attempt_at IS NOT NULL AND next_attempt_at <= now()",
     )
+    sql, values = [], []
+    for name in stored_names(channel_cls):
+        for due in branches:
+            sql.append(
+                f"(SELECT id FROM {_TABLE} WHERE channel = %s AND {due} AND id > %s{extra} "
+                "ORDER BY id LIMIT %s)"
+            )
+            values += [name, after_id, *params, limit]
     with connections[using].cursor() as cursor:
-        cursor.execute(
-            " UNION ALL ".join([branch] * len(names)) + " ORDER BY id LIMIT %s",
-            [value for name in names for value in (name, after_id, *params, limit)] + [limit],
-        )
+        cursor.execute(" UNION ALL ".join(sql) + " ORDER BY id LIMIT %s", [*values, limit])
         return [row[0] for row in cursor.fetchall()]
 
 
@@ -150,13 +158,51 @@ def record_failure(
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"UPDATE {_TABLE} SET attempts = attempts + 1, last_error = %s, last_traceback = %s, "
+            # clock_timestamp(): now() is when the transaction began, maybe long before the
+            # failure (a batch), which would bring the next attempt forward.
             "next_attempt_at = CASE WHEN %s::float8 IS NULL THEN NULL "
-            "ELSE now() + make_interval(secs => %s::float8) END, "
-            "failed_at = CASE WHEN %s::float8 IS NULL THEN now() END "
+            "ELSE clock_timestamp() + make_interval(secs => %s::float8) END, "
+            "failed_at = CASE WHEN %s::float8 IS NULL THEN clock_timestamp() END "
             f"WHERE {where}",
             [error, traceback, retry_in, retry_in, retry_in, row_id],
         )
         return cursor.rowcount == 1
+
+
+def record_lost(
+    row_ids: list[int],
+    retry_in: float,
+    charged: list[int],
+    max_attempts: int,
+    error: str,
+    using: str,
+) -> None:
+    """Put off rows whose processing lost its connection by ``retry_in`` seconds; the rows
+    ``charged`` also count a failed attempt (marked failed at ``max_attempts``). Rows another
+    listener holds are left to it."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_TABLE} SET "
+            "attempts = attempts + CASE WHEN id = ANY(%s) THEN 1 ELSE 0 END, "
+            "last_error = CASE WHEN id = ANY(%s) THEN %s ELSE last_error END, "
+            "failed_at = CASE WHEN id = ANY(%s) AND attempts + 1 >= %s "
+            "THEN clock_timestamp() END, "
+            "next_attempt_at = CASE WHEN id = ANY(%s) AND attempts + 1 >= %s THEN NULL "
+            "ELSE clock_timestamp() + make_interval(secs => %s::float8) END "
+            f"WHERE id IN (SELECT id FROM {_TABLE} WHERE id = ANY(%s) AND failed_at IS NULL "
+            "FOR UPDATE SKIP LOCKED)",
+            [
+                charged,
+                charged,
+                error,
+                charged,
+                max_attempts,
+                charged,
+                max_attempts,
+                retry_in,
+                list(row_ids),
+            ],
+        )
 
 
 def retry(
@@ -177,10 +223,12 @@ def retry(
     if channels is not None:
         conditions.append("channel = ANY(%s)")
         params.append([name for channel in channels for name in stored_names(channel)])
+    # Rows a listener holds right now are skipped (not waited for): they are being processed.
     with connections[alias].cursor() as cursor:
         cursor.execute(
             f"UPDATE {_TABLE} SET attempts = 0, next_attempt_at = NULL, failed_at = NULL "
-            f"WHERE {' AND '.join(conditions)} RETURNING id, channel",
+            f"WHERE id IN (SELECT id FROM {_TABLE} WHERE {' AND '.join(conditions)} "
+            "FOR UPDATE SKIP LOCKED) RETURNING id, channel",
             params,
         )
         return sorted(cursor.fetchall())

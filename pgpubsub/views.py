@@ -3,7 +3,8 @@
 It answers JSON, never a payload: 200 with ``"status": "ok"``, or 503 with ``"status":
 "failing"`` and the ``problems`` found: the database cannot be reached, its oldest stored
 notification still to be processed has waited longer than ``PGPUBSUB_HEALTH_MAX_BACKLOG_AGE``
-seconds (so no listener is processing its channel; rows marked failed do not count), a Runtime
+seconds for one (so no listener is processing its channel; rows marked failed or waiting for
+their next attempt do not count), a Runtime
 of this process has lost its listening connection, or embedded mode should have started one
 here and none runs.
 ``runtimes`` has the status of each Runtime running in the process that answers.

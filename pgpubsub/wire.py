@@ -24,10 +24,18 @@ CHUNK_MARK = "~"
 CHUNK_EXPIRY = 60.0
 
 
+#: The largest id of a stored row (a bigint).
+MAX_ROW_ID = 2**63 - 1
+
+
 def row_id(payload: str) -> int | None:
     """The stored row id a lockable notification refers to, or None for other payloads."""
-    # isdigit() alone also accepts characters such as "²" that int() refuses.
-    return int(payload) if payload.isascii() and payload.isdigit() else None
+    # isdigit() alone also accepts characters such as "²" that int() refuses; more than 19
+    # digits is no bigint (and past 4,300, int() refuses them).
+    if not (payload.isascii() and payload.isdigit() and len(payload) <= 19):
+        return None
+    value = int(payload)
+    return value if value <= MAX_ROW_ID else None
 
 
 class Assembler:

@@ -5,7 +5,7 @@ import json
 import logging
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 import pgpubsub
 from pgpubsub.listen import process_notifications
@@ -172,3 +172,23 @@ def test_a_notification_on_a_channel_without_listeners_is_ignored(listening, cap
         "Ignoring a notification on pgpubsub_00000 (no listener for that channel here): "
         "'who is there?'"
     ]
+
+
+def test_a_lockable_notification_of_thousands_of_digits_is_ignored(runtimes):
+    runtime = runtimes(channels=[channels.Message, channels.Job], workers=1)
+    with transaction.atomic():
+        pg_notify(channels.Message, '{"kwargs": {"key": "with-it"}}')
+        pg_notify(channels.Job, "9" * 5000)  # int() refuses it; no bigint is that long
+
+    wait_for(lambda: "with-it" in messages_received(), 30, "the plain message sent with it")
+    wait_for(lambda: runtime.status()["ignored"] == 1, 5, lambda: str(runtime.status()))
+    assert runtime.status()["reconnects"] == 0
+
+
+def test_a_plain_listener_that_dooms_its_transaction_fails(runtimes):
+    runtime = runtimes(channels=[channels.PlainSwallowing], workers=1)
+    pgpubsub.notify(channels.PlainSwallowing, key="swallowed")
+
+    wait_for(lambda: runtime.status()["failed"] == 1, 30, lambda: str(runtime.status()))
+    assert runtime.status()["processed"] == 0
+    assert not Effect.objects.exists()

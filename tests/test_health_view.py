@@ -61,6 +61,25 @@ def test_rows_marked_failed_are_reported_but_are_no_backlog(live_server):
     assert body["database"]["oldest_age_seconds"] is None
 
 
+def test_a_message_waiting_for_its_next_attempt_is_no_backlog(live_server):
+    # As with retry_delay = 30 and max_attempts = 10, after 4 failures: stored 7 minutes ago,
+    # due again in 4 minutes.
+    pgpubsub.notify(channels.Flaky, key="backing-off")
+    now = timezone.now()
+    Notification.objects.update(
+        created_at=now - datetime.timedelta(minutes=7),
+        attempts=4,
+        next_attempt_at=now + datetime.timedelta(minutes=4),
+    )
+    code, body, _ = get(live_server)
+    assert code == 200 and body["problems"] == []
+    assert body["database"]["oldest_age_seconds"] is None
+    # Once due, it waits for a listener from then on (not since it was stored).
+    Notification.objects.update(next_attempt_at=now - datetime.timedelta(seconds=30))
+    code, body, _ = get(live_server)
+    assert code == 200 and 30 <= body["database"]["oldest_age_seconds"] < 90
+
+
 def test_only_get_and_head(live_server):
     request = urllib.request.Request(live_server.url + "/pgpubsub/health/", method="POST")
     with pytest.raises(urllib.error.HTTPError) as raised:

@@ -2,6 +2,7 @@
 failed and kept; retried by hand. In-process Runtimes on a real Postgres."""
 
 import logging
+import time
 from io import StringIO
 
 import pytest
@@ -217,3 +218,129 @@ def test_a_listener_that_dooms_its_transaction_fails_instead_of_vanishing(runtim
     for row in Notification.objects.all():
         assert row.last_error.startswith("TransactionManagementError: A listener caught")
     assert list(Effect.objects.values_list("key", flat=True)) == ["bystander"]
+
+
+@pytest.fixture
+def listener_runs():
+    from tests.testapp.listeners import runs
+
+    runs.clear()
+    yield runs
+    runs.clear()
+
+
+@pytest.mark.parametrize("together", [1, 3], ids=["own-transaction", "batch"])
+def test_an_error_whose_text_postgres_cannot_store_is_recorded_all_the_same(
+    runtimes, listener_runs, together
+):
+    runtimes(channels=[channels.Garbled], workers=1)
+    with transaction.atomic():
+        for number in range(together):
+            pgpubsub.notify(channels.Garbled, key=f"g{number}")
+
+    wait_for(
+        lambda: Notification.objects.filter(failed_at__isnull=False).count() == together,
+        30,
+        lambda: (
+            f"rows marked failed; {list(Notification.objects.values('attempts', 'last_error'))}"
+        ),
+    )
+    for row in Notification.objects.all():
+        assert row.attempts == 2
+        assert row.last_error.startswith("ValueError: upstream said: \\x00binary \\ud800 for g")
+    # Recording did not break the batch: each message ran once per attempt.
+    assert sorted(listener_runs) == sorted(f"g{n}" for n in range(together) for _ in range(2))
+
+
+def test_backoff_counts_from_the_failure_not_from_the_start_of_the_batch():
+    from pgpubsub.processing import Processor
+
+    pgpubsub.notify(channels.Flaky, key="slow", failures=0, seconds=1.5)
+    pgpubsub.notify(channels.Flaky, key="late-failure", failures=1)
+    ids = list(Notification.objects.order_by("id").values_list("id", flat=True))
+    Processor("default").process_stored_rows(channels.Flaky, ids)  # one batch
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT attempts, extract(epoch FROM next_attempt_at - clock_timestamp()) "
+            "FROM pgpubsub_notification"
+        )
+        ((attempts, wait),) = cursor.fetchall()
+    assert attempts == 1
+    assert wait > 0.05  # retry_delay 0.2 s, cut by up to a half, after the batch committed
+
+
+@override_settings(PGPUBSUB_SWEEP_INTERVAL=30)
+def test_a_retry_comes_after_its_delay_once_the_batch_that_recorded_it_committed(runtimes):
+    runtimes(channels=[channels.Flaky], workers=2)
+    with transaction.atomic():  # one batch: the slow message holds it for 1.5 s
+        pgpubsub.notify(channels.Flaky, key="early-failure", failures=1)
+        pgpubsub.notify(channels.Flaky, key="slow", failures=0, seconds=1.5)
+
+    wait_for(lambda: len(flaky_attempts.get("early-failure", [])) == 2, 20, "the retry")
+    first, second = flaky_attempts["early-failure"]
+    assert second - first < 1.5 + 3.0  # not the 30 s of the periodic sweep
+
+
+@override_settings(PGPUBSUB_SWEEP_INTERVAL=30)
+def test_each_failed_message_is_retried_after_its_own_delay(runtimes):
+    runtimes(channels=[channels.Flaky], workers=2)
+    pgpubsub.notify(channels.Flaky, key="a", failures=1)
+    wait_for(lambda: "a" in flaky_attempts, 10, "a's first attempt")
+    pgpubsub.notify(channels.Flaky, key="b", failures=1, seconds=0.1)
+
+    wait_for(
+        lambda: len(flaky_attempts.get("a", [])) == 2 and len(flaky_attempts.get("b", [])) == 2,
+        20,
+        lambda: f"both retries; {flaky_attempts}",
+    )
+    for key in "ab":
+        first, second = flaky_attempts[key]
+        assert second - first < 3.0, (key, second - first)
+
+
+def test_a_listener_that_keeps_losing_its_connection_is_put_off_then_marked_failed(
+    runtimes, listener_runs
+):
+    runtime = runtimes(channels=[channels.Outlasting], workers=1)
+    started = time.monotonic()
+    pgpubsub.notify(channels.Outlasting, key="outlasting")
+
+    row = wait_for(
+        lambda: (row := Notification.objects.first()) and row.failed_at and row,
+        45,
+        lambda: f"the row to be marked failed; {list(Notification.objects.values())}",
+    )
+    assert row.attempts == channels.Outlasting.max_attempts
+    assert row.last_error.startswith("ConnectionLost: the database connection was lost")
+    # Two losses in a row before the first one counts (the server may just have restarted),
+    # then one per attempt; not a loop.
+    assert 2 + channels.Outlasting.max_attempts <= len(listener_runs) <= 8, len(listener_runs)
+    assert time.monotonic() - started < 45
+    assert not Effect.objects.exists()
+    assert runtime.status()["running"]
+
+
+def test_a_failure_receiver_s_database_error_changes_nothing_in_a_batch():
+    from pgpubsub.processing import Processor
+    from pgpubsub.signals import message_failed
+
+    def broken_metrics(sender, **kwargs):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1/0")
+
+    for key, failures in [("ok1", 0), ("bad", 1), ("ok2", 0)]:
+        pgpubsub.notify(channels.Flaky, key=key, failures=failures)
+    ids = list(Notification.objects.order_by("id").values_list("id", flat=True))
+    message_failed.connect(broken_metrics)
+    try:
+        done = Processor("default").process_stored_rows(channels.Flaky, ids)
+    finally:
+        message_failed.disconnect(broken_metrics)
+    assert done == 2
+    assert {key: len(times) for key, times in flaky_attempts.items()} == {
+        "ok1": 1,
+        "bad": 1,
+        "ok2": 1,
+    }
+    assert effects("Flaky") == ["ok1", "ok2"]
+    assert Notification.objects.get().attempts == 1

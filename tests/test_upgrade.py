@@ -274,7 +274,14 @@ def test_upgraded_schema_matches_a_fresh_one(migrated):
     defaults = {row[0]: row[5] for row in fresh_schema["columns"]}
     assert defaults["attempts"] == "0"
     indexes = dict(fresh_schema["indexes"])
-    assert "WHERE (failed_at IS NULL)" in indexes["pgpubsub_pending_idx"]
+    assert (
+        "(channel, id) WHERE ((failed_at IS NULL) AND (next_attempt_at IS NULL))"
+        in (indexes["pgpubsub_pending_idx"])
+    )
+    assert (
+        "(channel, next_attempt_at) WHERE ((failed_at IS NULL) AND (next_attempt_at IS NOT NULL))"
+        in indexes["pgpubsub_retry_idx"]
+    )
     constraints = {name: definition for name, _, definition in fresh_schema["constraints"]}
     assert constraints["pgpubsub_notification_db_version_fk"] == (
         "FOREIGN KEY (db_version) REFERENCES django_migrations(id) ON DELETE RESTRICT"

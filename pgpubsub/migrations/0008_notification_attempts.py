@@ -45,9 +45,17 @@ class Migration(migrations.Migration):
         migrations.AddIndex(
             model_name="notification",
             index=models.Index(
-                condition=models.Q(("failed_at__isnull", True)),
+                condition=models.Q(("failed_at__isnull", True), ("next_attempt_at__isnull", True)),
                 fields=["channel", "id"],
                 name="pgpubsub_pending_idx",
+            ),
+        ),
+        migrations.AddIndex(
+            model_name="notification",
+            index=models.Index(
+                condition=models.Q(("failed_at__isnull", True), ("next_attempt_at__isnull", False)),
+                fields=["channel", "next_attempt_at"],
+                name="pgpubsub_retry_idx",
             ),
         ),
     ]

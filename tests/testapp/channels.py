@@ -198,6 +198,7 @@ class Flaky(Channel):
     retry_delay = 0.2
     key: str
     failures: int = 1
+    seconds: float = 0.0  # spent before failing or succeeding
 
 
 @dataclass
@@ -246,4 +247,34 @@ class Swallowing(Channel):
 
     lock_notifications = True
     max_attempts = 1
+    key: str
+
+
+@dataclass
+class Garbled(Channel):
+    """A lockable channel whose listener raises an error whose text PostgreSQL cannot store
+    as it is (a NUL, a lone surrogate)."""
+
+    lock_notifications = True
+    max_attempts = 2
+    retry_delay = 0.1
+    key: str
+
+
+@dataclass
+class Outlasting(Channel):
+    """A lockable channel whose listener outlasts its session's
+    ``idle_in_transaction_session_timeout``: the server closes its connection every time."""
+
+    lock_notifications = True
+    max_attempts = 3
+    retry_delay = 0.2
+    key: str
+
+
+@dataclass
+class PlainSwallowing(Channel):
+    """A plain channel whose listener catches a database error inside an atomic block without
+    a savepoint."""
+
     key: str

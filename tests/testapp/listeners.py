@@ -7,7 +7,7 @@ import threading
 import time
 
 import pgtrigger
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 
 import pgpubsub
@@ -214,9 +214,10 @@ flaky_attempts: dict[str, list[float]] = {}
 
 
 @pgpubsub.listener(channels.Flaky)
-def run_flaky(key: str, failures: int) -> None:
+def run_flaky(key: str, failures: int, seconds: float) -> None:
     attempts = flaky_attempts.setdefault(key, [])
     attempts.append(time.monotonic())
+    time.sleep(seconds)
     # Written before failing: the failed attempt's rollback must undo it (the key is unique).
     Effect.objects.create(key=key, channel="Flaky", value=str(len(attempts)), pid=os.getpid())
     if len(attempts) <= failures:
@@ -263,3 +264,32 @@ def swallow(key: str) -> None:
             Effect.objects.create(key=key, channel="Swallowing")
     except IntegrityError:
         pass  # the transaction is doomed all the same
+
+
+#: Keys of the Garbled / Outlasting messages, once per run of their listener (in-process).
+runs: list[str] = []
+
+
+@pgpubsub.listener(channels.Garbled)
+def garble(key: str) -> None:
+    runs.append(key)
+    raise ValueError(f"upstream said: \x00binary \ud800 for {key}")
+
+
+@pgpubsub.listener(channels.Outlasting)
+def outlast(key: str) -> None:
+    runs.append(key)
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL idle_in_transaction_session_timeout = '200ms'")
+    time.sleep(0.5)  # a slow call to another service, in the middle of the transaction
+    Effect.objects.create(key=key, channel="Outlasting")
+
+
+@pgpubsub.listener(channels.PlainSwallowing)
+def swallow_plain(key: str) -> None:
+    Effect.objects.create(key=key, channel="PlainSwallowing")
+    try:
+        with transaction.atomic(savepoint=False):
+            Effect.objects.create(key=key, channel="PlainSwallowing")
+    except IntegrityError:
+        pass
