@@ -15,6 +15,7 @@ INSTALLED_APPS = [
     "django.contrib.auth",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.postgres",  # testapp.Document uses an ArrayField (Django 6 checks for this)
     "pgtrigger",
     "pgpubsub",
     "tests.testapp",
