@@ -357,6 +357,10 @@ class Runtime:
                             if not conn.connected:
                                 conn.connect()
                                 conn.listen(names[alias])
+                        # This thread uses no Django connection of its own, but a handler of
+                        # connection_created may have opened one (django.contrib.postgres
+                        # looks up the hstore type on it): close it, not to hold a session.
+                        connections.close_all()
                         self.connected = True
                         self._listener_error = None
                         if ever_connected:
@@ -416,6 +420,7 @@ class Runtime:
             self.connected = False
             for conn in listening.values():
                 conn.close()
+            connections.close_all()
 
     def _dispatch(self, delivery: Delivery) -> None:
         if delivery.kind is Kind.SWEEP:
