@@ -221,6 +221,7 @@ class Command(BaseCommand):
     def say(self, text: str) -> None:
         if self.verbosity >= 1:
             self.stdout.write(text)
+            self.stdout.flush()  # each line as it happens, also into a pipe (| tee, a log)
 
 
 class WebServer:
