@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 import threading
 from collections import Counter
 
@@ -22,7 +21,8 @@ from django.db.models import Count
 
 import pgpubsub
 from pgpubsub.models import Notification
-from tests.processes import ServerProcess, free_port, outputs, wait_for
+from tests.processes import ServerProcess, outputs, wait_for
+from tests.test_embedded import GUNICORN_WORKERS, gunicorn
 from tests.testapp import channels
 from tests.testapp.models import Effect, Marker
 
@@ -187,26 +187,18 @@ GUNICORN_ENV = {**ENV, "PGPUBSUB_TEST_EMBEDDED": "1", "PGPUBSUB_TEST_SHUTDOWN_TI
 
 @pytest.mark.timeout(240)
 def test_gunicorn_workers_in_embedded_mode_lose_nothing_and_do_nothing_twice(processes):
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "tests.wsgi:application",
-        "--bind",
-        f"127.0.0.1:{free_port()}",
-        "--workers",
-        "2",
-    ]
-    server = processes.start_command(command, ready=2, env=GUNICORN_ENV)
+    server = processes.start_command(gunicorn(), ready=GUNICORN_WORKERS, env=GUNICORN_ENV)
     workers = server.children()
-    assert len(workers) == 2
+    assert len(workers) == GUNICORN_WORKERS
 
     def kill_one() -> None:
         # gunicorn's master starts a new worker, whose Runtime recovers on start.
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(
-            lambda: len(children := server.children()) == 2 and victim not in children,
+            lambda: (
+                len(children := server.children()) == GUNICORN_WORKERS and victim not in children
+            ),
             30,
             "gunicorn to replace the killed worker",
             watch=[server],

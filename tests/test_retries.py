@@ -37,6 +37,24 @@ def row_of(key: str) -> Notification | None:
     return Notification.objects.filter(payload__kwargs__key=key).first()
 
 
+def send_together(channel, count: int, prefix: str) -> None:
+    """``count`` messages of ``channel`` in one transaction: they arrive, and are claimed,
+    together."""
+    with transaction.atomic():
+        for number in range(count):
+            pgpubsub.notify(channel, key=f"{prefix}{number}")
+
+
+def wait_marked_failed(count: int) -> None:
+    wait_for(
+        lambda: Notification.objects.filter(failed_at__isnull=False).count() == count,
+        30,
+        lambda: (
+            f"rows marked failed; {list(Notification.objects.values('attempts', 'last_error'))}"
+        ),
+    )
+
+
 def test_a_listener_that_fails_once_succeeds_on_its_next_attempt(runtimes):
     runtime = runtimes(channels=[channels.Flaky], workers=2)
     pgpubsub.notify(channels.Flaky, key="once", failures=1)
@@ -182,17 +200,8 @@ def test_a_database_error_in_a_listener_is_a_failed_attempt_not_a_lost_connectio
     runtimes, together
 ):
     runtime = runtimes(channels=[channels.Duplicating], workers=1)
-    with transaction.atomic():
-        for number in range(together):
-            pgpubsub.notify(channels.Duplicating, key=f"dup-{number}")
-
-    wait_for(
-        lambda: Notification.objects.filter(failed_at__isnull=False).count() == together,
-        30,
-        lambda: (
-            f"rows marked failed; {list(Notification.objects.values('attempts', 'last_error'))}"
-        ),
-    )
+    send_together(channels.Duplicating, together, "dup-")
+    wait_marked_failed(together)
     for row in Notification.objects.all():
         assert row.attempts == 2
         assert row.last_error.startswith("IntegrityError: duplicate key value")
@@ -208,13 +217,7 @@ def test_a_listener_that_dooms_its_transaction_fails_instead_of_vanishing(runtim
             pgpubsub.notify(channels.Swallowing, key=f"doomed-{number}")
         pgpubsub.notify(channels.Job, key="bystander")
 
-    wait_for(
-        lambda: Notification.objects.filter(failed_at__isnull=False).count() == together,
-        30,
-        lambda: (
-            f"rows marked failed; {list(Notification.objects.values('attempts', 'last_error'))}"
-        ),
-    )
+    wait_marked_failed(together)
     for row in Notification.objects.all():
         assert row.last_error.startswith("TransactionManagementError: A listener caught")
     assert list(Effect.objects.values_list("key", flat=True)) == ["bystander"]
@@ -234,17 +237,8 @@ def test_an_error_whose_text_postgres_cannot_store_is_recorded_all_the_same(
     runtimes, listener_runs, together
 ):
     runtimes(channels=[channels.Garbled], workers=1)
-    with transaction.atomic():
-        for number in range(together):
-            pgpubsub.notify(channels.Garbled, key=f"g{number}")
-
-    wait_for(
-        lambda: Notification.objects.filter(failed_at__isnull=False).count() == together,
-        30,
-        lambda: (
-            f"rows marked failed; {list(Notification.objects.values('attempts', 'last_error'))}"
-        ),
-    )
+    send_together(channels.Garbled, together, "g")
+    wait_marked_failed(together)
     for row in Notification.objects.all():
         assert row.attempts == 2
         assert row.last_error.startswith("ValueError: upstream said: \\x00binary \\ud800 for g")
