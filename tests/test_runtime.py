@@ -243,6 +243,9 @@ def test_max_concurrency_must_be_a_positive_int(value):
         max_concurrency(Limited)
 
 
+# Forking a process whose Runtime threads run is what the test is about (gunicorn --preload
+# and multiprocessing's fork do it); Python 3.12 warns about any fork of a threaded process.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_runtime_never_crosses_a_fork(settings):
     """The child of a fork has no Runtime (and may start its own); the parent's keeps its
     connections and goes on processing."""
