@@ -488,6 +488,7 @@ class Processor:
         try:
             store.record_failure(
                 row.pk,
+                row.attempts,
                 retries.describe(error),
                 retries.format_traceback(error),
                 retry_in,

@@ -140,16 +140,21 @@ def acknowledge(row_ids: list[int], using: str) -> None:
 
 def record_failure(
     row_id: int,
+    attempts: int,
     error: str,
     traceback: str,
     retry_in: float | None,
     using: str,
     locked: bool = True,
 ) -> bool:
-    """Count a failed attempt of row ``row_id`` and keep its error: it is due again in
-    ``retry_in`` seconds, or (``None``) marked failed. ``locked``: this transaction holds the
-    row; otherwise it is locked here first, and left alone if another listener holds it (that
-    one records what happens). False if the row was not updated."""
+    """Count a failed attempt of row ``row_id``, which had ``attempts`` when it was claimed,
+    and keep its error: it is due again in ``retry_in`` seconds, or (``None``) marked failed.
+
+    ``locked``: this transaction holds the row. Otherwise the attempt's transaction is over and
+    the row was due again meanwhile: it is locked here first and left alone if another
+    listener holds it, or if another attempt was recorded since the claim (the row is that
+    attempt's now; counting both would count past the attempt that marks it failed). False if
+    the row was not updated."""
     where = (
         "id = %s"
         if locked
@@ -163,8 +168,8 @@ def record_failure(
             "next_attempt_at = CASE WHEN %s::float8 IS NULL THEN NULL "
             "ELSE clock_timestamp() + make_interval(secs => %s::float8) END, "
             "failed_at = CASE WHEN %s::float8 IS NULL THEN clock_timestamp() END "
-            f"WHERE {where}",
-            [error, traceback, retry_in, retry_in, retry_in, row_id],
+            f"WHERE {where} AND attempts = %s",
+            [error, traceback, retry_in, retry_in, retry_in, row_id, attempts],
         )
         return cursor.rowcount == 1
 

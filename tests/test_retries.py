@@ -338,3 +338,46 @@ def test_a_failure_receiver_s_database_error_changes_nothing_in_a_batch():
     }
     assert effects("Flaky") == ["ok1", "ok2"]
     assert Notification.objects.get().attempts == 1
+
+
+def test_two_listeners_trying_a_message_at_once_count_one_attempt():
+    """Listener A's attempt of a message fails alone in its transaction, which rolls back: the
+    row is due again before A records the attempt, and listener B claims it, fails and records
+    its own. A's record must not count a second attempt on top of B's: on the last attempt it
+    would count one more than ``max_attempts``."""
+    import threading
+
+    from django.db import connections
+
+    from pgpubsub.processing import Processor
+    from pgpubsub.signals import message_failed
+
+    pgpubsub.notify(channels.Flaky, key="raced", failures=99)
+    row = row_of("raced")
+    last = channels.Flaky.max_attempts - 1
+    Notification.objects.filter(pk=row.pk).update(attempts=last)  # the last attempt is next
+    other_attempts: list[int] = []
+
+    def listener_b() -> None:
+        try:
+            other_attempts.append(Processor().process_stored_row(channels.Flaky, None, row.pk))
+        finally:
+            connections.close_all()
+
+    def meanwhile(sender, row_id, **kwargs):
+        if threading.current_thread().name != "listener-b" and not other_attempts:
+            thread = threading.Thread(target=listener_b, name="listener-b")
+            thread.start()
+            thread.join(30)
+            assert not thread.is_alive()
+
+    message_failed.connect(meanwhile, sender=channels.Flaky)
+    try:
+        assert not Processor().process_stored_row(channels.Flaky, None, row.pk)
+    finally:
+        message_failed.disconnect(meanwhile, sender=channels.Flaky)
+    assert other_attempts == [False]  # B ran the message too, and it failed
+    assert len(flaky_attempts["raced"]) == 2
+    row.refresh_from_db()
+    assert row.failed_at is not None
+    assert row.attempts == channels.Flaky.max_attempts
