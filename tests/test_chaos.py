@@ -55,8 +55,12 @@ def produce() -> None:
 
 
 class Terminator(threading.Thread):
-    """Terminates a random database session of the servers' (LISTEN or worker sessions,
-    never the test's own) every ``KILL_EVERY`` seconds on average, until stopped."""
+    """Terminates a random database session of the servers' (never the test's own) every
+    ``KILL_EVERY`` seconds on average, until stopped: every ``LISTEN_EVERY``-th a LISTEN
+    session, the others worker sessions (either kind when the other has none), so that both
+    kinds are cut however few sessions a run gives it time for."""
+
+    LISTEN_EVERY = 3
 
     def __init__(self, names: list[str]) -> None:
         super().__init__(name="chaos-terminator", daemon=True)
@@ -74,12 +78,19 @@ class Terminator(threading.Thread):
                         "WHERE datname = current_database() AND application_name = ANY(%s)",
                         [list(self.names)],
                     )
-                    sessions = cursor.fetchall()
-                    if not sessions:
-                        continue
-                    pid, query = random.choice(sessions)
-                    cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-                what = "listen" if query.upper().startswith("LISTEN") else "worker"
+                    by_kind: dict[str, list[int]] = {"listen": [], "worker": []}
+                    for pid, query in cursor.fetchall():
+                        listening = query.upper().startswith("LISTEN")
+                        by_kind["listen" if listening else "worker"].append(pid)
+                    turn = sum(self.killed.values()) % self.LISTEN_EVERY == 0
+                    what = "listen" if turn else "worker"
+                    if not by_kind[what]:
+                        what = "worker" if what == "listen" else "listen"
+                        if not by_kind[what]:
+                            continue
+                    cursor.execute(
+                        "SELECT pg_terminate_backend(%s)", [random.choice(by_kind[what])]
+                    )
                 self.killed[what] += 1
         except BaseException as exc:  # reported by the test
             self.error = exc
