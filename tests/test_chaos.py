@@ -83,11 +83,10 @@ class Terminator(threading.Thread):
                         listening = query.upper().startswith("LISTEN")
                         by_kind["listen" if listening else "worker"].append(pid)
                     turn = sum(self.killed.values()) % self.LISTEN_EVERY == 0
-                    what = "listen" if turn else "worker"
-                    if not by_kind[what]:
-                        what = "worker" if what == "listen" else "listen"
-                        if not by_kind[what]:
-                            continue
+                    wanted = ("listen", "worker") if turn else ("worker", "listen")
+                    what = next((kind for kind in wanted if by_kind[kind]), None)
+                    if what is None:
+                        continue
                     cursor.execute(
                         "SELECT pg_terminate_backend(%s)", [random.choice(by_kind[what])]
                     )

@@ -2,12 +2,13 @@
 failed and kept; retried by hand. In-process Runtimes on a real Postgres."""
 
 import logging
+import threading
 import time
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.test import override_settings
 
 import pgpubsub
@@ -345,10 +346,6 @@ def test_two_listeners_trying_a_message_at_once_count_one_attempt():
     row is due again before A records the attempt, and listener B claims it, fails and records
     its own. A's record must not count a second attempt on top of B's: on the last attempt it
     would count one more than ``max_attempts``."""
-    import threading
-
-    from django.db import connections
-
     from pgpubsub.processing import Processor
     from pgpubsub.signals import message_failed
 
@@ -356,7 +353,7 @@ def test_two_listeners_trying_a_message_at_once_count_one_attempt():
     row = row_of("raced")
     last = channels.Flaky.max_attempts - 1
     Notification.objects.filter(pk=row.pk).update(attempts=last)  # the last attempt is next
-    other_attempts: list[int] = []
+    other_attempts: list[bool] = []
 
     def listener_b() -> None:
         try:
