@@ -2,6 +2,7 @@
 installs and works on its own."""
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -9,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,3 +116,43 @@ print("ok")
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["System check identified no issues (0 silenced).", "ok"]
+
+
+#: The name on the package index: ``pgpubsub`` there is an unrelated project of 2015.
+DISTRIBUTION = "pgpubsub-django"
+
+
+def test_the_distribution_is_not_the_unrelated_pgpubsub_of_the_package_index():
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        assert tomllib.load(file)["project"]["name"] == DISTRIBUTION
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_carries_the_distribution_name(dist):
+    wheel = only(dist, "*.whl")
+    assert wheel.name.startswith(DISTRIBUTION.replace("-", "_") + "-")
+    metadata = next(
+        name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".dist-info/METADATA")
+    )
+    headers = zipfile.ZipFile(wheel).read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert f"Name: {DISTRIBUTION}" in headers
+
+
+def test_every_install_line_of_the_docs_names_the_distribution():
+    """``pip install <name>`` in the README and docs installs this project, never the
+    unrelated ``pgpubsub`` of the package index (installs of a checkout, ``-e .``, aside)."""
+    pages = [
+        ROOT / "README.md",
+        ROOT / "example" / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+    ]
+    wrong = []
+    for page in pages:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            for requirement in re.findall(
+                r"pip install ((?:-\S+ )*['\"]?[A-Za-z][\w.\-\[\],]*)", line
+            ):
+                name = re.split(r"[\[=<>]", requirement.split()[-1].strip("'\""))[0]
+                if name.lower().replace("_", "-") == "pgpubsub":
+                    wrong.append(f"{page.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not wrong, "\n".join(wrong)

