@@ -13,20 +13,22 @@ from pgpubsub.exceptions import InvalidPayload
 
 
 def model_for_payload(channel_cls: Any, payload: dict[str, Any]) -> type[models.Model]:
-    """The model a trigger payload speaks of: its ``app``/``model``, else the channel's model."""
+    """The model a trigger payload speaks of, named by its ``app`` and ``model`` (every trigger
+    writes both; a payload without them cannot be told apart from a forged or damaged one)."""
     app_label, model_name = payload.get("app"), payload.get("model")
-    if app_label and model_name:
-        try:
-            return apps.get_model(app_label, model_name)
-        except LookupError:
-            raise InvalidPayload(
-                f"{channel_cls.name()}: payload names model {app_label}.{model_name}, "
-                "which is not installed"
-            ) from None
-    model = getattr(channel_cls, "model", None)
-    if isinstance(model, type) and issubclass(model, models.Model):
-        return model
-    raise InvalidPayload(f"{channel_cls.name()}: payload names no model: {payload!r:.200}")
+    missing = [key for key, value in (("app", app_label), ("model", model_name)) if not value]
+    if missing or not isinstance(app_label, str) or not isinstance(model_name, str):
+        named = ", ".join(repr(key) for key in missing) or "'app' and 'model' as text"
+        raise InvalidPayload(
+            f"{channel_cls.name()}: trigger payload lacks {named}: {payload!r:.200}"
+        )
+    try:
+        return apps.get_model(app_label, model_name)
+    except LookupError:
+        raise InvalidPayload(
+            f"{channel_cls.name()}: payload names model {app_label}.{model_name}, "
+            "which is not installed"
+        ) from None
 
 
 @functools.cache

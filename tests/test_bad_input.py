@@ -88,6 +88,23 @@ def test_a_plain_message_that_cannot_be_read_is_dropped_and_logged_once(
             "payload names model nosuchapp.Author, which is not installed",
         ),
         (channels.AuthorTrigger, {"app": "testapp", "model": "Author", "new": 7}, "not an object"),
+        # A trigger payload always names its model: one that lost app or model is not a
+        # message of the channel's model (django-pgpubsub 1.3.1 did not process it either).
+        (
+            channels.AuthorTrigger,
+            {"model": "Author", "old": None, "new": {"id": 1, "name": "x"}},
+            "trigger payload lacks 'app'",
+        ),
+        (
+            channels.AuthorTrigger,
+            {"app": "testapp", "old": None, "new": {"id": 1, "name": "x"}},
+            "trigger payload lacks 'model'",
+        ),
+        (
+            channels.AuthorTrigger,
+            {"app": "", "model": None, "old": None, "new": {"id": 1, "name": "x"}},
+            "trigger payload lacks 'app', 'model'",
+        ),
     ],
 )
 def test_a_stored_message_that_cannot_be_read_is_marked_failed_at_once(
