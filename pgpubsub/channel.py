@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import logging
+import sys
 import typing
 from collections import defaultdict
 from collections.abc import Callable
@@ -237,6 +238,10 @@ class TriggerChannel(BaseChannel):
     #: from versions that did not send it).
     when: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _model_from_annotation(cls)
+
     @classmethod
     def build_from_payload(cls, notification_payload: dict | str, callbacks: list[Callable]):
         # Parsed once, here: deserialize() gets the parsed object and the timing is read from it.
@@ -295,6 +300,33 @@ class TriggerChannel(BaseChannel):
         if cls.pass_context_to_listeners():
             fields["context"] = data.get("context") or {}
         return fields
+
+
+def _model_from_annotation(cls: type[TriggerChannel]) -> None:
+    """``model: Post`` in a trigger channel means ``model = Post`` (django-pgpubsub 1.x accepted
+    it): the annotation would otherwise make ``model`` a dataclass field, one without a default
+    after the defaulted ``context`` (a TypeError when the class is defined)."""
+    annotations = dict(inspect.get_annotations(cls))
+    if "model" not in annotations:
+        return
+    hint = annotations.pop("model")
+    cls.__annotations__ = annotations
+    if "model" in cls.__dict__:
+        return  # ``model: type[Post] = Post``: the value says it
+    if isinstance(hint, str):  # postponed annotations: evaluate it where the class is defined
+        namespace = dict(vars(sys.modules[cls.__module__]))
+        try:
+            hint = eval(hint, namespace)  # noqa: S307 - the class's own annotation
+        except Exception as exc:
+            raise InvalidChannel(
+                f"{cls.__qualname__}: cannot resolve the annotation model: {hint} ({exc}); "
+                "write `model = YourModel` instead"
+            ) from None
+    if typing.get_origin(hint) is type:  # model: type[Post]
+        (hint,) = typing.get_args(hint)
+    if typing.get_origin(hint) is ClassVar:
+        return  # a ClassVar is not a field; the inherited value stands
+    cls.model = hint
 
 
 TX_ABORTED_ERROR_MESSAGE = "current transaction is aborted"

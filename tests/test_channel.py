@@ -480,6 +480,35 @@ def test_trigger_listener_signatures_follow_the_context_setting():
             check_signature(ThrowawayPostTrigger, old_new)
 
 
+@pytest.mark.parametrize(
+    "annotation", [Post, "Post", "type[Post]"], ids=["class", "string", "type"]
+)
+def test_a_trigger_channel_may_annotate_its_model(annotation):
+    """``model: Post`` (which django-pgpubsub 1.x accepted) means ``model = Post``; it used to
+    fail at definition (a dataclass field without a default after ``context``)."""
+    namespace = {"__annotations__": {"model": annotation}, "__module__": __name__}
+    Annotated = dataclasses.dataclass(type("Annotated", (TriggerChannel,), namespace))
+
+    assert Annotated.model is Post
+    assert [field.name for field in dataclasses.fields(Annotated)] == [
+        "old",
+        "new",
+        "context",
+        "when",
+    ]
+    row = {"id": 7, "author_id": None, "content": "hi", "date": None, "read_count": 0}
+    payload = {"app": "testapp", "model": "Post", "old": None, "new": row, "context": {}}
+    message = Annotated.build_from_payload(json.dumps(payload), [])
+    assert isinstance(message.new, Post) and message.new.pk == 7
+    assert message.old is None
+
+
+def test_a_trigger_channel_annotating_an_unknown_model_says_what_to_write():
+    namespace = {"__annotations__": {"model": "NoSuchModel"}, "__module__": __name__}
+    with pytest.raises(InvalidChannel, match="model = YourModel"):
+        type("Unknown", (TriggerChannel,), namespace)
+
+
 def test_a_trigger_channel_without_a_model_is_refused():
     @dataclasses.dataclass
     class Modelless(TriggerChannel):
