@@ -91,3 +91,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     "loggers": {"pgpubsub": {"level": "WARNING"}},
 }
+# A project whose LOGGING gives the pgpubsub logger a handler of its own (listen must not add one).
+if os.environ.get("PGPUBSUB_TEST_LOG_HANDLER"):
+    LOGGING["formatters"] = {"project": {"format": "project: %(message)s"}}
+    LOGGING["handlers"] = {"project": {"class": "logging.StreamHandler", "formatter": "project"}}
+    LOGGING["loggers"]["pgpubsub"]["handlers"] = ["project"]

@@ -102,6 +102,19 @@ def test_loglevel_info_logs_the_channels(processes):
     assert len(listening_lines) == 1, listening_lines  # one handler: no duplicated lines
 
 
+@pytest.mark.timeout(60)
+def test_a_project_handler_on_the_pgpubsub_logger_prints_each_line_once(processes):
+    """A common Django LOGGING puts a handler on the ``pgpubsub`` logger: listen then adds no
+    root handler of its own (each line was printed twice, once per handler)."""
+    listener = processes.start("--loglevel", "info", env={"PGPUBSUB_TEST_LOG_HANDLER": "1"})
+    wait_for(
+        lambda: "Listening on" in listener.output(), 30, "the 'Listening on' line", watch=[listener]
+    )
+    listening_lines = [line for line in listener.output().splitlines() if "Listening on" in line]
+    assert len(listening_lines) == 1, listening_lines
+    assert listening_lines[0].startswith("project: Listening on"), listening_lines
+
+
 def test_unknown_loglevel_is_a_clear_error():
     with pytest.raises(CommandError, match="'loud' is not a logging level"):
         call_command("listen", "--loglevel", "loud")

@@ -119,16 +119,19 @@ class Command(BaseCommand):
 
     @staticmethod
     def _configure_logging(loglevel: str | None, logformat: str) -> None:
-        """As django-pgpubsub 1.x: a root handler with ``--logformat`` unless logging already has
-        one. ``--loglevel`` also sets the level of the ``pgpubsub`` logger, so it wins over a
-        level the LOGGING setting gave that logger."""
+        """As django-pgpubsub 1.x: a root handler with ``--logformat``, unless the project's
+        logging already writes pgpubsub's records somewhere (a handler on ``pgpubsub``, on one
+        of its parents or on the root): a second handler would print every line twice.
+        ``--loglevel`` also sets the level of the ``pgpubsub`` logger, so it wins over a level
+        the LOGGING setting gave that logger."""
         level = (loglevel or "info").upper()
         if not isinstance(logging.getLevelName(level), int):
             raise CommandError(
                 f"--loglevel {loglevel!r} is not a logging level (debug, info, warning, error)"
             )
-        logging.basicConfig(format=logformat, level=level)
         package_logger = logging.getLogger("pgpubsub")
+        if not package_logger.hasHandlers():
+            logging.basicConfig(format=logformat, level=level)
         if loglevel or package_logger.level == logging.NOTSET:
             package_logger.setLevel(level)
 
