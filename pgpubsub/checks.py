@@ -93,6 +93,13 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
     return errors
 
 
+def _embedded() -> bool:
+    try:
+        return conf.embedded()
+    except ImproperlyConfigured:
+        return True  # reported as E011; meanwhile take the setting to be wanted
+
+
 def _check_runtime_settings() -> list:
     errors = []
     for name, read, example in (
@@ -110,13 +117,20 @@ def _check_runtime_settings() -> list:
         try:
             read()
         except ImproperlyConfigured as exc:
-            errors.append(
-                Error(
-                    str(exc),
-                    hint=f"Set it like {name} = {example}, or remove it for its default.",
-                    id="pgpubsub.E011",
+            hint = f"Set it like {name} = {example}, or remove it for its default."
+            if name == "PGPUBSUB_WORKERS" and not _embedded():
+                # Only embedded Runtimes read it (listen takes --threads): with embedded mode
+                # off it must not keep listen, migrate or runserver from starting.
+                errors.append(
+                    Warning(
+                        f"{exc} It is not used while PGPUBSUB_EMBEDDED is off "
+                        "(manage.py listen takes --threads).",
+                        hint=hint,
+                        id="pgpubsub.W004",
+                    )
                 )
-            )
+                continue
+            errors.append(Error(str(exc), hint=hint, id="pgpubsub.E011"))
     try:
         names = conf.channels() or []
     except ImproperlyConfigured:

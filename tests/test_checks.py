@@ -112,8 +112,10 @@ def test_database_alias_with_an_engine_that_does_not_import():
         ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": "300"}, "pgpubsub.E010"),
         ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": 0}, "pgpubsub.E010"),
         ({"PGPUBSUB_EMBEDDED": "yes"}, "pgpubsub.E011"),
-        ({"PGPUBSUB_WORKERS": 0}, "pgpubsub.E011"),
-        ({"PGPUBSUB_WORKERS": 2.5}, "pgpubsub.E011"),
+        ({"PGPUBSUB_WORKERS": 0, "PGPUBSUB_EMBEDDED": True}, "pgpubsub.E011"),
+        ({"PGPUBSUB_WORKERS": 2.5, "PGPUBSUB_EMBEDDED": True}, "pgpubsub.E011"),
+        # Only embedded Runtimes read it: listen (--threads) must not refuse to start.
+        ({"PGPUBSUB_WORKERS": 0}, "pgpubsub.W004"),
         ({"PGPUBSUB_QUEUE_SIZE": "100"}, "pgpubsub.E011"),
         ({"PGPUBSUB_CHANNELS": "tests.testapp.channels.Job"}, "pgpubsub.E011"),
         ({"PGPUBSUB_CHANNELS": ["tests.testapp.channels.Nope"]}, "pgpubsub.E011"),
@@ -132,7 +134,7 @@ def test_settings_of_the_wrong_type(overrides, expected):
         # `context` are reported too: pgpubsub.E007.)
         messages = [m for m in pgpubsub_messages() if m.id != "pgpubsub.E007"]
     assert [m.id for m in messages] == [expected]
-    (name,) = overrides
+    name = next(iter(overrides))
     assert name in messages[0].msg and name in messages[0].hint
 
 

@@ -115,6 +115,21 @@ def test_a_project_handler_on_the_pgpubsub_logger_prints_each_line_once(processe
     assert listening_lines[0].startswith("project: Listening on"), listening_lines
 
 
+@pytest.mark.timeout(60)
+def test_a_bad_pgpubsub_workers_does_not_stop_listen(processes):
+    """Only embedded Runtimes read PGPUBSUB_WORKERS (listen takes --threads): listen warns
+    and runs (a system check error stopped it)."""
+    listener = processes.start("--threads", "2", env={"PGPUBSUB_TEST_WORKERS": "0"})
+    pgpubsub.notify(channels.Job, key="workers-0")
+    wait_for(
+        lambda: Effect.objects.filter(key="workers-0").exists(),
+        30,
+        "the job to be processed",
+        watch=[listener],
+    )
+    assert "pgpubsub.W004" in listener.output()
+
+
 def test_unknown_loglevel_is_a_clear_error():
     with pytest.raises(CommandError, match="'loud' is not a logging level"):
         call_command("listen", "--loglevel", "loud")
