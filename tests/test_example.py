@@ -261,8 +261,8 @@ def assert_demo_worked(demo: Demo, output: str, database_url: str) -> None:
         "failed 0, queue depth 0, in flight 0."
     ) in output, output
     assert (
-        "Stopped the web server (Ctrl-C, exit code 0): its Runtime stopped with it; "
-        "database sessions left: 0."
+        "Stopped the web server (sent it SIGINT, as Ctrl-C does; exit code 0): its Runtime "
+        "stopped with it; database sessions left: 0."
     ) in output, output
 
     # What the listeners wrote is in the database: one welcome post per author, written in the
@@ -368,8 +368,8 @@ def test_demo_serve_keeps_the_web_server_and_its_runtime_until_stopped(demos, ex
     assert demo.process.wait(timeout=30) == 0
     output = demo.output()
     assert (
-        "Stopped the web server (Ctrl-C, exit code 0): its Runtime stopped with it; "
-        "database sessions left: 0."
+        "Stopped the web server (SIGTERM received; sent it SIGINT, as Ctrl-C does; exit code "
+        "0): its Runtime stopped with it; database sessions left: 0."
     ) in output, demo.described()
     assert demo.errors() == "", demo.described()
     assert not alive(server)
@@ -385,7 +385,7 @@ def test_interrupted_demo_stops_its_web_server(demos, example_database_url):
     demo.process.send_signal(signal.SIGINT)  # Ctrl-C, whatever the demo is doing
     assert demo.process.wait(timeout=30) == 1, demo.described()
     assert demo.errors() == (
-        "CommandError: Interrupted; the web server and its Runtime are stopped.\n"
+        "CommandError: Interrupted (SIGINT); the web server and its Runtime are stopped.\n"
     ), demo.described()
     assert not alive(server)
     assert_no_sessions_left(example_database_url)

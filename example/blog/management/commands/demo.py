@@ -72,8 +72,9 @@ class Command(BaseCommand):
         # SIGTERM ends the demo like Ctrl-C does: the web server is stopped, the throwaway
         # database server (if any) deleted. SIGINT too, even when it came in ignored (a
         # background job of a script): the web server inherits that, and stops on SIGINT.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.received: str | None = None  # the signal that ended the demo, said when stopping
+        signal.signal(signal.SIGTERM, self._interrupt)
+        signal.signal(signal.SIGINT, self._interrupt)
         self.say(f"Database: {describe_database()}")
         call_command("migrate", verbosity=max(0, self.verbosity - 1), interactive=False)
         self.say("Migrated: tables created, author insert trigger installed.")
@@ -106,7 +107,9 @@ class Command(BaseCommand):
                 self.serve(server)
         except KeyboardInterrupt:
             server.stop()
-            raise CommandError("Interrupted; the web server and its Runtime are stopped.")
+            raise CommandError(
+                f"Interrupted ({self.received}); the web server and its Runtime are stopped."
+            )
         except BaseException:
             server.stop()
             raise
@@ -116,9 +119,10 @@ class Command(BaseCommand):
         if code != 0:
             raise CommandError(f"The web server exited with code {code}.\n{server.described()}")
         left = server.wait_for_no_sessions()
+        why = f"{self.received} received; " if self.received else ""
         self.say(
-            f"\nStopped the web server (Ctrl-C, exit code {code}): its Runtime stopped with it; "
-            f"database sessions left: {left}."
+            f"\nStopped the web server ({why}sent it SIGINT, as Ctrl-C does; exit code {code}): "
+            f"its Runtime stopped with it; database sessions left: {left}."
         )
         self.say(f"Done in {time.monotonic() - started:.1f}s.")
 
@@ -217,6 +221,11 @@ class Command(BaseCommand):
         raise CommandError(
             f"The web server exited with code {server.process.returncode}.\n{server.described()}"
         )
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        """SIGTERM ends the demo as Ctrl-C (SIGINT) does; which one came is said at the end."""
+        self.received = signal.Signals(signum).name
+        raise KeyboardInterrupt
 
     def say(self, text: str) -> None:
         if self.verbosity >= 1:
