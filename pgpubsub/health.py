@@ -1,6 +1,7 @@
 """What an operator needs to know about the database side of pgpubsub, without any payload:
 the stored backlog per channel, the age of its oldest row still to be processed, the rows
-marked failed, and how full PostgreSQL's notification queue is."""
+marked failed, and how full PostgreSQL's notification queue is, on each database that holds
+stored notifications."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import datetime
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db.models import Count, Min, Q
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
+from django.utils.connection import ConnectionDoesNotExist
 
 from pgpubsub import conf
-from pgpubsub.channel import BaseChannel
+from pgpubsub.channel import BaseChannel, registry
 
 
 @dataclass
@@ -39,6 +41,17 @@ class DatabaseStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class DatabaseFailure:
+    """A database whose status could not be read."""
+
+    database: str
+    error: str  # the exception's type and message, on one line
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"database": self.database, "error": self.error}
 
 
 def channel_label(stored_name: str) -> str:
@@ -101,3 +114,30 @@ def database_status(using: str | None = None) -> DatabaseStatus:
         notification_queue_usage=float(usage),
         channels=channels,
     )
+
+
+def monitored_databases() -> list[str]:
+    """The alias of stored notifications, then each other database a channel with a listener
+    names (``database = "..."``), in alphabetical order."""
+    first = conf.notifications_alias()
+    others = {
+        channel.database
+        for channel, callbacks in list(registry.items())
+        if callbacks and channel.database and channel.database != first
+    }
+    return [first, *sorted(others)]
+
+
+def databases_status(
+    aliases: list[str] | None = None,
+) -> list[DatabaseStatus | DatabaseFailure]:
+    """:func:`database_status` of each of ``aliases`` (default: :func:`monitored_databases`),
+    or what kept it from being read: one database down hides nothing of the others."""
+    results: list[DatabaseStatus | DatabaseFailure] = []
+    for alias in aliases or monitored_databases():
+        try:
+            results.append(database_status(alias))
+        # Unreachable, not migrated, or (a channel's database = "...") not configured.
+        except (DatabaseError, ConnectionDoesNotExist) as exc:
+            results.append(DatabaseFailure(alias, " ".join(f"{type(exc).__name__}: {exc}".split())))
+    return results

@@ -2,6 +2,9 @@
 
 import datetime
 import json
+import os
+import subprocess
+import sys
 from io import StringIO
 
 import pytest
@@ -10,6 +13,7 @@ from django.utils import timezone
 
 import pgpubsub
 from pgpubsub.models import Notification
+from tests.processes import MANAGE, ROOT, free_port
 from tests.testapp import channels
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,7 +50,11 @@ def test_the_backlog_per_channel_oldest_first_without_payloads():
         failed_at=timezone.now(), attempts=5, created_at=hour_ago - datetime.timedelta(days=3)
     )
 
-    report = json.loads(status("--json"))
+    everything = json.loads(status("--json"))
+    assert everything["errors"] == []
+    (report,) = everything["databases"]
+    assert (everything["stored"], everything["failed"]) == (6, 1)
+    assert everything["oldest_age_seconds"] == report["oldest_age_seconds"]
     assert report["database"] == "default"
     assert report["stored"] == 6
     assert report["failed"] == 1
@@ -69,7 +77,7 @@ def test_the_backlog_per_channel_oldest_first_without_payloads():
     assert rows[2][:3] == [channels.Job.name(), "4", "1"]
     assert rows[3] == ["some.old.Channel", "1", "0", "-"]
     assert "secret" not in table and "do not show me" not in table
-    assert "secret" not in json.dumps(report)
+    assert "secret" not in json.dumps(everything)
 
 
 def test_an_unknown_database_alias_is_an_error():
@@ -77,6 +85,56 @@ def test_an_unknown_database_alias_is_an_error():
         status("--database", "nope")
 
 
-def test_an_action_is_required():
-    with pytest.raises(CommandError):
+def manage(*args: str, database_url: str) -> subprocess.CompletedProcess:
+    """``manage.py <args>`` of the test project, on the database ``database_url`` names."""
+    return subprocess.run(
+        [sys.executable, str(MANAGE), *args],
+        env={**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def closed_port_url() -> str:
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/nothing-listens-here"
+
+
+def test_an_action_is_required_and_the_error_lists_them():
+    with pytest.raises(CommandError, match="an action is required"):
         call_command("pgpubsub")
+    # From the command line: the usage, the actions with what each does, exit code 2.
+    done = manage("pgpubsub", database_url=closed_port_url())
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.startswith("usage: manage.py pgpubsub ")
+    assert "{status,retry}" in done.stderr
+    assert "error: an action is required, one of:" in done.stderr
+    assert "  status  show the stored backlog" in done.stderr
+    assert "  retry   give the stored notifications marked failed new attempts" in done.stderr
+    assert "Traceback" not in done.stderr
+    helped = manage("pgpubsub", "--help", database_url=closed_port_url())
+    assert helped.returncode == 0
+    assert "status" in helped.stdout and "show the stored backlog" in helped.stdout
+
+
+def test_a_database_that_cannot_be_reached_is_one_error_not_a_traceback():
+    url = closed_port_url()
+    port = url.split(":")[-1].split("/")[0]
+
+    done = manage("pgpubsub", "status", "--json", database_url=url)
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["databases"], report["stored"]) == ([], 0)
+    (error,) = report["errors"]
+    assert error["database"] == "default"
+    assert error["error"].startswith("OperationalError: ") and port in error["error"]
+    assert "Traceback" not in done.stderr
+
+    for args in (["status"], ["retry"]):
+        done = manage("pgpubsub", *args, database_url=url)
+        assert done.returncode == 1, done.stderr
+        assert done.stdout == ""
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("CommandError: cannot ") and "OperationalError" in line
+        assert port in line
