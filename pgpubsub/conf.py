@@ -50,6 +50,20 @@ def health_max_backlog_age() -> float:
     return float(_positive("PGPUBSUB_HEALTH_MAX_BACKLOG_AGE", 300, float))
 
 
+def health_token() -> str | None:
+    """``PGPUBSUB_HEALTH_TOKEN`` (default ``None``): a secret that lets a request to the health
+    view see its details (``Authorization: Bearer <token>``); ``None`` or ``""``: no token does."""
+    value = _get("PGPUBSUB_HEALTH_TOKEN", None)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ImproperlyConfigured(
+            f"PGPUBSUB_HEALTH_TOKEN must be a string (a long random secret) or None, not "
+            f"{type(value).__name__}"
+        )
+    return value
+
+
 def listener_filter_provider() -> Any | None:
     """``PGPUBSUB_LISTENER_FILTER`` (default ``None``): dotted path of a ``ListenerFilterProvider``.
 

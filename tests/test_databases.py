@@ -1,9 +1,17 @@
 """Channels on a database of their own (``database = "other"``): published, stored, listened to
 and processed there, next to channels on the default database."""
 
+import datetime
+import json
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from io import StringIO
 
 import pytest
+from django.core.management import call_command
+from django.test import override_settings
+from django.utils import timezone
 
 import pgpubsub
 from pgpubsub.channel import Channel, registry
@@ -98,3 +106,70 @@ def test_process_stored_notifications_asks_on_the_channels_database(other_listen
         )
     finally:
         assert runtime.stop(10)
+
+
+def stored_on_other(count: int, waited: float) -> None:
+    """``count`` rows of OtherJob on database ``other`` that have waited ``waited`` seconds for a
+    listener (none runs)."""
+    Notification.objects.using("other").bulk_create(
+        Notification(channel=OtherJob.listen_safe_name(), payload={"kwargs": {"key": f"k{n}"}})
+        for n in range(count)
+    )
+    Notification.objects.using("other").update(
+        created_at=timezone.now() - datetime.timedelta(seconds=waited)
+    )
+
+
+def test_status_covers_every_database_a_channel_uses(other_listeners):
+    stored_on_other(9, 16)
+    pgpubsub.notify(channels.Job, key="on-default")
+
+    out = StringIO()
+    call_command("pgpubsub", "status", "--json", stdout=out)
+    report = json.loads(out.getvalue())
+    assert [(db["database"], db["stored"]) for db in report["databases"]] == [
+        ("default", 1),
+        ("other", 9),
+    ]
+    assert report["stored"] == 10 and report["errors"] == []
+    assert 16 <= report["oldest_age_seconds"] < 60
+    assert report["databases"][1]["channels"][0]["channel"] == OtherJob.name()
+
+    out = StringIO()
+    call_command("pgpubsub", "status", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("Database 'default': 1 stored notification(s)")
+    assert "Database 'other': 9 stored notification(s), 0 failed, oldest 1" in out.getvalue()
+    assert any(line.split()[:2] == [OtherJob.name(), "9"] for line in lines)
+
+    # --database still narrows it to one.
+    out = StringIO()
+    call_command("pgpubsub", "status", "--json", "--database", "other", stdout=out)
+    assert [db["database"] for db in json.loads(out.getvalue())["databases"]] == ["other"]
+
+
+@override_settings(PGPUBSUB_HEALTH_MAX_BACKLOG_AGE=10, PGPUBSUB_HEALTH_TOKEN="token-of-the-test")
+def test_the_health_view_fails_for_a_backlog_on_another_database(other_listeners, live_server):
+    url = live_server.url + "/pgpubsub/health/"
+    stored_on_other(9, 16)
+
+    def health(headers: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    assert health({}) == (503, {"status": "failing", "problems": ["backlog_too_old"]})
+    code, body = health({"Authorization": "Bearer token-of-the-test"})
+    assert code == 503
+    assert [(db["database"], db["stored"]) for db in body["databases"]] == [
+        ("default", 0),
+        ("other", 9),
+    ]
+    (detail,) = body["details"]
+    assert detail.startswith("database 'other': oldest stored notification waited 1")
+
+    Notification.objects.using("other").update(created_at=timezone.now())
+    assert health({}) == (200, {"status": "ok", "problems": []})
