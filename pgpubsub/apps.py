@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
-from django.db.models.signals import post_migrate
+from django.db.models.signals import post_migrate, pre_migrate
 
 
 def _install_functions(sender, using: str = "default", **kwargs) -> None:
@@ -20,8 +20,18 @@ class PgpubsubConfig(AppConfig):
     default_auto_field = "django.db.models.AutoField"
 
     def ready(self) -> None:
-        from pgpubsub import checks  # noqa: F401  (registers the system checks)
+        from pgpubsub import (
+            checks,  # noqa: F401  (registers the system checks)
+            migration_order,
+        )
 
+        # Triggers call pgpubsub's functions as soon as they exist, whatever the migration order.
+        migration_order.patch_autodetector()
+        pre_migrate.connect(
+            migration_order.install_functions_first,
+            sender=self,
+            dispatch_uid="pgpubsub_functions_first",
+        )
         post_migrate.connect(_install_functions, sender=self, dispatch_uid="pgpubsub_functions")
 
         from pgpubsub import embedded

@@ -9,7 +9,8 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
     initial = True
 
-    dependencies = []
+    # Its trigger writes through pgpubsub's table and functions (makemigrations adds this).
+    dependencies = [("pgpubsub", "0008_notification_attempts")]
 
     operations = [
         migrations.CreateModel(
