@@ -1,5 +1,6 @@
 import os
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
@@ -7,6 +8,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from blog.models import Author, Post
 from pgpubsub import embedded
+from pgpubsub.views import can_see_details
 
 
 def index(request: HttpRequest) -> HttpResponse:
@@ -35,8 +37,15 @@ def read_post(request: HttpRequest, post_id: int) -> HttpResponse:
 @require_GET
 def pgpubsub_status(request: HttpRequest) -> JsonResponse:
     """What the pgpubsub Runtime inside this web process is doing (counters, never a payload);
-    503 when this process runs none."""
+    503 when this process runs none.
+
+    Its channels, pid and last error (whose text is whatever a listener's exception said) are
+    for staff, requests with PGPUBSUB_HEALTH_TOKEN, and, while DEBUG is on, requests from
+    INTERNAL_IPS (the demo's); anyone else learns whether it runs and listens.
+    """
     runtime = embedded.runtime()
-    if runtime is None:
-        return JsonResponse({"pid": os.getpid(), "running": False}, status=503)
-    return JsonResponse(runtime.status())
+    status = runtime.status() if runtime is not None else {"pid": os.getpid(), "running": False}
+    internal = settings.DEBUG and request.META.get("REMOTE_ADDR") in settings.INTERNAL_IPS
+    if not (internal or can_see_details(request)):
+        status = {"running": status["running"], "connected": status.get("connected", False)}
+    return JsonResponse(status, status=200 if runtime is not None else 503)

@@ -18,6 +18,8 @@ from pgpubsub.testing.postgres import database_url, django_database
 SECRET_KEY = "pgpubsub-example-not-secret"
 DEBUG = True
 ALLOWED_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
+# With DEBUG on, requests from these addresses see the whole status of /pgpubsub/status/.
+INTERNAL_IPS = ["127.0.0.1", "::1"]
 USE_TZ = True
 TIME_ZONE = "UTC"
 
@@ -51,6 +53,9 @@ ASGI_APPLICATION = "exampleproject.asgi.application"
 # settings keep their defaults: 2 worker threads per process, every channel with a listener,
 # stored lockable messages processed at start, 10 s for running callbacks at shutdown.
 PGPUBSUB_EMBEDDED = True
+# Requests with "Authorization: Bearer <this>" see the details of /pgpubsub/health/ and
+# /pgpubsub/status/ (a long random secret; unset: staff only, and here DEBUG's INTERNAL_IPS).
+PGPUBSUB_HEALTH_TOKEN = os.environ.get("PGPUBSUB_HEALTH_TOKEN")
 
 # What the listeners and pgpubsub's Runtime do shows in the web server's output.
 LOGGING = {
