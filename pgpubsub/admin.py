@@ -1,6 +1,10 @@
 """Django admin for stored notifications: see what waits to be processed and what failed, retry
 it now, or delete it.
 
+Built for a backlog of millions of rows: the list loads no payloads and counts its rows once, and
+deleting many rows asks with a summary (how many, of which channels) rather than a list of every
+row, then deletes them by id, a chunk per statement.
+
 Django imports this module (admin autodiscovery) only when ``django.contrib.admin`` is
 installed; it registers :class:`NotificationAdmin` on the default site only then, so importing
 it elsewhere is harmless.
@@ -10,14 +14,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 from typing import Any
 
 from django.apps import apps
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
-from django.db import transaction
-from django.db.models import QuerySet
+from django.core.exceptions import PermissionDenied
+from django.db import connections, transaction
+from django.db.models import Count, Max, QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
@@ -26,6 +35,8 @@ from pgpubsub import store
 from pgpubsub.channel import registry
 from pgpubsub.health import channel_label
 from pgpubsub.models import Notification
+
+logger = logging.getLogger(__name__)
 
 
 def format_age(delta: datetime.timedelta) -> str:
@@ -56,6 +67,23 @@ def pretty_json(payload: Any) -> str:
 
 #: Characters of the last error shown in the list (the row's page shows all of it).
 ERROR_COLUMN_LENGTH = 80
+
+#: Rows removed per DELETE by the "Delete selected notifications" action: each statement is
+#: short and locks few rows, whatever the size of the selection.
+DELETE_CHUNK_SIZE = 5000
+
+#: Channels named on the delete confirmation page; any others are summed up in one line.
+SUMMARY_CHANNELS = 30
+
+#: Hidden field of the delete confirmation page: the highest id it counted, so that confirming
+#: a selection "across pages" does not also delete the rows stored since.
+UPTO_FIELD = "pgpubsub_upto"
+
+
+def notification_title(obj: Notification) -> str:
+    """How the admin names a row: ``Notification 759 (blog.channels.AuthorTrigger, pending)``,
+    with the channel's dotted name when this process knows the channel, else as stored."""
+    return f"Notification {obj.pk} ({channel_label(obj.channel)}, {obj.status})"
 
 
 def _pre(text: str) -> str:
@@ -132,6 +160,127 @@ def retry_now(
     )
 
 
+def _channel_summary(queryset: QuerySet[Notification]) -> tuple[int, int, list[tuple[str, int]]]:
+    """(rows, highest id, [(channel label, rows)] most rows first) of ``queryset``, in one
+    query; a channel's rows stored under its LISTEN and under its dotted name count as one."""
+    per_label: dict[str, int] = {}
+    upto = 0
+    for name, count, last in (
+        queryset.order_by()
+        .values("channel")
+        .annotate(count=Count("pk"), last=Max("pk"))
+        .values_list("channel", "count", "last")
+    ):
+        label = channel_label(name)
+        per_label[label] = per_label.get(label, 0) + count
+        upto = max(upto, last)
+    channels = sorted(per_label.items(), key=lambda item: (-item[1], item[0]))
+    return sum(per_label.values()), upto, channels
+
+
+def _delete_by_id(queryset: QuerySet[Notification]) -> tuple[int, int]:
+    """Delete the rows of ``queryset``, DELETE_CHUNK_SIZE ids per statement, in id order;
+    return (deleted, left). Rows that a listener holds (it is processing them) are skipped, not
+    waited for, and counted as left, as are rows it finished meanwhile."""
+    alias = queryset.db
+    table = connections[alias].ops.quote_name(Notification._meta.db_table)
+    # Ids are read a chunk at a time from where the last chunk ended: memory and each
+    # statement stay small for any number of rows, and the admin's filters and search apply.
+    ids = queryset.order_by("pk").values_list("pk", flat=True)
+    deleted = left = 0
+    last = None
+    while True:
+        chunk = list((ids if last is None else ids.filter(pk__gt=last))[:DELETE_CHUNK_SIZE])
+        if not chunk:
+            return deleted, left
+        last = chunk[-1]
+        with connections[alias].cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {table} WHERE id IN "
+                f"(SELECT id FROM {table} WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED)",
+                [chunk],
+            )
+            deleted += cursor.rowcount
+            left += len(chunk) - cursor.rowcount
+
+
+@admin.action(description="Delete selected notifications", permissions=["delete"])
+def delete_selected(
+    model_admin: NotificationAdmin, request: HttpRequest, queryset: QuerySet[Notification]
+) -> TemplateResponse | None:
+    """Delete the selected rows without processing them, after a confirmation page that shows
+    how many rows of which channels (never every row: a selection across pages may hold
+    millions). Replaces Django's action of the same name for this model.
+
+    Rows go with plain SQL, as listeners acknowledge them: no model signals, and
+    ``ModelAdmin.delete_queryset`` is not called."""
+    if not model_admin.has_delete_permission(request):
+        raise PermissionDenied
+    upto = request.POST.get(UPTO_FIELD)
+    if request.POST.get("post") == "yes" and upto and upto.isascii() and upto.isdigit():
+        deleted, left = _delete_by_id(queryset.filter(pk__lte=int(upto)))
+        logger.info(
+            "%s deleted %d stored notifications in the admin (%d left to listeners)",
+            request.user,
+            deleted,
+            left,
+        )
+        text = ngettext(
+            "Successfully deleted %(count)d notification.",
+            "Successfully deleted %(count)d notifications.",
+            deleted,
+        ) % {"count": deleted}
+        if left:
+            text += " " + ngettext(
+                "%(count)d that a listener was processing was left to it.",
+                "%(count)d that listeners were processing were left to them.",
+                left,
+            ) % {"count": left}
+        model_admin.message_user(request, text, messages.SUCCESS)
+        return None
+
+    count, upto_id, channels = _channel_summary(queryset)
+    if not count:
+        model_admin.message_user(
+            request, "None of the selected notifications is stored any more.", messages.INFO
+        )
+        return None
+    opts = model_admin.opts
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "title": "Delete notifications",
+        "subtitle": None,
+        "opts": opts,
+        "media": model_admin.media,
+        "count": count,
+        "channels": channels[:SUMMARY_CHANNELS],
+        "other_channels": len(channels[SUMMARY_CHANNELS:]),
+        "other_count": sum(n for _, n in channels[SUMMARY_CHANNELS:]),
+        # Posted back as they came: the ids of the rows ticked on the page (a page's worth at
+        # most) and "select across", so that the changelist selects the same rows again.
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
+        "select_across": request.POST.get("select_across", "0"),
+        "upto_field": UPTO_FIELD,
+        "upto": upto_id,
+        "action": "delete_selected",
+        # The changelist with its filters and search: where the rows were selected.
+        "changelist_url": request.get_full_path(),
+    }
+    request.current_app = model_admin.admin_site.name
+    return TemplateResponse(
+        request, "admin/pgpubsub/notification/delete_selected_notifications.html", context
+    )
+
+
+class NotificationChangeList(ChangeList):
+    """The list loads neither payloads nor tracebacks, which it does not show: with large
+    payloads they would be most of what a page reads."""
+
+    def get_queryset(self, request: HttpRequest, *args: Any, **kwargs: Any) -> QuerySet:
+        return super().get_queryset(request, *args, **kwargs).defer("payload", "last_traceback")
+
+
 class NotificationAdmin(admin.ModelAdmin):
     """Stored notifications, oldest first (the order listeners process them in); read-only.
 
@@ -170,7 +319,10 @@ class NotificationAdmin(admin.ModelAdmin):
         "traceback_pretty",
     )
     readonly_fields = fields
-    actions = ("delete_selected", retry_now)
+    actions = (delete_selected, retry_now)
+    # Django otherwise counts the rows twice per view of the list (the matching rows, and all
+    # of them for a search's "N total"): each a scan of a table that may hold millions.
+    show_full_result_count = False
 
     @admin.display(description="channel", ordering="channel")
     def channel_name(self, obj: Notification) -> str:
@@ -222,6 +374,23 @@ class NotificationAdmin(admin.ModelAdmin):
         if names:
             found = found | queryset.filter(channel__in=names)
         return found, may_have_duplicates
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return NotificationChangeList
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Notification | None = None,
+    ) -> TemplateResponse:
+        if obj is not None:
+            # The page's heading, <title> and breadcrumb (this app's change_form.html).
+            context["subtitle"] = context["notification_title"] = notification_title(obj)
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # rows come from notify() and triggers

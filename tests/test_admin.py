@@ -1,5 +1,6 @@
 """The admin of stored notifications, driven over real HTTP against a live server: log in, list,
-filter, search, read a payload and a traceback, retry rows now, delete them."""
+filter, search, read a payload and a traceback, retry rows now, delete them; and with tens of
+thousands of rows stored, as after an outage."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import pgpubsub
@@ -383,18 +386,162 @@ def test_retry_now_gives_failed_rows_new_attempts(browser, processes):
     assert sorted(Effect.objects.values_list("key", flat=True)) == ["fresh", "given-up"]
 
 
-def test_delete_selected_asks_then_deletes(browser):
+def test_change_page_names_the_row_by_id_channel_and_status(browser):
+    job = store_job("named")
+    unknown = Notification.objects.create(channel=UNKNOWN_CHANNEL, payload={"kwargs": {}})
+    mark_failed(unknown)
+
+    for row, name in [
+        (job, f"Notification {job.pk} (tests.testapp.channels.Job, pending)"),
+        (unknown, f"Notification {unknown.pk} ({UNKNOWN_CHANNEL}, failed)"),
+    ]:
+        page = browser.get(f"{CHANGELIST}{row.pk}/change/")
+        assert "Notification object" not in page
+        assert re.search(r"<title>(.*?)</title>", page, re.S).group(1).startswith(f"{name} |")
+        assert f"<h2>{name}</h2>" in page
+        trail = re.search(r'class="breadcrumbs"[^>]*>(.*?)</(?:div|ol)>', page, re.S).group(1)
+        assert html.unescape(re.sub(r"<[^>]+>", "", trail)).strip().endswith(name), trail
+
+
+def store_rows(count: int, channel: str) -> list[int]:
+    """Ids of ``count`` rows stored under ``channel`` in one statement (as a backlog piles up)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO pgpubsub_notification (channel, payload) "
+            "SELECT %s, jsonb_build_object('kwargs', jsonb_build_object('key', n::text, "
+            "'text', repeat('x', 200))) FROM generate_series(1, %s) AS n RETURNING id",
+            [channel, count],
+        )
+        return sorted(pk for (pk,) in cursor.fetchall())
+
+
+def confirm(browser: Browser, page: str) -> str:
+    """Submit the confirmation form of ``page`` as a browser would: its hidden fields, to its
+    action."""
+    form = re.search(r'<form method="post" action="([^"]*)">(.*?)</form>', page, re.S)
+    fields: dict[str, list[str]] = {}
+    for name, value in re.findall(
+        r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form.group(2)
+    ):
+        fields.setdefault(html.unescape(name), []).append(html.unescape(value))
+    fields.pop("csrfmiddlewaretoken")
+    return browser.post(html.unescape(form.group(1)), fields)
+
+
+def confirmation_summary(page: str) -> tuple[str, dict[str, str]]:
+    """The question of a delete confirmation page, and its rows per channel."""
+    question = re.search(r'<p id="delete-count">(.*?)</p>', page, re.S).group(1)
+    table = re.search(r'<table id="delete-channels">(.*?)</table>', page, re.S).group(1)
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", table)
+    return html.unescape(question), {html.unescape(k): v for k, v in rows}
+
+
+def test_delete_selected_asks_with_a_summary_then_deletes_those_rows(browser):
+    jobs = [store_job(f"job-{n}").pk for n in range(3)]
+    legacy = Notification.objects.create(channel=channels.Job.name(), payload={}).pk
+    unknown = Notification.objects.create(channel=UNKNOWN_CHANNEL, payload={"kwargs": {}}).pk
+    selected = [jobs[0], jobs[2], legacy, unknown]
+
+    page = browser.action("delete_selected", selected)
+
+    question, per_channel = confirmation_summary(page)
+    assert question.startswith("Delete 4 stored notifications?")
+    assert per_channel == {"tests.testapp.channels.Job": "3", UNKNOWN_CHANNEL: "1"}
+    assert Notification.objects.count() == 5
+    assert f'href="{CHANGELIST}" class="button cancel-link"' in page
+
+    page = confirm(browser, page)
+
+    assert "Successfully deleted 4 notifications." in messages(page)
+    assert list(Notification.objects.values_list("pk", flat=True)) == [jobs[1]]
+    assert listed_ids(page) == [jobs[1]]
+
+
+def test_delete_needs_the_delete_permission(live_server, django_user_model):
+    row = store_job("kept")
+    user = django_user_model.objects.create_user("operator", password=PASSWORD, is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_notification", "change_notification"])
+    )
+    client = Browser(live_server.url)
+    client.log_in("operator", PASSWORD)
+
+    page = client.action("delete_selected", [row.pk])
+    page = client.action("delete_selected", [row.pk], post="yes", pgpubsub_upto=str(row.pk))
+
+    assert "Are you sure" not in page and 'id="delete-count"' not in page
+    assert "No action selected." in messages(page)
+    assert Notification.objects.filter(pk=row.pk).exists()
+
+
+#: Rows of the tests at scale: enough that listing each on one page would take megabytes.
+MANY = 20_000
+
+
+def test_delete_across_pages_shows_a_small_page_and_deletes_what_it_counted(browser):
+    jobs = store_rows(MANY, channels.Job.listen_safe_name())
+    others = store_rows(5, UNKNOWN_CHANNEL)
+    job_list = f"{CHANGELIST}?channel=tests.testapp.channels.Job"
+    first_page = listed_ids(browser.get(job_list))
+    assert first_page == jobs[:100]
+
+    # "Select all 20000 notifications" over the filtered list, then the action.
+    page = browser.post(
+        job_list,
+        {
+            "action": "delete_selected",
+            "select_across": "1",
+            "index": "0",
+            "_selected_action": [str(pk) for pk in first_page],
+        },
+    )
+
+    assert len(page.encode()) < 50_000, len(page.encode())
+    question, per_channel = confirmation_summary(page)
+    assert question.startswith(f"Delete {MANY} stored notifications?")
+    assert per_channel == {"tests.testapp.channels.Job": str(MANY)}
+    assert f'href="{html.escape(job_list)}" class="button cancel-link"' in page
+    # Stored after the page was shown: not what the user agreed to delete.
+    later = store_rows(1, channels.Job.listen_safe_name())
+
+    page = confirm(browser, page)
+
+    assert f"Successfully deleted {MANY} notifications." in messages(page)
+    assert sorted(Notification.objects.values_list("pk", flat=True)) == others + later
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "side"])
+def test_delete_leaves_rows_a_listener_is_processing_without_waiting_for_them(browser):
     rows = [store_job(f"job-{n}").pk for n in range(3)]
+    page = browser.action("delete_selected", rows)
 
-    confirm = browser.action("delete_selected", rows[:2])
-    assert "Are you sure" in confirm
-    assert Notification.objects.count() == 3
+    # A listener claims a row as SELECT ... FOR UPDATE in its transaction, on its connection.
+    with transaction.atomic(using="side"):
+        Notification.objects.using("side").select_for_update().get(pk=rows[1])
+        page = confirm(browser, page)
 
-    page = browser.action("delete_selected", rows[:2], post="yes")
+    assert messages(page) == [
+        "Successfully deleted 2 notifications. 1 that a listener was processing was left to it."
+    ]
+    assert list(Notification.objects.values_list("pk", flat=True)) == [rows[1]]
 
-    assert "Successfully deleted 2 notifications." in messages(page)
-    assert list(Notification.objects.values_list("pk", flat=True)) == [rows[2]]
-    assert listed_ids(page) == [rows[2]]
+
+def test_the_list_of_many_rows_counts_once_and_loads_no_payloads(client, django_user_model):
+    store_rows(MANY, channels.Job.listen_safe_name())
+    failed = store_rows(3, UNKNOWN_CHANNEL)
+    Notification.objects.filter(pk__in=failed).update(failed_at=timezone.now(), attempts=5)
+    client.force_login(django_user_model.objects.create_superuser("admin", password=PASSWORD))
+
+    for params, shown in [({}, 100), ({"status": "failed"}, 3), ({"status": "pending"}, 100)]:
+        with CaptureQueriesContext(connection) as queries:
+            response = client.get(CHANGELIST, params)
+        assert response.status_code == 200
+        assert len(listed_ids(response.content.decode())) == shown
+        sql = [query["sql"] for query in queries.captured_queries]
+        # The session, the user, the channel filter's choices, one count, one page of rows.
+        assert len(sql) <= 5, sql
+        assert len([q for q in sql if "COUNT(" in q]) == 1, sql
+        assert not [q for q in sql if '"payload"' in q or '"last_traceback"' in q], sql
 
 
 def test_importable_without_the_admin_app():
