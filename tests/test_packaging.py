@@ -43,6 +43,7 @@ def test_the_wheel_holds_the_package_and_nothing_else(dist):
         "pgpubsub/migrations/0006_payload_stores_proper_jsonb.py",
         "pgpubsub/migrations/0007_functions_and_channel_index.py",
         "pgpubsub/testing/pytest_plugin.py",
+        "pgpubsub/templates/admin/pgpubsub/notification/delete_selected_notifications.html",
     ]:
         assert required in names
     assert any(name.endswith("licenses/LICENSE") for name in names)
