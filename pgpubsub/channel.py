@@ -336,12 +336,18 @@ def set_notification_context(context: dict[str, Any], using: str | None = None) 
     """Attach ``context`` to every trigger notification this connection sends from now on.
 
     The context lasts for the session, or for the current transaction when
-    ``PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT`` is set (then an atomic block is required).
+    ``PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT`` is set (then an atomic block is required), and
+    inside an atomic block on an alias declared to go through transaction pooling
+    (``DISABLE_SERVER_SIDE_CURSORS``), where session state would leak to other clients.
     """
     conn = connections[using or DEFAULT_DB_ALIAS]
     if conn.needs_rollback:
         return
     local = conf.tx_bound_notification_context()
+    if not local and conn.in_atomic_block and conf.transaction_pooled(conn.alias):
+        # Through transaction pooling, session state passes to the server connection's next
+        # clients: inside a transaction, the context ends with it (pgpubsub.W005).
+        local = True
     if local and not conn.in_atomic_block:
         raise RuntimeError(
             "A transaction-bound notification context can only be set inside an atomic block: "

@@ -277,21 +277,82 @@ def check_database_setting(app_configs: Sequence[AppConfig] | None = None, **kwa
                 id="pgpubsub.E002",
             )
         ]
-    if settings.DATABASES[alias].get("DISABLE_SERVER_SIDE_CURSORS"):
-        return [
-            Warning(
-                f"PGPUBSUB_DATABASE = {alias!r} sets DISABLE_SERVER_SIDE_CURSORS, as Django "
-                "advises for PgBouncer in transaction pooling mode. LISTEN through a "
-                "transaction-pooling PgBouncer loses notifications: the server connection that "
-                "ran LISTEN is handed to other clients between transactions.",
-                hint="Point PGPUBSUB_DATABASE at an alias that connects to PostgreSQL directly or "
-                "through session pooling (e.g. a second DATABASES entry with the server's "
-                "address). If this alias does not go through transaction pooling, add "
-                '"pgpubsub.W003" to SILENCED_SYSTEM_CHECKS.',
-                id="pgpubsub.W003",
-            )
-        ]
     return []
+
+
+@register(TAG)
+def check_listen_aliases(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list:
+    """``PGPUBSUB_LISTEN_ALIASES`` names PostgreSQL aliases, and no alias a Runtime LISTENs
+    through is declared to go through transaction pooling."""
+    try:
+        mapping = conf.listen_aliases()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), id="pgpubsub.E016")]
+    errors = []
+    for database, alias in mapping.items():
+        if alias not in settings.DATABASES or _vendor(alias)[1] != "postgresql":
+            errors.append(
+                Error(
+                    f"PGPUBSUB_LISTEN_ALIASES[{database!r}] = {alias!r} is not the alias of a "
+                    "PostgreSQL database in DATABASES.",
+                    hint="Map each database alias to a DATABASES alias of the same PostgreSQL "
+                    "database that connects directly or through session pooling.",
+                    id="pgpubsub.E016",
+                )
+            )
+    if errors:
+        return errors
+    default = conf.listen_alias(None)
+    listening = {default: "PGPUBSUB_DATABASE"} if isinstance(default, str) else {}
+    for channel in registry:
+        if isinstance(channel.database, str) and channel.database in settings.DATABASES:
+            alias = conf.listen_alias(channel.database)
+            listening.setdefault(alias, f"the channels on database {channel.database!r}")
+    for alias, who in listening.items():
+        if conf.transaction_pooled(alias):
+            errors.append(
+                Warning(
+                    f"{who} LISTEN through the alias {alias!r}, which sets "
+                    "DISABLE_SERVER_SIDE_CURSORS, as Django advises for PgBouncer in "
+                    "transaction pooling mode. LISTEN through a transaction-pooling PgBouncer "
+                    "loses notifications: the server connection that ran LISTEN is handed to "
+                    "other clients between transactions.",
+                    hint="Add a DATABASES entry that connects to PostgreSQL directly or through "
+                    "session pooling, and LISTEN through it: PGPUBSUB_DATABASE for the default "
+                    'database, PGPUBSUB_LISTEN_ALIASES = {"other": "other_direct"} for a '
+                    "channel's database. If this alias does not go through transaction "
+                    'pooling, add "pgpubsub.W003" to SILENCED_SYSTEM_CHECKS.',
+                    id="pgpubsub.W003",
+                )
+            )
+    return errors
+
+
+@register(TAG)
+def check_notification_context(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list:
+    """A session-bound notification context leaks through transaction pooling."""
+    if conf.tx_bound_notification_context():
+        return []
+    if not any(issubclass(channel, TriggerChannel) for channel in registry):
+        return []  # only trigger payloads carry the context
+    pooled = [alias for alias in settings.DATABASES if conf.transaction_pooled(alias)]
+    if not pooled:
+        return []
+    return [
+        Warning(
+            f"{', '.join(map(repr, pooled))} declared to go through transaction pooling "
+            "(DISABLE_SERVER_SIDE_CURSORS), and the notification context is session-bound "
+            "(PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT is off): a context that "
+            "set_notification_context() sets outside a transaction stays on the server "
+            "connection, and appears in the notifications of the next clients that use it.",
+            hint="Set PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT = True and call "
+            "set_notification_context() inside transaction.atomic() (inside an atomic block "
+            "on such an alias it is bound to the transaction already).",
+            id="pgpubsub.W005",
+        )
+    ]
 
 
 @register(TAG)

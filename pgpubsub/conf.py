@@ -33,6 +33,38 @@ def database_alias() -> str:
     return _get("PGPUBSUB_DATABASE", "default")
 
 
+def listen_aliases() -> dict[str, str]:
+    """``PGPUBSUB_LISTEN_ALIASES`` (default ``{}``): for the channels on a database of their own
+    (a channel's ``database``), the alias to LISTEN through, e.g. ``{"other": "other_direct"}``
+    when ``other`` goes through a transaction-pooling PgBouncer. As ``PGPUBSUB_DATABASE`` for
+    the others, it needs a direct connection or session pooling."""
+    value = _get("PGPUBSUB_LISTEN_ALIASES", {})
+    if not isinstance(value, dict) or not all(
+        isinstance(key, str) and isinstance(alias, str) for key, alias in value.items()
+    ):
+        raise ImproperlyConfigured(
+            "PGPUBSUB_LISTEN_ALIASES must map database aliases to the aliases to LISTEN "
+            f'through, e.g. {{"other": "other_direct"}}, not {value!r}'
+        )
+    return dict(value)
+
+
+def listen_alias(database: str | None) -> str:
+    """The alias a Runtime LISTENs through for the channels on ``database`` (None: the
+    channels without a ``database`` of their own, which LISTEN through ``PGPUBSUB_DATABASE``)."""
+    if database is None:
+        return database_alias()
+    return listen_aliases().get(database, database)
+
+
+def transaction_pooled(alias: str) -> bool:
+    """Whether ``DATABASES[alias]`` is declared to go through transaction pooling (PgBouncer):
+    Django's advice for it is ``DISABLE_SERVER_SIDE_CURSORS = True``. LISTEN loses
+    notifications there, and session state (a session-bound notification context) passes
+    from one client to the next."""
+    return bool(settings.DATABASES.get(alias, {}).get("DISABLE_SERVER_SIDE_CURSORS"))
+
+
 def notifications_alias() -> str:
     """The alias stored notifications live in: ``"default"`` unless a database router sends
     the ``Notification`` model elsewhere. Lockable messages are stored, claimed and processed

@@ -116,6 +116,7 @@ class Runtime:
             conf.shutdown_timeout() if shutdown_timeout is None else shutdown_timeout
         )
         self.listen_alias = conf.database_alias()
+        conf.listen_aliases()  # a bad PGPUBSUB_LISTEN_ALIASES fails here, not in the listener
         self.using = conf.notifications_alias()
         self._queue = DeliveryQueue(conf.queue_size() if queue_size is None else queue_size)
         self._stopping = threading.Event()
@@ -339,7 +340,7 @@ class Runtime:
         # One LISTEN connection per database the channels are on (usually one).
         names: dict[str, list[str]] = {}
         for channel in self.channels:
-            alias = channel.database or self.listen_alias
+            alias = conf.listen_alias(channel.database)
             names.setdefault(alias, []).append(channel.listen_safe_name())
         listening = {alias: ListenConnection(alias) for alias in names}
         assembler = Assembler()

@@ -39,6 +39,16 @@ DATABASES["side"] = {
     },
     "TEST": {"MIRROR": "default"},
 }
+# The database "other" through an alias of its own, as a direct connection beside a pooled
+# "other" would be (PGPUBSUB_LISTEN_ALIASES; tests/test_databases.py). Its sessions are named apart.
+DATABASES["other_listen"] = {
+    **DATABASES["other"],
+    "OPTIONS": {
+        **DATABASES["default"]["OPTIONS"],
+        "application_name": f"{DATABASES['default']['OPTIONS'].get('application_name', '')}-other-listen",
+    },
+    "TEST": {"MIRROR": "other"},
+}
 # Tests of listeners with persistent connections set this in the environment of a subprocess.
 if os.environ.get("PGPUBSUB_TEST_CONN_MAX_AGE"):
     DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ["PGPUBSUB_TEST_CONN_MAX_AGE"])

@@ -1,5 +1,6 @@
 """System checks: what `manage.py check` (and `check --database`) tells a user about pgpubsub."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -15,7 +16,7 @@ from django.db import connection
 from django.test import override_settings
 
 import pgpubsub
-from pgpubsub.channel import _trigger_operations, registry
+from pgpubsub.channel import _by_listen_name, _trigger_operations, registry
 from pgpubsub.triggers import Notify
 from tests.processes import MANAGE, ROOT
 from tests.testapp import channels
@@ -216,7 +217,10 @@ def test_signature_check_covers_plain_channel_listeners_registered_around_the_de
 
 @ignore_databases_override
 def test_listen_database_behind_transaction_pooling_is_warned_about():
-    with override_settings(DATABASES=with_default(DISABLE_SERVER_SIDE_CURSORS=True)):
+    with override_settings(
+        DATABASES=with_default(DISABLE_SERVER_SIDE_CURSORS=True),
+        PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT=True,
+    ):
         (message,) = pgpubsub_messages()
     assert message.id == "pgpubsub.W003"
     assert "PgBouncer" in message.msg
@@ -229,8 +233,81 @@ def test_a_direct_listen_alias_beside_a_pooled_default_is_fine():
         **with_default(DISABLE_SERVER_SIDE_CURSORS=True),
         "direct": dict(settings.DATABASES["default"]),
     }
-    with override_settings(DATABASES=databases, PGPUBSUB_DATABASE="direct"):
+    with override_settings(
+        DATABASES=databases,
+        PGPUBSUB_DATABASE="direct",
+        PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT=True,
+    ):
         assert pgpubsub_messages() == []
+
+
+@pytest.fixture
+def channel_on_other():
+    """A plain channel on the database ``other``, with a listener while the test runs."""
+
+    @dataclasses.dataclass
+    class OnOther(pgpubsub.Channel):
+        database = "other"
+        key: str
+
+    def on_other(key):
+        pass
+
+    OnOther.register(on_other)
+    yield OnOther
+    registry.pop(OnOther, None)
+    _by_listen_name.pop(OnOther.listen_safe_name(), None)
+
+
+def with_other(**changes):
+    return {**settings.DATABASES, "other": {**settings.DATABASES["other"], **changes}}
+
+
+@ignore_databases_override
+def test_a_channel_database_behind_transaction_pooling_is_warned_about(channel_on_other):
+    """Channels on a database of their own LISTEN through it (or the alias that
+    PGPUBSUB_LISTEN_ALIASES names): the pooling check looks at that alias too."""
+    with override_settings(
+        DATABASES=with_other(DISABLE_SERVER_SIDE_CURSORS=True),
+        PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT=True,
+    ):
+        (message,) = pgpubsub_messages()
+        assert message.id == "pgpubsub.W003"
+        assert "the channels on database 'other'" in message.msg and "'other'" in message.msg
+        assert "PGPUBSUB_LISTEN_ALIASES" in message.hint
+
+        databases = {**settings.DATABASES, "other_direct": dict(settings.DATABASES["default"])}
+        with override_settings(
+            DATABASES=databases, PGPUBSUB_LISTEN_ALIASES={"other": "other_direct"}
+        ):
+            assert pgpubsub_messages() == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [["other"], {"other": 1}, {"other": "nowhere"}],
+    ids=["not a dict", "not an alias", "unknown alias"],
+)
+def test_bad_listen_aliases_are_errors(value):
+    with override_settings(PGPUBSUB_LISTEN_ALIASES=value):
+        (message,) = pgpubsub_messages()
+    assert message.id == "pgpubsub.E016"
+    assert "PGPUBSUB_LISTEN_ALIASES" in message.msg
+
+
+@ignore_databases_override
+def test_session_bound_context_beside_transaction_pooling_is_warned_about():
+    """Through transaction pooling a session-bound context passes to the next clients of
+    the server connection (seen: one process's request_id in another's payloads)."""
+    databases = {
+        **with_default(DISABLE_SERVER_SIDE_CURSORS=True),
+        "direct": dict(settings.DATABASES["default"]),
+    }
+    with override_settings(DATABASES=databases, PGPUBSUB_DATABASE="direct"):
+        (message,) = pgpubsub_messages()
+    assert message.id == "pgpubsub.W005"
+    assert "'default'" in message.msg and "session-bound" in message.msg
+    assert "PGPUBSUB_TX_BOUND_NOTIFICATION_CONTEXT = True" in message.hint
 
 
 @pytest.mark.django_db

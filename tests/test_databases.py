@@ -173,3 +173,53 @@ def test_the_health_view_fails_for_a_backlog_on_another_database(other_listeners
 
     Notification.objects.using("other").update(created_at=timezone.now())
     assert health({}) == (200, {"status": "ok", "problems": []})
+
+
+@pytest.fixture
+def other_listen_alias():
+    """LISTEN for the channels on ``other`` through the alias ``other_listen`` (tests/settings.py:
+    the same database, its sessions named apart); yields their application_name."""
+    from django.db import connections
+
+    with override_settings(PGPUBSUB_LISTEN_ALIASES={"other": "other_listen"}):
+        yield connections["other_listen"].settings_dict["OPTIONS"]["application_name"]
+
+
+def listening_sessions(application_name: str) -> list[str]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT datname FROM pg_stat_activity WHERE application_name = %s "
+            "AND query ILIKE 'LISTEN%%'",
+            [application_name],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other", "other_listen"])
+def test_channels_on_another_database_listen_through_its_listen_alias(
+    other_listeners, other_listen_alias
+):
+    runtime = Runtime([OtherNews, OtherJob], workers=1).start()
+    try:
+        wait_for(lambda: runtime.status()["connected"], 30, "the Runtime to listen")
+        wait_for(
+            lambda: listening_sessions(other_listen_alias),
+            10,
+            "a LISTEN session through the alias other_listen",
+        )
+        assert listening_sessions(other_listen_alias) == [connections_settings_name("other")], (
+            "one LISTEN session, on the database of 'other'"
+        )
+        pgpubsub.notify(OtherNews, key="through-the-listen-alias")
+        pgpubsub.notify(OtherJob, key="stored-through-the-listen-alias")
+        wait_for(lambda: Effect.objects.using("other").count() == 2, 30, "both messages processed")
+    finally:
+        assert runtime.stop(10)
+
+
+def connections_settings_name(alias: str) -> str:
+    from django.db import connections
+
+    return connections[alias].settings_dict["NAME"]

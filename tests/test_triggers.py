@@ -184,6 +184,23 @@ def test_transaction_bound_context(listening):
     assert [d["context"] for d in deliveries("PostTrigger")] == [{"tx": 1}, {}]
 
 
+@override_settings(PGPUBSUB_PASS_CONTEXT_TO_LISTENERS=True)
+def test_context_set_in_a_transaction_on_a_pooled_alias_ends_with_it(listening):
+    """Through transaction pooling the server connection passes to other clients between
+    transactions: a context set inside one must not outlive it (it appeared in another
+    process's payloads)."""
+    from django.conf import settings
+
+    pooled = {"DISABLE_SERVER_SIDE_CURSORS": True}
+    databases = {**settings.DATABASES, "default": {**settings.DATABASES["default"], **pooled}}
+    with override_settings(DATABASES=databases), transaction.atomic():
+        pgpubsub.set_notification_context({"request_id": "r-3"})
+        Post.objects.create(content="in tx")
+    Post.objects.create(content="after tx")
+    process_notifications(listening)
+    assert [d["context"] for d in deliveries("PostTrigger")] == [{"request_id": "r-3"}, {}]
+
+
 def test_context_is_ignored_in_an_aborted_transaction(django_db_setup):
     from django.db import DatabaseError, connection
 
