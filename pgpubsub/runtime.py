@@ -14,14 +14,17 @@ messages whose NOTIFY nobody got, and those of a process that died).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
 import os
 import random
+import select
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from django.db import connections
@@ -65,6 +68,84 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class Wakeup:
+    """A flag, and a pipe that wakes whoever waits for it: all a signal handler may safely do.
+
+    Python runs a handler on the main thread between two bytecodes of whatever it interrupted:
+    maybe while that code holds a lock (``threading.Event.set()`` takes one, and so do logging
+    and the Runtime's queue), maybe inside the handler of an earlier signal (Ctrl-C's SIGINT,
+    then a supervisor's SIGTERM). So ``set()`` takes no lock and logs nothing; the thread that
+    waits does the real work, outside any handler.
+    """
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._closed = False
+
+    def set(self) -> None:
+        self.is_set = True
+        if not self._closed:
+            try:
+                os.write(self._write, b"\0")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``set()``; True once it was called."""
+        if not self.is_set and not self._closed:
+            select.select([self._read], [], [], timeout)
+            # A Python function call: the handler of a signal that ended the wait has run
+            # when it returns (see catching()).
+            self._drain()
+        return self.is_set
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except OSError:  # empty
+            pass
+
+    @contextlib.contextmanager
+    def catching(self, *signums: int) -> Iterator[None]:
+        """Within the block, ``signums`` call ``set()`` (on the main thread; elsewhere no handler
+        can be set, and nothing changes).
+
+        The pipe is also Python's wake-up fd meanwhile: a signal that the kernel delivers to
+        another thread (any thread may receive a signal sent to the process) then ends the main
+        thread's ``wait()`` at once; otherwise its handler would only run when the wait times
+        out, as the main thread runs no bytecode until then."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
+        previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for signum, handler in previous.items():
+                if handler is not None:  # None: set outside Python, cannot be restored
+                    signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.set()
+
+    def close(self) -> None:
+        self._closed = True
+        for fd in (self._read, self._write):
+            os.close(fd)
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s text on one line: drivers' messages span several (``server closed the
+    connection unexpectedly\n\tThis probably means...``), and one event is one log line."""
+    return " ".join(str(exc).split())
 
 
 def live_runtimes() -> list[Runtime]:
@@ -120,6 +201,9 @@ class Runtime:
         self.using = conf.notifications_alias()
         self._queue = DeliveryQueue(conf.queue_size() if queue_size is None else queue_size)
         self._stopping = threading.Event()
+        # request_stop() was called (maybe by a signal handler, which may set nothing more).
+        self._stop_requested = False
+        self._waiter: Wakeup | None = None  # what run() waits on
         self._state = threading.Lock()  # start/stop
         self._books = threading.Lock()  # sweeps wanted and running, in-flight count
         self._threads: list[threading.Thread] = []
@@ -195,10 +279,22 @@ class Runtime:
         return self
 
     def request_stop(self) -> None:
-        """Tell every thread to stop, without waiting (safe in a signal handler)."""
-        self._stopping.set()
+        """Ask every thread to stop, without waiting. Safe in a signal handler: it only sets a
+        flag and wakes the listener thread (which drops the deliveries not started yet) and
+        ``run()`` (which stops the Runtime)."""
+        self._stop_requested = True
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.set()
         self._wake()
-        self._close_queue()
+
+    def _stop_wanted(self) -> bool:
+        """True once the Runtime stops. The listener thread carries out a ``request_stop()``
+        here, outside any signal handler: closing the queue takes its lock, and logs."""
+        if self._stop_requested and not self._stopping.is_set():
+            self._stopping.set()
+            self._close_queue()
+        return self._stopping.is_set()
 
     def _close_queue(self) -> None:
         """Wake the workers waiting for a delivery; drop those not started (their lockable rows
@@ -253,21 +349,31 @@ class Runtime:
 
     def run(self) -> None:
         """Start, then block until ``request_stop()`` (or Ctrl-C), then stop."""
-        self.start()
-        try:
-            # A signal handler's request_stop() ends the wait (signals interrupt it).
-            while not self._stopping.wait(IDLE_WAIT):
-                pass
-        finally:
-            self.stop()
+        self._run_until(())
 
     def run_until_signalled(self) -> None:
         """``run()``, with SIGTERM and SIGINT asking for the stop (when called on the main
-        thread: only it may set signal handlers)."""
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda *_: self.request_stop())
-        self.run()
+        thread: only it may set signal handlers; they are set before the Runtime starts)."""
+        self._run_until((signal.SIGTERM, signal.SIGINT))
+
+    def _run_until(self, signums: tuple[int, ...]) -> None:
+        waiter = Wakeup()
+        self._waiter = waiter
+        try:
+            with waiter.catching(*signums):
+                try:
+                    if not self._stop_requested and not waiter.is_set:  # a signal came already
+                        self.start()
+                    # A signal sets the waiter; request_stop() sets it too (once it is known).
+                    while not (
+                        self._stop_requested or self._stopping.is_set() or waiter.wait(IDLE_WAIT)
+                    ):
+                        pass
+                finally:
+                    self.stop()
+        finally:
+            self._waiter = None
+            waiter.close()
 
     def status(self) -> dict[str, Any]:
         """What the Runtime is doing, for health checks and metrics (no payloads)."""
@@ -351,7 +457,7 @@ class Runtime:
         lockable = self._lockable()
         next_sweep = time.monotonic() + self._sweep_pause() if lockable else float("inf")
         try:
-            while not self._stopping.is_set():
+            while not self._stop_wanted():
                 try:
                     if not all(conn.connected for conn in listening.values()):
                         for alias, conn in listening.items():
@@ -411,11 +517,14 @@ class Runtime:
                     pause = min(MAX_RECONNECT_DELAY, delay) * random.uniform(0.5, 1.0)
                     if is_connection_error(exc):
                         logger.warning(
-                            "Lost the listening connection (%s); reconnecting in %.1fs", exc, pause
+                            "Lost the listening connection (%s); reconnecting in %.1fs",
+                            one_line(exc),
+                            pause,
                         )
                     else:
                         logger.exception("The listener failed; starting again in %.1fs", pause)
-                    self._stopping.wait(pause)
+                    # The wake-up pipe ends the pause for a stop request.
+                    wait_any([], pause, self._wakeup[0])
                     delay *= 2
         finally:
             self.connected = False
@@ -443,7 +552,7 @@ class Runtime:
             # A plain message exists only here: wait for room (Postgres queues what arrives
             # meanwhile), unless the Runtime stops.
             while not self._queue.put(delivery, WAIT_TIMEOUT):
-                if self._stopping.is_set():
+                if self._stop_wanted():
                     logger.warning(
                         "Stopping: a plain message of %s not processed", delivery.channel.name()
                     )
@@ -519,7 +628,7 @@ class Runtime:
                 logger.warning(
                     "The database connection broke while processing %s (%s)",
                     delivery.channel.name(),
-                    exc,
+                    one_line(exc),
                 )
             processor.catch_up_needed = False
             if not broke:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from django.conf import settings
 from django.db import connections
 
 from pgpubsub import conf
+from pgpubsub.runtime import Wakeup
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Supervisor:
         self.start_method = start_method
         self.extra_args = extra_args or []
         self.threads = threads
-        self.stopping = threading.Event()
+        self._stop = Wakeup()  # set by SIGTERM/SIGINT: a signal handler may do no more
         self.children: list[_Child | None] = [None] * processes
 
     def _start(self, slot: int, recover: bool) -> _Child:
@@ -124,41 +124,53 @@ class Supervisor:
         logger.info("Started listener process %s (pid %s)", slot, child.pid)
         return child
 
+    def stop(self) -> None:
+        """Ask ``run()`` to stop the children and return (from any thread, or a signal
+        handler)."""
+        self._stop.set()
+
     def run(self) -> int:
         """Supervise until stopped; returns 0, or 1 if a child failed while restarts were off
         (with restarts on, a replaced child is not a failure of the whole)."""
-        previous = {
-            signum: signal.signal(signum, lambda *_: self.stopping.set())
-            for signum in (signal.SIGTERM, signal.SIGINT)
-        }
         status = 0
         try:
-            for slot in range(self.processes):
-                self.children[slot] = self._start(slot, self.recover)
-            while not self.stopping.wait(CHECK_INTERVAL):
-                for slot, child in enumerate(self.children):
-                    code = child.exitcode() if child is not None else None
-                    if child is None or code is None:
-                        continue
-                    logger.warning(
-                        "Listener process %s (pid %s) exited with code %s", slot, child.pid, code
-                    )
-                    self.children[slot] = None
-                    if not self.restart:
-                        if code != 0:
-                            status = 1
-                        continue
-                    pause = RESTART_DELAY - (time.monotonic() - child.started)
-                    if pause > 0 and self.stopping.wait(pause):
-                        break
-                    # The dead process's claimed rows were released: look for them again.
-                    self.children[slot] = self._start(slot, True)
-                if not any(self.children):
-                    break
+            with self._stop.catching(signal.SIGTERM, signal.SIGINT):
+                try:
+                    status = self._supervise()
+                finally:
+                    # Still catching: a second signal (Ctrl-C's SIGINT, then a process
+                    # manager's SIGTERM) cuts nothing short.
+                    self._stop_children()
         finally:
-            self._stop_children()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            self._stop.close()
+        return status
+
+    def _supervise(self) -> int:
+        status = 0
+        for slot in range(self.processes):
+            if self._stop.is_set:
+                return status
+            self.children[slot] = self._start(slot, self.recover)
+        while not self._stop.wait(CHECK_INTERVAL):
+            for slot, child in enumerate(self.children):
+                code = child.exitcode() if child is not None else None
+                if child is None or code is None:
+                    continue
+                logger.warning(
+                    "Listener process %s (pid %s) exited with code %s", slot, child.pid, code
+                )
+                self.children[slot] = None
+                if not self.restart:
+                    if code != 0:
+                        status = 1
+                    continue
+                pause = RESTART_DELAY - (time.monotonic() - child.started)
+                if pause > 0 and self._stop.wait(pause):
+                    return status
+                # The dead process's claimed rows were released: look for them again.
+                self.children[slot] = self._start(slot, True)
+            if not any(self.children):
+                break
         return status
 
     def _stop_children(self) -> None:

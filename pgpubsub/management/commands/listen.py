@@ -142,7 +142,11 @@ class Command(BaseCommand):
 
         try:
             runtime = Runtime(channels, workers=threads, recover=recover)
-            runtime.start()
         except (ChannelNotFound, ImproperlyConfigured, ValueError) as exc:
             raise CommandError(str(exc)) from exc
-        runtime.run_until_signalled()
+        try:
+            # The signal handlers are set before the Runtime starts: a signal that comes while
+            # it starts stops it too.
+            runtime.run_until_signalled()
+        except ImproperlyConfigured as exc:  # from start(): e.g. PGPUBSUB_LISTENER_FILTER
+            raise CommandError(str(exc)) from exc
