@@ -24,15 +24,20 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from pgpubsub import conf
-from pgpubsub.runtime import Runtime
+from pgpubsub.runtime import IDLE_WAIT, Runtime, Wakeup
 
 logger = logging.getLogger(__name__)
 
 #: Seconds autostart waits for Django's apps to be loaded.
 APPS_READY_TIMEOUT = 60.0
+#: Seconds a stop signal's handler waits beyond PGPUBSUB_SHUTDOWN_TIMEOUT for the Runtime to
+#: stop (its threads close their connections) before it lets the process go on.
+STOP_MARGIN = 2.0
 
 _lock = threading.Lock()
 _runtime: Runtime | None = None
@@ -92,29 +97,34 @@ def autostart() -> None:
     role = _role(sys._getframe(1))
     if role in ("serving", "gunicorn worker"):
         _expected = True
-        if role == "serving":
-            # gunicorn workers exit normally on SIGTERM; other servers may die of it.
-            _stop_on_sigterm()
+        # gunicorn workers exit normally on SIGTERM; other servers may die of it.
+        stopper = _stop_on_signals() if role == "serving" else None
         # Called from an AppConfig.ready(): the apps that come later, and the listeners they
         # import, are not loaded yet. Start once they are.
-        threading.Thread(target=_start_when_ready, name="pgpubsub-autostart", daemon=True).start()
+        threading.Thread(
+            target=_start_when_ready, args=(stopper,), name="pgpubsub-autostart", daemon=True
+        ).start()
     elif role == "gunicorn master":
         logger.debug("gunicorn master: a Runtime starts in each worker it forks")
         _gunicorn_master = os.getpid()
 
 
-def _start_when_ready() -> None:
+def _start_when_ready(stopper: _Stopper | None) -> None:
+    """Start the Runtime once the apps are ready; then, with a ``stopper``, stay to stop it
+    when a stop signal's handler asks."""
     from django.apps import apps
 
     if not apps.ready_event.wait(APPS_READY_TIMEOUT):
         logger.error(
             "Django's apps were not ready after %ss: no pgpubsub Runtime", APPS_READY_TIMEOUT
         )
-        return
-    try:
-        start()
-    except Exception:
-        logger.exception("The embedded pgpubsub Runtime could not start")
+    elif stopper is None or not stopper.asked.is_set:
+        try:
+            start()
+        except Exception:
+            logger.exception("The embedded pgpubsub Runtime could not start")
+    if stopper is not None:
+        stopper.serve()
 
 
 def _role(frame: FrameType | None) -> str | None:
@@ -187,30 +197,88 @@ def _after_fork_in_child() -> None:
             logger.exception("The embedded pgpubsub Runtime could not start")
 
 
-def _stop_on_sigterm() -> None:
-    """On SIGTERM, stop the Runtime (running callbacks get their shutdown timeout), then do
-    what was set for SIGTERM before: servers that end on SIGTERM skip the exit handlers that
-    would stop it. Only the main thread may set a handler."""
+class _Stopper:
+    """Stops the Runtime when a stop signal comes, before the server's own handling of the
+    signal, without doing anything in the handler that a second signal could deadlock on.
+
+    The handler asks, by a flag and a pipe (:class:`~pgpubsub.runtime.Wakeup`); the autostart
+    thread, which waits for that, stops the Runtime (running callbacks get their shutdown
+    timeout) and says so through another pipe; meanwhile the handler waits on that pipe, then
+    calls the server's handler. Waiting there, rather than leaving the stop to the exit handlers,
+    is what makes it happen: servers that end on the signal skip the exit handlers, and
+    uvicorn's workers load the application while their own handlers are set, put the default
+    one back on the way out and raise the signal again, which ends the process at once.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.asked = Wakeup()
+        self.done = Wakeup()
+        self._handling = False
+
+    def serve(self) -> None:
+        """Wait for a handler to ask (on the autostart thread), stop the Runtime, say so."""
+        while not self.asked.wait(IDLE_WAIT):
+            pass
+        try:
+            stop()
+        finally:
+            self.done.set()
+
+    def handler(self, previous: Any) -> Callable[[int, FrameType | None], None]:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if os.getpid() != self.pid:
+                # A process forked from this one: the stopper's thread did not come along.
+                _pass_on(previous, signum, frame)
+                return
+            if not self._handling:
+                self._handling = True
+                # Read before asking: the stop takes the Runtime away. Attribute reads only,
+                # no lock in a handler.
+                current = _runtime
+                timeout = current.shutdown_timeout if current is not None else 0.0
+                self.asked.set()
+                self.done.wait(timeout + STOP_MARGIN)
+                self._handling = False
+            elif not callable(previous):
+                # A second signal while the first waits for the callbacks: the first one's
+                # handler ends the process once they are done.
+                return
+            _pass_on(previous, signum, frame)
+
+        return on_signal
+
+
+def _pass_on(previous: Any, signum: int, frame: FrameType | None) -> None:
+    """Do what was set for ``signum`` before pgpubsub's handler."""
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _stop_on_signals() -> _Stopper | None:
+    """Stop the Runtime on SIGTERM (and on SIGINT where the server handles it itself), before
+    what was set for the signal: servers that end on SIGTERM skip the exit handlers that would
+    stop it. Only the main thread may set a handler."""
     if threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is None:  # set outside Python: leave it alone
-        return
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        if callable(previous):
-            # The server's own shutdown comes next; the exit handler waits for the callbacks.
-            current = _runtime
-            if current is not None:
-                current.request_stop()
-            previous(signum, frame)
-            return
-        stop()  # the process ends right after: wait for the running callbacks here
-        if previous != signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+        return None
+    stopper = None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if previous is None:  # set outside Python: leave it alone
+            continue
+        if signum == signal.SIGINT and (
+            not callable(previous) or previous is signal.default_int_handler
+        ):
+            # Python's KeyboardInterrupt ends the process normally: the exit handler stops
+            # the Runtime. A server's own handler (uvicorn's workers) may not.
+            continue
+        if stopper is None:
+            stopper = _Stopper()
+        signal.signal(signum, stopper.handler(previous))
+    return stopper
 
 
 def _forked_by(module: str, function: str) -> bool:
