@@ -1,0 +1,65 @@
+"""What signal handlers and the listener's logs rely on in pgpubsub.runtime: a Wakeup ends the
+main thread's wait whichever thread the kernel hands the signal to; a lost connection is one
+log line."""
+
+import logging
+import signal
+import threading
+import time
+
+import pytest
+from django.db import connection
+
+from pgpubsub.runtime import Wakeup
+from tests.processes import wait_for
+from tests.testapp import channels
+
+
+def test_a_signal_received_by_another_thread_ends_the_main_threads_wait():
+    wakeup = Wakeup()
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, args=(30,), name="test-signal-receiver")
+    other.start()
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        with wakeup.catching(signal.SIGUSR1):
+            # The kernel may hand a process's signal to any thread: here, another one. Python
+            # runs the handler on the main thread, which the wake-up fd must wake.
+            signal.pthread_kill(other.ident, signal.SIGUSR1)
+            started = time.monotonic()
+            assert wakeup.wait(20) is True
+            assert time.monotonic() - started < 5
+        assert signal.getsignal(signal.SIGUSR1) is previous
+        assert signal.set_wakeup_fd(-1) == -1  # no wake-up fd left behind
+    finally:
+        release.set()
+        other.join(10)
+        wakeup.close()
+
+
+def test_wait_times_out_without_a_signal():
+    wakeup = Wakeup()
+    try:
+        assert wakeup.wait(0.05) is False
+        wakeup.set()
+        assert wakeup.wait(0) is True
+    finally:
+        wakeup.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(60)
+def test_a_lost_listening_connection_is_logged_on_one_line(runtimes, caplog):
+    caplog.set_level(logging.WARNING, logger="pgpubsub")
+    runtime = runtimes(channels=[channels.Job], workers=1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%%'"
+        )
+        assert cursor.fetchall() == [(True,)]
+    wait_for(lambda: runtime.status()["reconnects"] == 1, 30, lambda: str(runtime.status()))
+    (lost,) = [r for r in caplog.records if r.getMessage().startswith("Lost the listening")]
+    message = lost.getMessage()
+    assert "\n" not in message and "\t" not in message, repr(message)
+    assert "server closed the connection unexpectedly This probably means" in message, message
