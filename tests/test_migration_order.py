@@ -10,6 +10,7 @@ subprocess, against new empty databases on the test session's server.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from urllib.parse import urlparse
 import psycopg2
 import pytest
 
-from tests.processes import ROOT
+from tests.processes import ROOT, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,6 +80,8 @@ ACCOUNTS = {
             lock_notifications = True
     """,
     "listeners.py": """
+        import os
+
         import pgpubsub
 
         from accounts.channels import AccountCreated
@@ -86,7 +89,9 @@ ACCOUNTS = {
 
         @pgpubsub.post_insert_listener(AccountCreated)
         def welcome(old, new):
-            pass
+            if os.environ.get("WELCOMED"):
+                with open(os.environ["WELCOMED"], "a") as file:
+                    file.write(new.name + "\\n")
     """,
     "tests.py": """
         from django.test import TestCase
@@ -183,18 +188,20 @@ class Project:
         write_app(root, "accounts", ACCOUNTS)
         write_app(root, "audit", AUDIT)
 
-    def run(self, *args: str, database_url: str | None = None, **env: str):
-        environment = {
+    def environment(self, database_url: str | None = None, **env: str) -> dict[str, str]:
+        return {
             **os.environ,
             **env,
             "DATABASE_URL": database_url or self.database_url,
             "DJANGO_SETTINGS_MODULE": "settings",
             "PYTHONPATH": os.pathsep.join([str(self.root), str(ROOT)]),
         }
+
+    def run(self, *args: str, database_url: str | None = None, **env: str):
         return subprocess.run(
             [sys.executable, "-m", "django", *args],
             cwd=self.root,
-            env=environment,
+            env=self.environment(database_url, **env),
             capture_output=True,
             text=True,
             timeout=120,
@@ -296,3 +303,31 @@ def test_squashed_migrations_keep_the_order(project, empty_databases):
     project.ok("migrate", database_url=database_url)
     stored = execute(database_url, "SELECT payload->>'model' FROM pgpubsub_notification")
     assert stored == [("Account",)]
+
+
+def test_the_row_a_data_migration_stored_is_processed_by_listen(project, tmp_path):
+    """Migrate, then run: ``listen --recover`` processes what the data migration stored."""
+    project.ok("migrate")
+    welcomed = tmp_path / "welcomed.txt"
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "django", "listen", "--recover"],
+        cwd=project.root,
+        env={**project.environment(), "WELCOMED": str(welcomed)},
+        stdout=(log := (tmp_path / "listen.log").open("w")),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: welcomed.exists() and welcomed.read_text() == "from a data migration\n",
+            60,
+            "the listener to welcome the account the data migration created",
+        )
+        assert execute(project.database_url, "SELECT count(*) FROM pgpubsub_notification") == [(0,)]
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        try:
+            listener.wait(timeout=30)
+        finally:
+            listener.kill()
+            log.close()
+    assert listener.returncode == 0, (tmp_path / "listen.log").read_text()
