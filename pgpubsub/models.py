@@ -47,6 +47,13 @@ class Notification(models.Model):
     )
     last_error = models.TextField(null=True, blank=True, help_text="Type and message.")
     last_traceback = models.TextField(null=True, blank=True)
+    # Set while a listener processes the row (see pgpubsub.store); left behind by a process
+    # that died doing so, which the next claim counts as a failed attempt.
+    claimed_by = models.TextField(
+        null=True,
+        blank=True,
+        help_text="The claim (host:pid:random) of the listener processing it, if any.",
+    )
 
     class Meta:
         ordering = ["created_at"]

@@ -1,24 +1,33 @@
 """From a received notification to its listeners: plain messages run their callbacks; lockable
-messages are claimed, run and acknowledged in one transaction, so each runs exactly once.
+messages are claimed, then run and acknowledged in one transaction, so each runs exactly once.
 
 Lockable messages that arrive together are handled together, up to ``store.BATCH_SIZE`` at a
-time: one query claims them, each runs in a savepoint of its own, and one query deletes those
-that succeeded. A message's effects commit if and only if its acknowledgement does:
+time: one statement claims them (committed at once: the attempt's durable trace, see
+:mod:`pgpubsub.store`), one locks them in the processing transaction, each runs in a savepoint
+of its own, and one statement deletes those that succeeded. A message's effects commit if and
+only if its acknowledgement does:
 
-- a message that fails is rolled back to its savepoint, alone; the others' work stays;
+- a message that fails is rolled back to its savepoint, alone, and its failed attempt is
+  written in the same transaction, while the row is still locked: no other listener can run it
+  before the attempt is counted;
 - deferred constraints are checked at the end of each message, so a message that violates one
   fails alone instead of failing the commit of the whole batch;
-- should the commit still fail, each message of the batch is processed again in a transaction
-  of its own.
+- should the commit still fail, the batch's attempt failed for each of its messages: each
+  counts it, and runs again in a transaction of its own (so that one message cannot fail the
+  others again and again);
+- when the processor is asked to stop, the messages of the batch not started yet are given
+  back, uncounted.
 
-A savepoint that succeeded is not released (the commit ends it), and a message's constraint
-check goes with the next message's SAVEPOINT: a message of a batch costs its listeners' queries
-and one round trip more; a batch, four (claim, last check, delete, commit).
+A savepoint that succeeded is not released (the commit ends it), a message's constraint check
+goes with the next message's SAVEPOINT (the last one's, with the deletion), and the lock with
+the first SAVEPOINT: a message of a batch costs its listeners' queries and one round trip more;
+a batch, three (the claim, the last check with the deletion, the commit).
 
 A failed attempt is recorded on the message's row (:mod:`pgpubsub.retries` says when it is
 tried again, or that it is marked failed); a message that cannot be read is marked failed at
-once. Failures never propagate (unless ``raise_errors``): one bad message or listener cannot
-stop the thread that processes messages.
+once; an attempt whose process died is counted by the next claim of its row. Failures never
+propagate (unless ``raise_errors``): one bad message or listener cannot stop the thread that
+processes messages.
 """
 
 from __future__ import annotations
@@ -59,6 +68,8 @@ class Losses:
     def __init__(self) -> None:
         self._counts: dict[int, int] = {}
         self._lock = threading.Lock()
+        # (database alias, claim) -> ids of rows a lost connection kept from being given back.
+        self._unreturned: dict[tuple[str, str], list[int]] = {}
 
     def lost(self, row_ids: Iterable[int]) -> dict[int, int]:
         """Count one more loss for each row; their counts."""
@@ -75,6 +86,23 @@ class Losses:
             with self._lock:
                 for pk in row_ids:
                     self._counts.pop(pk, None)
+
+    def unreturned(self, using: str, claim: str, row_ids: list[int]) -> None:
+        """Rows of ``claim`` are still to be given back (or no longer, if empty)."""
+        with self._lock:
+            if row_ids:
+                self._unreturned[using, claim] = list(row_ids)
+            else:
+                self._unreturned.pop((using, claim), None)
+
+    def to_give_back(self, using: str) -> list[tuple[str, list[int]]]:
+        """(claim, row ids) of the rows of database ``using`` still to be given back."""
+        if not self._unreturned:
+            return []
+        with self._lock:
+            return [
+                (claim, ids) for (alias, claim), ids in self._unreturned.items() if alias == using
+            ]
 
 
 class _Tally:
@@ -267,8 +295,8 @@ class Processor:
         callbacks: list[Callable] | None = None,
         raise_on_disconnect: bool = False,
     ) -> int:
-        """Claim the due stored rows ``row_ids`` of the channel that no one else holds, run and
-        acknowledge them in one transaction. Returns how many succeeded.
+        """Claim the due stored rows ``row_ids`` of the channel that no one else holds, then run
+        and acknowledge them in one transaction. Returns how many succeeded.
 
         When the connection breaks, the rows stay stored: the error is raised with
         ``raise_on_disconnect``, else ``catch_up_needed`` is set."""
@@ -276,25 +304,87 @@ class Processor:
             return self.for_channel(channel_cls).process_stored_rows(
                 channel_cls, row_ids, callbacks, raise_on_disconnect
             )
+        if self.stopping is not None and self.stopping.is_set():
+            return 0  # not started: the rows stay due for the next processor
         used = self._open_connection()
+        self._give_back_unreturned()
+        claim = store.new_claim()
+        db = connections[self.using]
+        try:
+            if db.in_atomic_block:  # a caller's transaction: an error must not doom it
+                with transaction.atomic(using=self.using):
+                    claimed = self._claim(channel_cls, row_ids, claim)
+            else:
+                claimed = self._claim(channel_cls, row_ids, claim)
+        except Exception as error:
+            if not self._connection_lost(used):
+                logger.error(
+                    "Claiming stored notifications %s of %s failed; they stay stored",
+                    row_ids,
+                    channel_cls.name(),
+                    exc_info=error,
+                )
+                self.record_failure(error)
+                return 0
+            self._lost(channel_cls, row_ids, claim, error)
+            if raise_on_disconnect:
+                raise
+            return 0
+        rows = self._count_died(channel_cls, claimed)
+        return self._process_claimed(channel_cls, callbacks, rows, claim, used, raise_on_disconnect)
+
+    def _claim(
+        self, channel_cls: type[BaseChannel], row_ids: list[int], claim: str
+    ) -> list[store.StoredRow]:
+        return store.claim_ids(
+            channel_cls, row_ids, claim, retries.max_attempts(channel_cls), self.using
+        )
+
+    def _process_claimed(
+        self,
+        channel_cls: type[BaseChannel],
+        callbacks: list[Callable] | None,
+        rows: list[store.StoredRow],
+        claim: str,
+        used: object,
+        raise_on_disconnect: bool,
+        batch_failed: Exception | None = None,
+        exact: bool = False,
+    ) -> int:
+        """In one transaction: lock the rows of ``claim``, run and acknowledge them. Returns how
+        many succeeded. ``batch_failed``: the error that failed the commit of the batch this
+        row was part of, a failed attempt to count before running the row again, alone.
+
+        The rows are locked in the round trip that opens the first savepoint, on condition
+        that they all still carry the claim; only if not (``exact``), in one of its own that
+        tells which do."""
+        if not rows:
+            return 0
         committed: list[bool] = []
-        taken: list[store.StoredRow] = []
+        ran: list[bool] = []  # whether a listener started: then the attempt happened
+        exact = exact or batch_failed is not None
         try:
             with transaction.atomic(using=self.using):
                 # The first commit hook: tells a failed commit from a hook that failed after it.
                 transaction.on_commit(lambda: committed.append(True), self.using, robust=True)
-                if len(row_ids) == 1:
-                    # The transaction is this message's own: claim and acknowledge in one
-                    # statement; a failure rolls both back.
-                    taken = store.take_ids(channel_cls, row_ids, self.using)
-                    done = self._run_taken(channel_cls, callbacks, taken, used)
+                hold = None
+                if exact:
+                    held = store.hold([row.pk for row in rows], claim, self.using)
+                    rows = [row for row in rows if row.pk in held]
                 else:
-                    rows = store.claim_ids(channel_cls, row_ids, self.using)
-                    done = self._run_claimed(channel_cls, callbacks, rows, used)
-        except _Failed as failed:
-            # Its transaction rolled back: the row is stored again, unlocked; record the attempt.
-            self._failed_attempt(channel_cls, failed.row, failed.error, failed.started, failed.read)
-            return 0
+                    hold = store.hold_all_sql([row.pk for row in rows], claim)
+                if batch_failed is not None and rows:
+                    (row,) = rows
+                    if not self._failed_attempt(
+                        channel_cls, row, batch_failed, time.perf_counter(), True, rerun=True
+                    ):
+                        return 0  # that was its last attempt: marked failed
+                    rows = [row._replace(attempts=row.attempts + 1)]
+                done = self._run_claimed(channel_cls, callbacks, rows, used, ran, hold)
+        except _NotHeld:  # before any listener ran
+            return self._process_claimed(
+                channel_cls, callbacks, rows, claim, used, raise_on_disconnect, exact=True
+            )
         except Exception as error:
             if committed:
                 logger.error(
@@ -303,36 +393,49 @@ class Processor:
                     channel_cls.name(),
                     exc_info=error,
                 )
-            elif self._connection_lost(used):
-                self._lost_while_running(channel_cls, row_ids)
+                return 0
+            if self._connection_lost(used):
+                self._lost(channel_cls, [row.pk for row in rows], claim, error)
                 if raise_on_disconnect:
                     raise
-                logger.warning(
-                    "The database connection broke while processing %s; its stored "
-                    "notifications stay stored for the catch-up",
-                    channel_cls.name(),
-                )
-                self.catch_up_needed = True
-                if self.first_error is None:
-                    self.first_error = error
                 return 0
-            elif len(row_ids) > 1:
-                # A failure at commit time: give each message a transaction of its own.
-                return sum(
-                    self.process_stored_rows(channel_cls, [pk], callbacks, raise_on_disconnect)
-                    for pk in row_ids
-                )
-            elif taken:  # its commit failed (a deferred constraint): an attempt that failed
-                self._failed_attempt(channel_cls, taken[0], error, time.perf_counter(), True)
-            else:
+            if not ran:  # nothing was attempted: the rows go back as they were
                 logger.error(
-                    "Processing stored notification %s of %s failed; it stays stored",
-                    row_ids[0],
+                    "Processing stored notifications %s of %s failed; they stay stored",
+                    [row.pk for row in rows],
                     channel_cls.name(),
                     exc_info=error,
                 )
                 self.record_failure(error)
+                self._give_back_quietly(rows, claim)
+                return 0
+            if len(rows) > 1:
+                # The batch's commit failed: each message counts the failed attempt and runs
+                # again in a transaction of its own (the claim still holds the rows).
+                logger.error(
+                    "Committing %s stored notifications of %s failed; each counts a failed "
+                    "attempt and runs again alone",
+                    len(rows),
+                    channel_cls.name(),
+                    exc_info=error,
+                )
+                return sum(
+                    self._process_claimed(
+                        channel_cls, callbacks, [row], claim, used, raise_on_disconnect, error
+                    )
+                    for row in rows
+                )
+            # Its commit failed: the only failure written after its transaction ended, and
+            # only while the row still carries this claim (see store.record_failure).
+            self._failed_attempt(
+                channel_cls, rows[0], error, time.perf_counter(), True, claim=claim
+            )
             return 0
+        except BaseException:
+            # SystemExit, KeyboardInterrupt, CancelledError...: the process is stopping, not
+            # the message failing. Its rows go back, uncounted.
+            self._give_back_quietly(rows, claim)
+            raise
         self._count(processed=len(done))
         self._tally.losses.forget(row_id for row_id, _, _ in done)
         for row_id, duration, attempt in done:  # committed: now they count as processed
@@ -344,6 +447,85 @@ class Processor:
                 attempt=attempt,
             )
         return len(done)
+
+    def _count_died(
+        self, channel_cls: type[BaseChannel], claimed: list[store.StoredRow]
+    ) -> list[store.StoredRow]:
+        """Log, count and signal the attempts of the claimed rows whose process died (the
+        claim counted them); returns the rows to run (not those now marked failed)."""
+        died = [row for row in claimed if row.died is not None]
+        if not died:
+            return claimed
+        limit = retries.max_attempts(channel_cls)
+        for row in died:
+            error = ListenerProcessDied(
+                f"the process that claimed it ({row.died}) ended while its listeners ran"
+            )
+            if row.failed:
+                logger.error(
+                    "Stored notification %s of %s: %s (attempt %s of %s): marked failed, it "
+                    "stays stored until retried",
+                    row.pk,
+                    channel_cls.name(),
+                    error,
+                    row.attempts,
+                    limit,
+                )
+            else:
+                logger.warning(
+                    "Stored notification %s of %s: %s (attempt %s of %s); running it again",
+                    row.pk,
+                    channel_cls.name(),
+                    error,
+                    row.attempts,
+                    limit,
+                )
+            self._signal_failure(
+                channel_cls, row.pk, error, time.perf_counter(), row.attempts, row.failed
+            )
+            self.record_failure(error)
+        return [row for row in claimed if not row.failed]
+
+    def _lost(
+        self,
+        channel_cls: type[BaseChannel],
+        row_ids: list[int],
+        claim: str,
+        error: BaseException,
+    ) -> None:
+        """The connection broke while rows of ``claim`` were claimed or processed."""
+        self._lost_while_running(channel_cls, row_ids, claim)
+        logger.warning(
+            "The database connection broke while processing %s; its stored notifications "
+            "stay stored for the catch-up",
+            channel_cls.name(),
+        )
+        self.catch_up_needed = True
+        if self.first_error is None:
+            self.first_error = error
+
+    def _give_back_quietly(self, rows: list[store.StoredRow], claim: str) -> None:
+        """Give back rows of ``claim`` after their transaction ended without an outcome."""
+        ids = [row.pk for row in rows]
+        try:
+            held = store.record_lost(ids, claim, self.using)
+        except Exception as exc:
+            self._connection_lost(None)
+            held = ids
+            logger.warning("Could not give back stored notifications %s yet: %s", ids, exc)
+        self._tally.losses.unreturned(self.using, claim, held)
+
+    def _give_back_unreturned(self) -> None:
+        """Give back the rows of earlier claims that a lost connection kept from it (before
+        their lease runs out, when another claim would count an attempt of each)."""
+        for claim, ids in self._tally.losses.to_give_back(self.using):
+            try:
+                held = store.record_lost(ids, claim, self.using)
+            except Exception as exc:
+                self._connection_lost(None)
+                logger.warning("Could not give back stored notifications %s yet: %s", ids, exc)
+                return
+            self._tally.losses.unreturned(self.using, claim, held)
 
     def process_stored_channel(self, channel_cls: type[BaseChannel]) -> int:
         """Process every due stored row of the channel that no one else holds, in batches of
@@ -372,61 +554,44 @@ class Processor:
             logger.info("Processed %s stored notifications of %s", total, channel_cls.name())
         return total
 
-    def _run_taken(
-        self,
-        channel_cls: type[BaseChannel],
-        callbacks: list[Callable] | None,
-        rows: list[store.StoredRow],
-        used: object,
-    ) -> list[tuple[int, float, int]]:
-        """Inside the transaction that deleted the one row of ``rows``: run its callbacks.
-        A failure is raised as :class:`_Failed`, to roll the transaction back."""
-        if not rows:
-            return []
-        (row,) = rows
-        db = connections[self.using]
-        hooks = len(db.run_on_commit)
-        started = time.perf_counter()
-        read = False
-        try:
-            message = channel_cls.build_from_payload(
-                row.payload, self._callbacks(channel_cls, callbacks)
-            )
-            read = True
-            message.execute_callbacks()
-            _check_not_doomed(db)
-        except Exception as error:
-            if self._connection_lost(used):
-                raise
-            raise _Failed(row, error, started, read) from error
-        _robust_hooks(db, hooks)
-        return [(row.pk, time.perf_counter() - started, row.attempts + 1)]
-
-    def _lost_while_running(self, channel_cls: type[BaseChannel], row_ids: list[int]) -> None:
-        """The connection broke while rows ``row_ids`` were processed. That is no failed
-        attempt (the server may have restarted), but a listener may break its own connection
-        (say, by outlasting ``idle_in_transaction_session_timeout``): the rows that lost it
-        again and again wait longer each time, and from ``LOSSES_PER_ATTEMPT`` in a row on,
-        each loss counts as a failed attempt."""
+    def _lost_while_running(
+        self, channel_cls: type[BaseChannel], row_ids: list[int], claim: str
+    ) -> None:
+        """The connection broke while rows ``row_ids`` of ``claim`` were processed. That is no
+        failed attempt (the server may have restarted): the process is alive and gives the rows
+        back. But a listener may break its own connection (say, by outlasting
+        ``idle_in_transaction_session_timeout``): the rows that lost it again and again wait
+        longer each time, and from ``LOSSES_PER_ATTEMPT`` in a row on, each loss counts as a
+        failed attempt."""
         counts = self._tally.losses.lost(row_ids)
         again = {pk: n for pk, n in counts.items() if n > 1}
-        if not again:
-            return  # the first time: the caller tries once more, or a sweep does
-        delay = retries.backoff(channel_cls, max(again.values()) - 1)
+        delay = retries.backoff(channel_cls, max(again.values()) - 1) if again else 0.0
         charged = [pk for pk, n in again.items() if n >= LOSSES_PER_ATTEMPT]
         error = (
             "ConnectionLost: the database connection was lost while its listeners ran, "
-            f"{max(again.values())} times in a row"
+            f"{max(again.values(), default=1)} times in a row"
         )
         try:
             self._open_connection()  # a new one: the broken one is closed
-            store.record_lost(
-                list(again), delay, charged, retries.max_attempts(channel_cls), error, self.using
+            held = store.record_lost(
+                list(row_ids),
+                claim,
+                self.using,
+                delay,
+                list(again),
+                charged,
+                retries.max_attempts(channel_cls),
+                error,
             )
-        except Exception as exc:  # the server may be away: the rows stay due meanwhile
+        except Exception as exc:  # the server may be away: given back once it is there
             self._connection_lost(None)
-            logger.warning("Could not put off messages %s: %s", sorted(again), exc)
+            self._tally.losses.unreturned(self.using, claim, list(row_ids))
+            logger.warning("Could not give back stored notifications %s yet: %s", row_ids, exc)
             return
+        # Rows the broken session still locks (it may outlive the client for a while).
+        self._tally.losses.unreturned(self.using, claim, held)
+        if not again:
+            return  # the first time: the caller tries once more, or a sweep does
         logger.warning(
             "The database connection was lost while the listeners of %s ran on stored "
             "notification(s) %s, %s times in a row: next attempt in %.1fs%s",
@@ -446,10 +611,14 @@ class Processor:
         error: Exception,
         started: float,
         read: bool,
-        locked: bool = False,
-    ) -> None:
+        claim: str | None = None,
+        rerun: bool = False,
+    ) -> bool:
         """Log, count, signal and record a failed attempt of ``row`` (``read``: its message
-        could be read, so a listener failed). ``locked``: this transaction holds the row."""
+        could be read, so a listener failed), in the transaction that holds the row, or, given
+        its ``claim``, after that transaction failed to commit. ``rerun``: the row runs again
+        at once. False when the row was marked failed (or not updated)."""
+        locked = claim is None
         attempt = row.attempts + 1
         limit = retries.max_attempts(channel_cls)
         retry_in = retries.backoff(channel_cls, attempt) if read and attempt < limit else None
@@ -474,21 +643,20 @@ class Processor:
             )
         else:
             logger.error(
-                "Listener of %s failed on stored notification %s (attempt %s of %s); next "
-                "attempt in %.1fs",
+                "Listener of %s failed on stored notification %s (attempt %s of %s); %s",
                 name,
                 row.pk,
                 attempt,
                 limit,
-                retry_in,
+                "running it again alone" if rerun else f"next attempt in {retry_in:.1f}s",
                 exc_info=error,
             )
         self._signal_failure(channel_cls, row.pk, error, started, attempt, retry_in is None)
         self.record_failure(error, invalid=not read)
         try:
-            store.record_failure(
+            recorded = store.record_failure(
                 row.pk,
-                row.attempts,
+                claim or "",
                 retries.describe(error),
                 retries.format_traceback(error),
                 retry_in,
@@ -498,18 +666,21 @@ class Processor:
         except Exception as exc:
             if locked:
                 raise  # the batch's transaction is broken: its handler decides
-            # Without the record the row is due at once: a later sweep tries it again.
+            # The row keeps its claim: once its lease runs out, the next claim counts it.
             self._connection_lost(None)
             logger.warning("Could not record the failed attempt of %s: %s", row.pk, exc)
-            return
+            return False
+        if not recorded:
+            return False  # claimed again after this claim ran out: that claim counted it
         on_retry = self._tally.on_retry
-        if retry_in is not None and on_retry is not None:
+        if retry_in is not None and on_retry is not None and not rerun:
             if locked:  # due once the batch commits (before, it still holds the row)
                 transaction.on_commit(
                     lambda: on_retry(channel_cls, retry_in), self.using, robust=True
                 )
             else:
                 on_retry(channel_cls, retry_in)
+        return retry_in is not None
 
     def _signal_failure(
         self,
@@ -552,32 +723,47 @@ class Processor:
         callbacks: list[Callable] | None,
         rows: list[store.StoredRow],
         used: object,
+        ran: list[bool],
+        hold: str | None = None,
     ) -> list[tuple[int, float, int]]:
-        """Inside the claiming transaction: run each row's callbacks in a savepoint of its own,
-        then delete the rows that succeeded. Returns (id, duration, attempt) of each that did;
-        the failed attempts of the others are recorded in the same transaction.
+        """Inside the transaction that holds ``rows`` (or locks them first with the statement
+        ``hold``): run each row's callbacks in a savepoint of its own, then delete the rows
+        that succeeded. Returns (id, duration, attempt) of each that did; the failed attempts
+        of the others are recorded in the same transaction, and the rows not run because the
+        processor stops are given back. ``ran`` gets an item once a listener starts.
 
         The deferred constraints a message left pending are checked in the statement that
-        opens the next message's savepoint (and after the last message): one round trip per
-        message for both."""
-        if not rows:
+        opens the next message's savepoint (the last message's, in the deleting one): one
+        round trip per message for both."""
+        db = connections[self.using]
+        if not rows or (self.stopping is not None and self.stopping.is_set()):
+            if hold is not None:
+                _execute_holding(db, hold)
+            store.give_back([row.pk for row in rows], self.using)
             return []
         callbacks = self._callbacks(channel_cls, callbacks)
-        db = connections[self.using]
-        check = len(rows) > 1  # alone, its check is the commit's
         succeeded: list[tuple[int, float, int]] = []
         unchecked: _Ran | None = None  # the last message that succeeded, not checked yet
+        unrun: list[store.StoredRow] = []
         for index, row in enumerate(rows):
+            if index and self.stopping is not None and self.stopping.is_set():
+                unrun = rows[index:]
+                break
             savepoint = f"pgpubsub_{index}"
             opening = f'SAVEPOINT "{savepoint}"'
             if unchecked is not None:
                 if not self._check_deferred(channel_cls, unchecked, succeeded, used, opening):
                     _execute(db, opening)
+            elif hold is not None:
+                _execute_holding(db, f"{hold}; {opening}")
+                hold = None
             else:
                 _execute(db, opening)
             started = time.perf_counter()
             hooks = len(db.run_on_commit)
             read = False
+            if not ran:
+                ran.append(True)
             try:
                 message = channel_cls.build_from_payload(row.payload, callbacks)
                 read = True
@@ -587,17 +773,25 @@ class Processor:
                 if self._connection_lost(used):
                     raise
                 self._undo(db, savepoint, hooks)
-                self._failed_attempt(channel_cls, row, error, started, read, locked=True)
+                self._failed_attempt(channel_cls, row, error, started, read)
                 unchecked = None
                 continue
             # The message's on_commit() functions run after the commit, where one that
             # fails would skip the others': it is logged instead.
             _robust_hooks(db, hooks)
             succeeded.append((row.pk, time.perf_counter() - started, row.attempts + 1))
-            unchecked = _Ran(row, started, hooks, savepoint) if check else None
-        if unchecked is not None:
-            self._check_deferred(channel_cls, unchecked, succeeded, used)
-        store.acknowledge([pk for pk, _, _ in succeeded], self.using)
+            unchecked = _Ran(row, started, hooks, savepoint)
+        acknowledged = unchecked is not None and self._check_deferred(
+            channel_cls,
+            unchecked,
+            succeeded,
+            used,
+            store.acknowledge_sql([pk for pk, _, _ in succeeded]),
+        )
+        if not acknowledged:
+            store.acknowledge([pk for pk, _, _ in succeeded], self.using)
+        # After the last check, which may roll back to the last message's savepoint.
+        store.give_back([row.pk for row in unrun], self.using)
         return succeeded
 
     def _check_deferred(
@@ -620,15 +814,17 @@ class Processor:
                 raise
             self._undo(db, ran.savepoint, ran.hooks)
             succeeded.pop()
-            self._failed_attempt(channel_cls, ran.row, error, ran.started, True, locked=True)
+            self._failed_attempt(channel_cls, ran.row, error, ran.started, True)
             return False
         return True
 
     @staticmethod
     def _undo(db: object, savepoint: str, hooks: int) -> None:
         """Roll a message's work back to its savepoint, its on_commit() functions with it."""
-        db.savepoint_rollback(savepoint)
+        # A listener's database error marked the transaction for rollback, which refuses every
+        # query, the rollback to the savepoint included: that rollback is what repairs it.
         db.needs_rollback = False
+        db.savepoint_rollback(savepoint)
         del db.run_on_commit[hooks:]
 
 
@@ -646,6 +842,22 @@ def _execute(db: object, sql: str) -> None:
     logging or execute wrappers for what users did not write; errors as Django's."""
     with db.wrap_database_errors, db.connection.cursor() as cursor:
         cursor.execute(sql)
+
+
+def _execute_holding(db: object, sql: str) -> None:
+    """:func:`_execute` a statement that starts with ``store.hold_all_sql()``: its division by
+    zero (some row no longer carries the claim) is raised as :class:`_NotHeld`."""
+    try:
+        _execute(db, sql)
+    except DatabaseError as error:
+        cause = error.__cause__
+        if "22012" in (getattr(cause, "pgcode", None), getattr(cause, "sqlstate", None)):
+            raise _NotHeld from error
+        raise
+
+
+class _NotHeld(Exception):
+    """Some of the claimed rows no longer carry the claim: lock them one by one."""
 
 
 def _check_not_doomed(db: object) -> None:
@@ -675,10 +887,6 @@ def _robust_hooks(db: object, start: int) -> None:
             hooks[index] = (entry[0], entry[1], True)
 
 
-class _Failed(Exception):
-    """The only message of a transaction failed: roll the transaction back (its row with it),
-    then record the attempt."""
-
-    def __init__(self, row: store.StoredRow, error: Exception, started: float, read: bool):
-        super().__init__(str(error))
-        self.row, self.error, self.started, self.read = row, error, started, read
+class ListenerProcessDied(Exception):
+    """The attempt of a stored message whose process ended while its listeners ran (found by
+    the next claim of its row)."""

@@ -5,10 +5,33 @@ A row is *due* when it has not failed for good (``failed_at`` is empty) and its 
 not in the future; listeners only ever claim due rows. The hot queries are plain SQL with
 parameters (no payload or name is ever pasted into them); ``PGPUBSUB_LISTENER_FILTER`` joins
 them as a subquery built by the ORM.
+
+Processing a batch of rows takes two transactions:
+
+1. :func:`claim_ids` commits a *claim* on the due rows no one else holds: each gets the claim's
+   name (``claimed_by``) and is not due again for ``CLAIM_LEASE`` seconds (``next_attempt_at``).
+   This is the attempt's durable trace: should the process die while the listeners run (a
+   segmentation fault, ``os._exit()``, the OOM killer), whatever its processing transaction
+   wrote is rolled back, but the claim stays, and the next claim of the row counts the attempt
+   that died (and marks the row failed once that makes ``max_attempts``).
+2. The processing transaction locks the claimed rows again (:func:`hold`; only rows still
+   carrying this claim) and keeps them locked while the listeners run, each message in a
+   savepoint. Every outcome is written in it, before the lock goes: the rows that succeeded
+   are deleted (:func:`acknowledge`), a failed attempt is counted on its row
+   (:func:`record_failure`), rows not run are given back (:func:`give_back`); each clears
+   the claim. No other listener can take a row in between: the lease covers the moment from
+   the claim's commit to the lock, the lock covers the rest, however long the listeners take.
+
+A live process that loses its connection knows its claims and gives the rows back
+(:func:`record_lost`), so a lost connection is not counted as an attempt.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import socket
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -22,17 +45,39 @@ from pgpubsub.models import Notification
 #: few enough that concurrent listeners share a burst and a slow listener holds few rows.
 BATCH_SIZE = 20
 
+#: Seconds a claimed row is not due for other listeners. It only has to cover the moment from
+#: the claim's commit to the processing transaction's lock (a round trip); after that the lock
+#: keeps others off. It is also how long the rows of a process that died wait before they are
+#: claimed again. Should a claim outlive it before its rows are locked (a process frozen for
+#: that long), another listener may claim the rows: they are not run twice (the lock is taken
+#: only on rows that still carry this claim), but the other claim counts a failed attempt.
+CLAIM_LEASE = 5.0
+
 _TABLE = Notification._meta.db_table
 _DUE = "failed_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+#: ``last_error`` of an attempt whose process died, around the name of its claim.
+_DIED = ("ListenerProcessDied: the process that claimed it (", ") ended while its listeners ran")
 
 
 class StoredRow(NamedTuple):
     """A claimed row: its id, its payload as JSON text (parsed later, by the channel), and the
-    failed attempts it had before this one."""
+    failed attempts it had before this one. ``died``: the claim of a process that died while it
+    ran this row's listeners (that attempt is among ``attempts``); ``failed``: that attempt was
+    the last one, so the row was marked failed and is not to be run."""
 
     pk: int
     payload: str
     attempts: int = 0
+    died: str | None = None
+    failed: bool = False
+
+
+def new_claim() -> str:
+    """A name for one claim, unique across processes and hosts, that says where it was made
+    (``host:pid:random``): a row a dead process left claimed shows it in ``last_error``. Only
+    letters, digits and ``.:_-``, so that it can be written into SQL (:func:`hold_all_sql`)."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:80]
+    return f"{host}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
 def stored_names(channel_cls: type[BaseChannel]) -> list[str]:
@@ -76,32 +121,95 @@ def _claimable(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -
     )
 
 
-def claim_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> list[StoredRow]:
-    """Lock those of the stored rows ``row_ids`` of the channel that are there, due, not
-    locked by another listener and not excluded by ``PGPUBSUB_LISTENER_FILTER``, for this
-    transaction; oldest first."""
-    where, params = _claimable(channel_cls, row_ids, using)
-    with connections[using].cursor() as cursor:
-        cursor.execute(
-            f"SELECT id, payload::text, attempts FROM {_TABLE} WHERE {where} "
-            "ORDER BY id FOR UPDATE SKIP LOCKED",
-            params,
-        )
-        return [StoredRow(*row) for row in cursor.fetchall()]
+def claim_ids(
+    channel_cls: type[BaseChannel],
+    row_ids: list[int],
+    claim: str,
+    max_attempts: int,
+    using: str,
+) -> list[StoredRow]:
+    """Claim those of the stored rows ``row_ids`` of the channel that are there, due, not
+    locked by another listener and not excluded by ``PGPUBSUB_LISTENER_FILTER``, for
+    ``CLAIM_LEASE`` seconds under the name ``claim``; oldest first. In autocommit (a worker's
+    connection) the claim commits at once; inside a transaction, with it.
 
-
-def take_ids(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -> list[StoredRow]:
-    """Claim and acknowledge at once: delete those of the stored rows ``row_ids`` that
-    :func:`claim_ids` would lock, returning them oldest first. Only a rollback of the
-    transaction brings them back, so it suits a transaction that holds one message."""
+    A due row that still carries a claim was claimed by a process that died before it wrote
+    the outcome (a live one writes it, or gives the row back): that attempt is counted here,
+    and a row it brings to ``max_attempts`` is marked failed instead of claimed (``failed``)."""
     where, params = _claimable(channel_cls, row_ids, using)
-    with connections[using].cursor() as cursor:
+    db = connections[using]
+    # The claim must outlive the listener's process, not the server: it need not wait for its
+    # WAL to be flushed (the processing transaction's commit flushes it anyway). Were the
+    # server to crash first, the processing transaction would be lost with it, and the message
+    # run again, uncounted, as it would have been before. Not inside a caller's transaction,
+    # whose commit this setting would change.
+    asynchronous = (
+        ""
+        if db.in_atomic_block
+        else " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
+    )
+    exhausted = "c.dead IS NOT NULL AND n.attempts + 1 >= %s"
+    with db.cursor() as cursor:
         cursor.execute(
-            f"DELETE FROM {_TABLE} WHERE id IN (SELECT id FROM {_TABLE} WHERE {where} "
-            "FOR UPDATE SKIP LOCKED) RETURNING id, payload::text, attempts",
-            params,
+            # SET sees the row as it was: c.dead is the claim the row still carried, if any.
+            f"UPDATE {_TABLE} AS n SET "
+            "attempts = n.attempts + CASE WHEN c.dead IS NULL THEN 0 ELSE 1 END, "
+            "last_error = CASE WHEN c.dead IS NULL THEN n.last_error "
+            "ELSE concat(%s::text, c.dead, %s::text) END, "
+            "last_traceback = CASE WHEN c.dead IS NULL THEN n.last_traceback END, "
+            f"failed_at = CASE WHEN {exhausted} THEN clock_timestamp() END, "
+            f"claimed_by = CASE WHEN {exhausted} THEN NULL ELSE %s END, "
+            f"next_attempt_at = CASE WHEN {exhausted} THEN NULL "
+            "ELSE clock_timestamp() + make_interval(secs => %s::float8) END "
+            f"FROM (SELECT id, claimed_by AS dead FROM {_TABLE} WHERE {where} "
+            f"ORDER BY id FOR UPDATE SKIP LOCKED) AS c WHERE n.id = c.id{asynchronous} "
+            "RETURNING n.id, n.payload::text, n.attempts, c.dead, n.failed_at IS NOT NULL",
+            [*_DIED, max_attempts, max_attempts, claim, max_attempts, CLAIM_LEASE, *params],
         )
         return sorted(StoredRow(*row) for row in cursor.fetchall())
+
+
+def hold(row_ids: list[int], claim: str, using: str) -> set[int]:
+    """Lock, for the processing transaction, those of the rows ``row_ids`` that still carry
+    ``claim``; returns their ids. A row missing was claimed again by another listener after
+    this claim's lease ran out: it is that listener's now.
+
+    Not SKIP LOCKED: another listener's claim may be looking at a row (and lock it for that
+    instant) to find it not due, which would make this transaction pass over its own row.
+    Nothing else keeps a lock on a row that carries this claim, so the wait is that instant."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM {_TABLE} WHERE id = ANY(%s) AND claimed_by = %s FOR UPDATE",
+            [list(row_ids), claim],
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
+def hold_all_sql(row_ids: list[int], claim: str) -> str:
+    """:func:`hold` as a statement to send along with the one that follows it (one round trip
+    for both): it fails with a division by zero unless every row still carries ``claim``
+    (then roll back, and :func:`hold` tells which rows do)."""
+    if not _SAFE_CLAIM.fullmatch(claim):
+        raise ValueError(f"Not a claim made by new_claim(): {claim!r}")
+    ids = ",".join(str(int(pk)) for pk in row_ids)
+    return (
+        f"SELECT 1 / (count(*) = {len(row_ids)})::int FROM (SELECT id FROM {_TABLE} "
+        f"WHERE id = ANY('{{{ids}}}'::bigint[]) AND claimed_by = '{claim}' FOR UPDATE) AS held"
+    )
+
+
+_SAFE_CLAIM = re.compile(r"[A-Za-z0-9._:-]+")
+
+
+def give_back(row_ids: list[int], using: str) -> None:
+    """Make rows this transaction holds but did not run due again at once, with no attempt
+    counted (a batch stopped midway)."""
+    if row_ids:
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {_TABLE} SET claimed_by = NULL, next_attempt_at = NULL WHERE id = ANY(%s)",
+                [list(row_ids)],
+            )
 
 
 def pending_ids(
@@ -132,34 +240,35 @@ def pending_ids(
 
 
 def acknowledge(row_ids: list[int], using: str) -> None:
-    """Delete processed rows (inside the transaction that processed them)."""
+    """Delete processed rows (inside the transaction that holds them)."""
     if row_ids:
         with connections[using].cursor() as cursor:
-            cursor.execute(f"DELETE FROM {_TABLE} WHERE id = ANY(%s)", [list(row_ids)])
+            cursor.execute(acknowledge_sql(row_ids))
+
+
+def acknowledge_sql(row_ids: list[int]) -> str:
+    """The statement of :func:`acknowledge`, to send along with another one (ids are ints)."""
+    ids = ",".join(str(int(pk)) for pk in row_ids)
+    return f"DELETE FROM {_TABLE} WHERE id = ANY('{{{ids}}}'::bigint[])"
 
 
 def record_failure(
     row_id: int,
-    attempts: int,
+    claim: str,
     error: str,
     traceback: str,
     retry_in: float | None,
     using: str,
     locked: bool = True,
 ) -> bool:
-    """Count a failed attempt of row ``row_id``, which had ``attempts`` when it was claimed,
-    and keep its error: it is due again in ``retry_in`` seconds, or (``None``) marked failed.
+    """Count a failed attempt of row ``row_id`` and keep its error: it is due again in
+    ``retry_in`` seconds, or (``None``) marked failed. Its claim ends.
 
-    ``locked``: this transaction holds the row. Otherwise the attempt's transaction is over and
-    the row was due again meanwhile: it is locked here first and left alone if another
-    listener holds it, or if another attempt was recorded since the claim (the row is that
-    attempt's now; counting both would count past the attempt that marks it failed). False if
-    the row was not updated."""
-    where = (
-        "id = %s"
-        if locked
-        else f"id = (SELECT id FROM {_TABLE} WHERE id = %s FOR UPDATE SKIP LOCKED)"
-    )
+    ``locked``: this transaction holds the row, so no one else can have run it meanwhile.
+    Otherwise (the attempt's transaction failed to commit) the row is updated only if it still
+    carries ``claim``: if this claim's lease ran out meanwhile, another listener may have
+    claimed the row, and that claim counted this attempt. False if the row was not updated."""
+    where = "id = %s" if locked else "id = %s AND claimed_by = %s"
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"UPDATE {_TABLE} SET attempts = attempts + 1, last_error = %s, last_traceback = %s, "
@@ -167,35 +276,47 @@ def record_failure(
             # failure (a batch), which would bring the next attempt forward.
             "next_attempt_at = CASE WHEN %s::float8 IS NULL THEN NULL "
             "ELSE clock_timestamp() + make_interval(secs => %s::float8) END, "
-            "failed_at = CASE WHEN %s::float8 IS NULL THEN clock_timestamp() END "
-            f"WHERE {where} AND attempts = %s",
-            [error, traceback, retry_in, retry_in, retry_in, row_id, attempts],
+            "failed_at = CASE WHEN %s::float8 IS NULL THEN clock_timestamp() END, "
+            f"claimed_by = NULL WHERE {where}",
+            [error, traceback, retry_in, retry_in, retry_in, row_id] + ([] if locked else [claim]),
         )
         return cursor.rowcount == 1
 
 
 def record_lost(
     row_ids: list[int],
-    retry_in: float,
-    charged: list[int],
-    max_attempts: int,
-    error: str,
+    claim: str,
     using: str,
-) -> None:
-    """Put off rows whose processing lost its connection by ``retry_in`` seconds; the rows
-    ``charged`` also count a failed attempt (marked failed at ``max_attempts``). Rows another
-    listener holds are left to it."""
+    retry_in: float = 0.0,
+    put_off: Iterable[int] = (),
+    charged: Iterable[int] = (),
+    max_attempts: int = 1,
+    error: str = "",
+) -> list[int]:
+    """After the connection that processed rows ``row_ids`` under ``claim`` broke, on a new
+    one: give the rows of the claim back, uncounted; those ``put_off`` are due in ``retry_in``
+    seconds only, and those ``charged`` count a failed attempt (marked failed at
+    ``max_attempts``). Rows another listener holds or has claimed are left to it.
+
+    Returns the ids of the rows that still carry the claim but are locked: the broken session
+    may not have ended yet. The caller gives them back later."""
+    put_off, charged = list(put_off), list(charged)
     with connections[using].cursor() as cursor:
         cursor.execute(
-            f"UPDATE {_TABLE} SET "
+            f"WITH given AS (UPDATE {_TABLE} SET "
             "attempts = attempts + CASE WHEN id = ANY(%s) THEN 1 ELSE 0 END, "
             "last_error = CASE WHEN id = ANY(%s) THEN %s ELSE last_error END, "
             "failed_at = CASE WHEN id = ANY(%s) AND attempts + 1 >= %s "
             "THEN clock_timestamp() END, "
             "next_attempt_at = CASE WHEN id = ANY(%s) AND attempts + 1 >= %s THEN NULL "
-            "ELSE clock_timestamp() + make_interval(secs => %s::float8) END "
+            "WHEN id = ANY(%s) THEN clock_timestamp() + make_interval(secs => %s::float8) "
+            "WHEN claimed_by IS NOT NULL THEN NULL ELSE next_attempt_at END, "
+            "claimed_by = NULL "
             f"WHERE id IN (SELECT id FROM {_TABLE} WHERE id = ANY(%s) AND failed_at IS NULL "
-            "FOR UPDATE SKIP LOCKED)",
+            "AND (claimed_by IS NULL OR claimed_by = %s) FOR UPDATE SKIP LOCKED) RETURNING id) "
+            # The statement's snapshot: rows it just gave back still show the claim here.
+            f"SELECT id FROM {_TABLE} WHERE id = ANY(%s) AND claimed_by = %s "
+            "AND id NOT IN (SELECT id FROM given)",
             [
                 charged,
                 charged,
@@ -204,10 +325,15 @@ def record_lost(
                 max_attempts,
                 charged,
                 max_attempts,
+                put_off,
                 retry_in,
                 list(row_ids),
+                claim,
+                list(row_ids),
+                claim,
             ],
         )
+        return sorted(row[0] for row in cursor.fetchall())
 
 
 def retry(
@@ -231,7 +357,8 @@ def retry(
     # Rows a listener holds right now are skipped (not waited for): they are being processed.
     with connections[alias].cursor() as cursor:
         cursor.execute(
-            f"UPDATE {_TABLE} SET attempts = 0, next_attempt_at = NULL, failed_at = NULL "
+            f"UPDATE {_TABLE} SET attempts = 0, next_attempt_at = NULL, failed_at = NULL, "
+            "claimed_by = NULL "
             f"WHERE id IN (SELECT id FROM {_TABLE} WHERE {' AND '.join(conditions)} "
             "FOR UPDATE SKIP LOCKED) RETURNING id, channel",
             params,

@@ -1,6 +1,7 @@
 """Failed lockable messages: attempts recorded on the row, retried with backoff, then marked
 failed and kept; retried by hand. In-process Runtimes on a real Postgres."""
 
+import itertools
 import logging
 import threading
 import time
@@ -341,11 +342,10 @@ def test_a_failure_receiver_s_database_error_changes_nothing_in_a_batch():
     assert Notification.objects.get().attempts == 1
 
 
-def test_two_listeners_trying_a_message_at_once_count_one_attempt():
-    """Listener A's attempt of a message fails alone in its transaction, which rolls back: the
-    row is due again before A records the attempt, and listener B claims it, fails and records
-    its own. A's record must not count a second attempt on top of B's: on the last attempt it
-    would count one more than ``max_attempts``."""
+def test_no_other_listener_runs_a_message_while_its_failed_attempt_is_recorded():
+    """Listener A's attempt of a message fails. Until A has recorded the attempt, listener B
+    cannot claim the row: otherwise B runs the message a time more than is counted (and, on
+    its last attempt, once more than ``max_attempts``)."""
     from pgpubsub.processing import Processor
     from pgpubsub.signals import message_failed
 
@@ -373,8 +373,96 @@ def test_two_listeners_trying_a_message_at_once_count_one_attempt():
         assert not Processor().process_stored_row(channels.Flaky, None, row.pk)
     finally:
         message_failed.disconnect(meanwhile, sender=channels.Flaky)
-    assert other_attempts == [False]  # B ran the message too, and it failed
-    assert len(flaky_attempts["raced"]) == 2
+    assert other_attempts == [False]  # B found the row held
+    assert len(flaky_attempts["raced"]) == 1
     row.refresh_from_db()
     assert row.failed_at is not None
     assert row.attempts == channels.Flaky.max_attempts
+
+
+@pytest.fixture
+def failing_runs():
+    from tests.testapp.listeners import failing_runs
+
+    failing_runs.clear()
+    yield failing_runs
+    failing_runs.clear()
+
+
+def assert_runs_apart(runs: list[tuple[str, str, float, float]], keys: list[str], each: int):
+    """Each message of ``keys`` ran ``each`` times, and never twice at once."""
+    by_key: dict[str, list[tuple[float, float]]] = {key: [] for key in keys}
+    for key, _, started, ended in runs:
+        by_key[key].append((started, ended))
+    assert {key: len(times) for key, times in by_key.items()} == dict.fromkeys(keys, each)
+    for key, times in by_key.items():
+        times.sort()
+        for (_, ended), (started, _) in itertools.pairwise(times):
+            assert started >= ended, f"{key} ran twice at once: {times}"
+
+
+@override_settings(PGPUBSUB_SWEEP_INTERVAL=0.2)
+def test_runtimes_racing_for_failing_messages_run_each_max_attempts_times_never_at_once(
+    runtimes, failing_runs
+):
+    """Two Runtimes (as two web processes) receive every NOTIFY and sweep often; messages
+    always fail, and a receiver of message_failed takes a while (a slow metrics call). Each
+    message runs exactly ``max_attempts`` times, one run at a time; after ``retry_failed()``
+    (the admin's "Retry now"), as many times again."""
+    from pgpubsub.signals import message_failed
+
+    def slow_metrics(sender, **kwargs):
+        time.sleep(0.05)
+
+    for _ in range(2):
+        runtimes(channels=[channels.AlwaysFailing], workers=2)
+    keys = [f"alone{n}" for n in range(4)] + [f"together{n}" for n in range(4)]
+    limit = channels.AlwaysFailing.max_attempts
+    message_failed.connect(slow_metrics, sender=channels.AlwaysFailing)
+    try:
+        for key in keys[:4]:  # each in a transaction of its own
+            pgpubsub.notify(channels.AlwaysFailing, key=key)
+        send_together(channels.AlwaysFailing, 4, "together")
+        wait_marked_failed(len(keys))
+        assert_runs_apart(failing_runs, keys, limit)
+        assert [row.attempts for row in Notification.objects.all()] == [limit] * len(keys)
+
+        assert pgpubsub.retry_failed() == len(keys)
+        wait_for(
+            lambda: (
+                len(failing_runs) >= 2 * limit * len(keys)
+                and Notification.objects.filter(failed_at__isnull=False).count() == len(keys)
+            ),
+            30,
+            lambda: f"the retried rows to fail again; {len(failing_runs)} runs",
+        )
+        assert_runs_apart(failing_runs, keys, 2 * limit)
+        assert [row.attempts for row in Notification.objects.all()] == [limit] * len(keys)
+    finally:
+        message_failed.disconnect(slow_metrics, sender=channels.AlwaysFailing)
+
+
+def test_a_batch_stopped_midway_gives_its_other_messages_back_uncharged():
+    from pgpubsub.processing import Processor
+
+    for key, seconds in [("first", 0.3), ("second", 0), ("third", 0)]:
+        pgpubsub.notify(channels.Flaky, key=key, failures=0, seconds=seconds)
+    ids = list(Notification.objects.order_by("id").values_list("id", flat=True))
+    stopping = threading.Event()
+
+    def stop_once_started() -> None:
+        wait_for(lambda: "first" in flaky_attempts, 10, "the first message to start")
+        stopping.set()
+
+    thread = threading.Thread(target=stop_once_started)
+    thread.start()
+    try:
+        done = Processor("default", stopping=stopping).process_stored_rows(channels.Flaky, ids)
+    finally:
+        thread.join(10)
+    assert done == 1  # the one that was running finished; the others did not start
+    assert set(flaky_attempts) == {"first"}
+    rows = list(Notification.objects.order_by("id").values("attempts", "next_attempt_at"))
+    assert rows == [{"attempts": 0, "next_attempt_at": None}] * 2
+    assert Processor("default").process_stored_rows(channels.Flaky, ids) == 2  # due at once
+    assert effects("Flaky") == ["first", "second", "third"]

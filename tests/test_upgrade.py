@@ -222,6 +222,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
     upgraded, _fresh, _before, output = migrated
     assert "Applying pgpubsub.0007_functions_and_channel_index... OK" in output
     assert "Applying pgpubsub.0008_notification_attempts... OK" in output
+    assert "Applying pgpubsub.0009_notification_claimed_by... OK" in output
     for old in ("0001", "0002", "0003", "0004", "0005", "0006"):
         assert f"Applying pgpubsub.{old}" not in output
     assert "Applying contenttypes." not in output
@@ -231,7 +232,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
         pgpubsub_rows = fetch(
             conn, "SELECT id, name FROM django_migrations WHERE app = 'pgpubsub' ORDER BY id"
         )
-    # The 20 rows 1.3.1's project had are untouched; 0007 and 0008 are recorded once, after them.
+    # The 20 rows 1.3.1's project had are untouched; 0007 to 0009 are recorded once, after them.
     assert len(rows) == 20
     assert rows[0] == (1, "contenttypes", "0001_initial")
     assert [row[0] for row in pgpubsub_rows[:6]] == [15, 16, 17, 18, 19, 20]
@@ -244,6 +245,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
         "0006_payload_stores_proper_jsonb",
         "0007_functions_and_channel_index",
         "0008_notification_attempts",
+        "0009_notification_claimed_by",
     ]
     assert pgpubsub_rows[6][0] > 20
 
@@ -269,6 +271,7 @@ def test_upgraded_schema_matches_a_fresh_one(migrated):
         "failed_at",
         "last_error",
         "last_traceback",
+        "claimed_by",
     ]
     # Rows are stored by INSERTs that name channel and payload only.
     defaults = {row[0]: row[5] for row in fresh_schema["columns"]}

@@ -278,3 +278,26 @@ class PlainSwallowing(Channel):
     a savepoint."""
 
     key: str
+
+
+@dataclass
+class AlwaysFailing(Channel):
+    """A lockable channel retried quickly whose listener always fails after ``seconds``,
+    recording when each of its runs started and ended (in-process)."""
+
+    lock_notifications = True
+    max_attempts = 3
+    retry_delay = 0.05
+    key: str
+    seconds: float = 0.02
+
+
+@dataclass
+class Crashing(Channel):
+    """A lockable channel whose listener appends a line to the file ``log``, then ends its
+    process with ``os._exit(1)`` (only where ``PGPUBSUB_TEST_CRASH=1``; it raises elsewhere)."""
+
+    lock_notifications = True
+    max_attempts = 3
+    key: str
+    log: str

@@ -293,3 +293,28 @@ def swallow_plain(key: str) -> None:
             Effect.objects.create(key=key, channel="PlainSwallowing")
     except IntegrityError:
         pass
+
+
+#: (key, thread name, started, ended) of each run of an AlwaysFailing message (in-process).
+failing_runs: list[tuple[str, str, float, float]] = []
+
+
+@pgpubsub.listener(channels.AlwaysFailing)
+def always_fail(key: str, seconds: float) -> None:
+    started = time.monotonic()
+    try:
+        time.sleep(seconds)
+    finally:
+        failing_runs.append((key, threading.current_thread().name, started, time.monotonic()))
+    raise RuntimeError(f"{key} always fails")
+
+
+@pgpubsub.listener(channels.Crashing)
+def crash(key: str, log: str) -> None:
+    with open(log, "a") as file:  # what the test counts: each run, before the process dies
+        file.write(f"{key} {os.getpid()}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    if os.environ.get("PGPUBSUB_TEST_CRASH") != "1":
+        raise RuntimeError("Crashing ends only processes started with PGPUBSUB_TEST_CRASH=1")
+    os._exit(1)
