@@ -121,6 +121,19 @@ class Server:
         finally:
             conn.close()
 
+    def settings(self, names: Iterable[str]) -> dict[str, str]:
+        """Server settings (``SHOW``), e.g. ``fsync``: what the writers' commits pay."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                values = {}
+                for name in names:
+                    cursor.execute(f"SHOW {name}")
+                    values[name] = cursor.fetchone()[0]
+                return values
+        finally:
+            conn.close()
+
     def version(self) -> str:
         conn = self.connect()
         try:
@@ -505,6 +518,11 @@ for dist in ("django", "django-pgtrigger", "psycopg2-binary", "django-pgpubsub",
         out[dist] = m.version(dist)
     except m.PackageNotFoundError:
         pass
+try:  # the driver Django picks: psycopg 3 when installed
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+    out["driver"] = "psycopg 3" if is_psycopg3 else "psycopg2"
+except ImportError:
+    out["driver"] = "psycopg2"
 import pgpubsub
 out["pgpubsub from"] = pgpubsub.__file__
 print(json.dumps(out))
@@ -615,18 +633,21 @@ class Engine:
         return None if self.threads > 1 else self
 
     def start(
-        self, processes: Processes, server: Server, side: Side, dbname: str, recover: bool = False
+        self,
+        processes: Processes,
+        server: Server,
+        side: Side,
+        dbname: str,
+        recover: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Process:
+        """Start the engine on ``dbname``; ``env`` adds variables (the no-op listeners'
+        ``BENCH_EXPECTED`` and ``BENCH_RESULT_DIR``)."""
         if self.embedded:
-            return self._start_gunicorn(processes, server, side, dbname)
+            return self.start_web(processes, server, side, dbname, embedded=True, env=env)
         args = side.manage("listen", *self.listen_args(recover))
-        env = side.env(server, dbname, f"bench-{side.name}-listener")
-        return processes.start(f"{side.name}-listen", args, side.project, env)
-
-    def _start_gunicorn(
-        self, processes: Processes, server: Server, side: Side, dbname: str
-    ) -> Process:
-        return self.start_web(processes, server, side, dbname, embedded=True)
+        full_env = {**side.env(server, dbname, f"bench-{side.name}-listener"), **(env or {})}
+        return processes.start(f"{side.name}-listen", args, side.project, full_env)
 
     def start_web(
         self,

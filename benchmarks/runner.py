@@ -29,7 +29,15 @@ from benchmarks.harness import (
     ensure_theirs_venv,
     prepare_side,
 )
-from benchmarks.workloads import GROUPS, REQUEST_RATE, Context, Sizes, Workload, select
+from benchmarks.workloads import (
+    GROUPS,
+    RAW_BATCH,
+    REQUEST_RATE,
+    Context,
+    Sizes,
+    Workload,
+    select,
+)
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 DEFAULT_VENV_DIR = Path(tempfile.gettempdir()) / "pgpubsub-bench" / "venv-django-pgpubsub-1.3.1"
@@ -42,6 +50,9 @@ FULL = Sizes(
     rate=200.0,
     paced_seconds=10.0,
     web_seconds=10.0,
+    noop_rows=10000,
+    writers=(1, 4, 16),
+    writer_seconds=3.0,
 )
 QUICK = Sizes(
     events=100,
@@ -52,6 +63,9 @@ QUICK = Sizes(
     rate=200.0,
     paced_seconds=1.0,
     web_seconds=1.0,
+    noop_rows=200,
+    writers=(1, 4, 16),
+    writer_seconds=0.5,
 )
 NOTES = [
     "In django-pgpubsub 1.3.1, lockable channels published with `notify()` are never processed "
@@ -132,6 +146,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {FULL.web_seconds:g}).",
     )
     parser.add_argument(
+        "--noop-rows",
+        type=int,
+        help=f"N, stored rows of the no-op drains and the raw drain (29-31; default "
+        f"{FULL.noop_rows}).",
+    )
+    parser.add_argument(
+        "--writers",
+        help="Comma-separated numbers of concurrent writer connections of workload 34 "
+        f"(default {','.join(map(str, FULL.writers))}).",
+    )
+    parser.add_argument(
+        "--writer-seconds",
+        type=float,
+        help=f"How long each writer measurement of workload 34 lasts (default "
+        f"{FULL.writer_seconds:g}).",
+    )
+    parser.add_argument(
         "--only",
         help="Comma-separated workload numbers or names, e.g. 1,2,ceiling, or groups: "
         + ", ".join(GROUPS)
@@ -157,12 +188,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    for name in ("events", "messages", "backlog"):
+    for name in ("events", "messages", "backlog", "noop_rows"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
-            parser.error(f"--{name} must be at least 2")
-    for name in ("rate", "paced_seconds", "idle_seconds", "web_seconds"):
+            parser.error(f"--{name.replace('_', '-')} must be at least 2")
+    for name in ("rate", "paced_seconds", "idle_seconds", "web_seconds", "writer_seconds"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    writers = None
+    if args.writers is not None:
+        try:
+            writers = tuple(int(part) for part in args.writers.split(",") if part.strip())
+        except ValueError:
+            writers = ()
+        if not writers or min(writers) < 1:
+            parser.error("--writers must be a comma-separated list of positive numbers")
     try:
         args.workloads = select(args.only)
     except ValueError as exc:
@@ -177,7 +216,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         rate=args.rate or base.rate,
         paced_seconds=args.paced_seconds or base.paced_seconds,
         web_seconds=args.web_seconds or base.web_seconds,
+        noop_rows=args.noop_rows or base.noop_rows,
+        writers=writers or base.writers,
+        writer_seconds=args.writer_seconds or base.writer_seconds,
     )
+    args.workloads = [w.sized(args.sizes) for w in args.workloads]
     args.skipped = [w for w in args.workloads if w.needs_backlog and not args.sizes.backlog]
     args.workloads = [w for w in args.workloads if w not in args.skipped]
     return args
@@ -211,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 prepare_side(side, server, databases, processes)
         if any(w.engine.embedded for w in args.workloads):
             ensure_gunicorn(sides[0], args.venv_dir.parent, processes)
-        context = Context(server, databases, processes, args.sizes)
+        context = Context(server, databases, processes, args.sizes, {s.name: s for s in sides})
         results = measure(context, args.workloads, sides, args.repeat)
         report = build_report(args, server, sides, results)
         markdown = render_markdown(report)
@@ -260,7 +303,9 @@ def measure(
                 engine = None if side is None else workload.engine.for_side(side.name)
                 if side is not None and (engine is None or workload.ours_only and label != "ours"):
                     continue
-                shown = "" if engine is None else f" with {engine.describe()}"
+                shown = (
+                    "" if engine is None or not workload.listens else f" with {engine.describe()}"
+                )
                 log(f"run {rep + 1}/{repeat}: {workload.number}. {workload.name} [{label}]{shown}")
                 try:
                     metrics = workload.run(context, side, engine)
@@ -301,7 +346,7 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
                 "digits": metric.digits,
             }
             for label in ("ours", "theirs", "ceiling"):
-                values = [run[metric.key] for run in runs.get(label, [])]
+                values = [run[metric.key] for run in runs.get(label, []) if metric.key in run]
                 row[label] = summarize(values)
                 row[f"{label}_runs"] = values
             if workload.sideless:
@@ -321,6 +366,9 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
             "platform": platform.platform(),
             "runner python": platform.python_version(),
             "postgresql": server.version(),
+            "postgresql settings": ", ".join(
+                f"{k} {v}" for k, v in server.settings(SERVER_SETTINGS).items()
+            ),
         },
         "sizes": {
             "K (events)": args.sizes.events,
@@ -331,16 +379,25 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
             "idle seconds": args.sizes.idle_seconds,
             "web seconds": args.sizes.web_seconds,
             "ceiling batch": args.sizes.batch,
+            "N (no-op rows)": args.sizes.noop_rows,
+            "writers": ",".join(map(str, args.sizes.writers)),
+            "writer seconds": args.sizes.writer_seconds,
             "repeat": args.repeat,
         },
         "engine": ENGINE_LINE,
         "sides": {side.name: side.versions for side in sides},
         "rows": rows,
         "summary": summary_lines(rows),
+        "targets": targets(args, sides, rows),
         "scaling": grid(_SCALING_COLUMNS, _SCALING_ROWS, results),
         "comparison": grid(_COMPARISON_COLUMNS, _COMPARISON_ROWS, results),
         "web": grid(_WEB_COLUMNS, _WEB_ROWS, results),
-        "notes": NOTES + engine_notes(args) + idle_notes(args, results) + web_notes(args, results),
+        "writers": grid(*_writer_table(args.sizes.writers), results),
+        "notes": NOTES
+        + engine_notes(args)
+        + idle_notes(args, results)
+        + web_notes(args, results)
+        + per_message_notes(args),
         "errors": [e for w in args.workloads for e in results[w.name]["errors"]],
     }
 
@@ -401,6 +458,23 @@ def summary_lines(rows: list[dict]) -> list[str]:
                     parts.append(f"{what} {label} {value / reference:.2f}x")
         if parts:
             lines.append(f"{title}: " + "; ".join(parts))
+    parts = []
+    for what, name, ref_key in (
+        ("`notify()` rows", "noop-drain", "rate"),
+        ("trigger rows", "trigger-noop-drain", "trigger_rate"),
+    ):
+        ours = _median(rows, name, "rate", "ours")
+        raw = _median(rows, "raw-drain", ref_key, "ours")
+        if ours and raw:
+            parts.append(
+                f"{what} {ours / raw:.1%} ({1e6 / ours:,.0f} µs per message against "
+                f"{1e6 / raw:,.0f} µs)"
+            )
+    if parts:
+        lines.append(
+            "No-op drains as a share of the raw drain of the same rows (workloads 29, 30 / "
+            "31): " + "; ".join(parts)
+        )
     rss = _median(rows, "web-emb", "added_rss_mb", "ours")
     cpu = _median(rows, "web-emb", "added_cpu_ms_per_s", "ours")
     if rss is not None and cpu is not None:
@@ -415,6 +489,191 @@ def summary_lines(rows: list[dict]) -> list[str]:
             + ("; an idle `listen` (workload 5) uses " + ", ".join(listeners) if listeners else "")
         )
     return lines
+
+
+#: Server settings the report lists: what a commit costs (workload 34) depends on them.
+SERVER_SETTINGS = ("fsync", "synchronous_commit", "wal_sync_method", "shared_buffers")
+
+
+def _writer_table(levels: tuple[int, ...]) -> tuple[tuple[str, ...], tuple]:
+    """Workload 34 as a table: (a)-(d) by rows, commits/s and the ratio to (a) for each number
+    of writers."""
+    columns = tuple(
+        title
+        for n in levels
+        for title in (f"{n} writer{'s' if n > 1 else ''} (commits/s)", f"{n}: ratio to (a)")
+    )
+    rows = []
+    for key, title in (
+        ("plain", "(a) table without trigger"),
+        ("trigger", "(b) this checkout's lockable trigger channel (store + NOTIFY)"),
+        ("theirs", "(c) django-pgpubsub 1.3.1's lockable trigger channel"),
+        ("stored", "(d) hand-written trigger storing the row, no NOTIFY"),
+    ):
+        cells = []
+        for n in levels:
+            cells.append(("writers", "ours", f"{key}_c{n}", 0, False))
+            ratio = "-" if key == "plain" else f"{key}_ratio_c{n}"
+            cells.append(("writers", "ours", ratio, 2, False))
+        rows.append((title, cells))
+    return columns, tuple(rows)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "not met", None: "not judged here"}[met]
+
+
+def targets(args, sides: list[Side], rows: list[dict]) -> list[dict]:
+    """Each target of issues 16 and 15 beside what this run measured: ``issue``, ``target``,
+    ``measured`` (text), ``verdict`` (met, not met, not measured...)."""
+    out: list[dict] = []
+
+    def add(issue: int, target: str, measured: str | None, met: bool | None, needs: str) -> None:
+        if measured is None:
+            measured, verdict = "—", f"not measured in this run (`--only {needs}`)"
+        else:
+            verdict = _verdict(met)
+        out.append({"issue": issue, "target": target, "measured": measured, "verdict": verdict})
+
+    def med(name: str, key: str, label: str = "ours") -> float | None:
+        return _median(rows, name, key, label)
+
+    noop, raw = med("noop-drain", "rate"), med("raw-drain", "rate")
+    add(
+        16,
+        "no-op lockable drain ≥ 50% of the raw drain (29 / 31)",
+        f"{noop / raw:.1%} ({noop:,.0f} vs {raw:,.0f} msgs/s)" if noop and raw else None,
+        bool(noop and raw and noop / raw >= 0.5),
+        "noop-drain,raw-drain",
+    )
+    orm, loop = med("drain", "processing_rate"), med("orm-loop", "processing_rate")
+    add(
+        16,
+        "ORM listener drain ≥ 80% of a hand-written loop calling the same listener with the "
+        "same batching and atomicity (1 / 32, first to last effect)",
+        f"{orm / loop:.1%} ({orm:,.0f} vs {loop:,.0f} rows/s)" if orm and loop else None,
+        bool(orm and loop and orm / loop >= 0.8),
+        "drain,orm-loop",
+    )
+    for name, what in (("ping", "33, no-op listener"), ("plain", "4, ORM listener")):
+        ours, theirs = med(name, "rate"), med(name, "rate", "theirs")
+        add(
+            16,
+            f"plain messages at full speed: throughput ≥ 1.3.1's ({what})",
+            f"{ours / theirs:.2f}x ({ours:,.0f} vs {theirs:,.0f} msgs/s)"
+            if ours and theirs
+            else None,
+            bool(ours and theirs and ours >= theirs),
+            name,
+        )
+        ours, theirs = med(name, "p99_ms"), med(name, "p99_ms", "theirs")
+        add(
+            16,
+            f"plain messages at full speed: p99 latency ≤ 1.3.1's ({what})",
+            f"{ours:,.1f} vs {theirs:,.1f} ms" if ours is not None and theirs else None,
+            ours is not None and theirs is not None and ours <= theirs,
+            name,
+        )
+    p99, capacity = med("latency", "trigger_p99_ms"), med("one-per-tx", "rate")
+    measured = None
+    if p99 is not None:
+        measured = f"p99 {p99:,.1f} ms at R = {args.sizes.rate:g}/s (workload 8)"
+        if capacity:
+            measured += f"; capacity one row per transaction (2): {capacity:,.0f}/s"
+            if not 0.4 <= args.sizes.rate / capacity <= 0.6:
+                measured += f", so half is {capacity / 2:,.0f}/s: rerun with that `--rate`"
+        else:
+            measured += "; capacity not measured (workload 2)"
+    add(
+        16,
+        "lockable p99 ≤ 50 ms at half of measured capacity, one row per transaction",
+        measured,
+        p99 is not None and p99 <= 50,
+        "one-per-tx,latency --rate <half of one-per-tx>",
+    )
+    driver = next((s.versions.get("driver") for s in sides if s.name == "ours"), None)
+    out.append(
+        {
+            "issue": 16,
+            "target": "psycopg 3 at least as fast as psycopg2 on every workload",
+            "measured": f"this run used {driver or 'the driver Django picks'} only",
+            "verdict": "not measured (run the runner once in an environment with each driver)",
+        }
+    )
+    cpu, rss = med("idle", "cpu_ms_per_s"), med("idle", "rss_mb")
+    add(
+        16,
+        "no regression: idle CPU, RSS (workload 5; and every reliability test)",
+        f"idle CPU {cpu:.2f} ms/s, RSS {rss:.1f} MB: compare with the previous report"
+        if cpu is not None and rss is not None
+        else None,
+        None,
+        "idle",
+    )
+    levels = args.sizes.writers
+    top = max(levels)
+    ratio = med("writers", f"trigger_ratio_c{top}")
+    measured = None
+    if ratio is not None:
+        measured = f"{ratio:.2f} at {top} writers"
+        extra = [
+            f"{what} {value:.2f}"
+            for what, key in (("(c) 1.3.1", "theirs"), ("(d) store only", "stored"))
+            if (value := med("writers", f"{key}_ratio_c{top}")) is not None
+        ]
+        if extra:
+            measured += " (" + ", ".join(extra) + ")"
+        if top != 16:
+            measured += "; the target is at 16 writers (`--writers 1,4,16`)"
+    add(
+        15,
+        "16 writers into a model with a lockable trigger channel: (b)/(a) ≥ 0.70 of the "
+        "commits/s without trigger (34)",
+        measured,
+        ratio is not None and top == 16 and ratio >= 0.7,
+        "writers",
+    )
+    return out
+
+
+def per_message_notes(args) -> list[str]:
+    """How workloads 29-34 measure."""
+    names = {w.name for w in args.workloads}
+    notes = []
+    if names & {"noop-drain", "trigger-noop-drain", "ping"}:
+        notes.append(
+            "Workloads 29, 30 and 33: the listener does nothing but count its callbacks in "
+            "memory (33: and keep each latency, callback time − send time); once the expected "
+            "number ran it writes them to a file the runner reads. Throughput is counted from "
+            "the first callback to the last (29, 30) or from the first send to the last "
+            "callback (33). Exactly once: as many callbacks as rows, and no stored row left."
+        )
+    if names & {"raw-drain", "orm-loop"}:
+        notes.append(
+            f"Workload 31 drains the same N stored rows (first those `notify()` stored, as in "
+            f"29, then those the trigger stored, as in 30) in the runner's process: "
+            f"`DELETE FROM pgpubsub_notification WHERE id IN (SELECT id … ORDER BY id LIMIT "
+            f"{RAW_BATCH} FOR UPDATE SKIP LOCKED) RETURNING payload`, the payloads decoded, one "
+            "commit per batch; messages/s of the loop. Workload 32 drains workload 1's K rows "
+            "with `orm_loop.py` (Django, the benchmark's `record_event` listener, no pgpubsub "
+            "code): the Runtime's batch size (`pgpubsub.store.BATCH_SIZE`) claimed and deleted "
+            "in one statement, a savepoint per message, a commit per batch."
+        )
+    if "writers" in names:
+        levels = ", ".join(map(str, args.sizes.writers))
+        notes.append(
+            f"Workload 34: {levels} writer processes (psycopg2, a connection each, autocommit: "
+            "one INSERT, one commit) insert into a fresh database for "
+            f"{args.sizes.writer_seconds:g} s per target and number of writers, no listener "
+            "running: (a) a copy of the Event table without trigger, (b) Event with this "
+            "checkout's lockable trigger channel, (c) Event in a database migrated by "
+            "django-pgpubsub 1.3.1, (d) a copy of Event whose hand-written trigger stores the "
+            "same payload into `pgpubsub_notification` without NOTIFY. The ratios to (a) are "
+            "taken within each run, then their median. The writers are Python processes on the "
+            "same cores as the server: their own CPU keeps the absolute rates below what a C "
+            "client (pgbench) reaches."
+        )
+    return notes
 
 
 def engine_notes(args) -> list[str]:
@@ -681,10 +940,20 @@ def render_markdown(report: dict) -> str:
     if report["summary"]:
         lines.append("")
         lines += [f"- {line}" for line in report["summary"]]
+    measured = [t for t in report["targets"] if not t["verdict"].startswith("not measured")]
+    if measured:
+        # The driver line says which driver ran, whenever another target was measured.
+        measured = [t for t in report["targets"] if not t["verdict"].startswith("not measured in")]
+        lines += ["", "Targets of issues 15 and 16, measured in this run (medians):", ""]
+        lines += [
+            f"- issue {t['issue']}: {t['target']}: {t['measured']} — {t['verdict']}"
+            for t in measured
+        ]
     for key, heading in (
         ("scaling", "Scaling of this checkout: `listen` processes and threads, and embedded"),
         ("comparison", "Embedded vs `listen` on the example workloads"),
         ("web", "What the embedded Runtime adds to a gunicorn worker, and idle listeners"),
+        ("writers", "Writers' commits/s, one INSERT per transaction, no listener (workload 34)"),
     ):
         table = report.get(key)
         if table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.client
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import psycopg2
 
 from benchmarks.harness import (
     COMMAND_TIMEOUT,
@@ -62,6 +65,9 @@ class Sizes:
     rate: float  # messages per second of the paced producer (workload 8)
     paced_seconds: float  # how long the paced producer sends, per channel
     web_seconds: float = 10.0  # each window of workload 28 (idle, then serving)
+    noop_rows: int = 10000  # N: stored rows of the no-op drains and the raw drain (29-31)
+    writers: tuple[int, ...] = (1, 4, 16)  # concurrent writer connections (34)
+    writer_seconds: float = 3.0  # how long each writer measurement lasts (34)
 
     def wait_timeout(self, count: int) -> float:
         """Seconds to wait for ``count`` messages: generous for 1.3.1's ~100 rows/s."""
@@ -78,6 +84,8 @@ class Context:
     databases: Databases
     processes: Processes
     sizes: Sizes
+    #: The sides prepared for this invocation, by name (workload 34 writes into both).
+    sides: dict[str, Side] = dataclasses.field(default_factory=dict)
 
     @contextlib.contextmanager
     def fresh_database(self, side: Side) -> Iterator[tuple[str, object]]:
@@ -94,9 +102,14 @@ class Context:
 
     @contextlib.contextmanager
     def listener(
-        self, side: Side, dbname: str, engine: Engine, recover: bool = False
+        self,
+        side: Side,
+        dbname: str,
+        engine: Engine,
+        recover: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Iterator[Process]:
-        process = engine.start(self.processes, self.server, side, dbname, recover=recover)
+        process = engine.start(self.processes, self.server, side, dbname, recover, env)
         try:
             yield process
         finally:
@@ -128,6 +141,16 @@ class Workload:
     needs_backlog: bool = False
     #: Runs on this checkout only (django-pgpubsub 1.3.1 has nothing to compare).
     ours_only: bool = False
+    #: Starts no listener (the log line then names no engine).
+    listens: bool = True
+    #: Metrics that depend on the sizes (the writer counts of workload 34).
+    metrics_for: Callable[[Sizes], tuple[Metric, ...]] | None = None
+
+    def sized(self, sizes: Sizes) -> Workload:
+        """This workload with the metrics of ``sizes``."""
+        if self.metrics_for is None:
+            return self
+        return dataclasses.replace(self, metrics=self.metrics_for(sizes))
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -323,10 +346,14 @@ def bulk_live(ctx: Context, side: Side, engine: Engine, size: str = "events") ->
 # --- 3. plain notify() send rate -------------------------------------------------------------
 
 
-def run_driver(ctx: Context, side: Side, dbname: str, messages: int, rate: float = 0.0) -> dict:
+def run_driver(
+    ctx: Context, side: Side, dbname: str, messages: int, rate: float = 0.0, command: str = "send"
+) -> dict:
+    """The side's ``driver.py COMMAND``: ``send`` (Tick) and ``ping`` (Ping) send plain
+    messages, ``store`` stores lockable Job messages in one transaction."""
     output = ctx.processes.run(
-        f"{side.name}-send",
-        side.script("driver.py", "send", str(messages), *([f"{rate:g}"] if rate else [])),
+        f"{side.name}-{command}",
+        side.script("driver.py", command, str(messages), *([f"{rate:g}"] if rate else [])),
         side.project,
         side.env(ctx.server, dbname, f"bench-{side.name}-sender"),
         COMMAND_TIMEOUT + ctx.sizes.wait_timeout(messages),
@@ -699,6 +726,316 @@ def ceiling(ctx: Context, side: Side | None, engine: Engine | None) -> dict[str,
     return {"rate": rate, "loop_rate": result["rows"] / result["seconds"]}
 
 
+# --- 29-33. what the library costs per message (issue 16) ---------------------------------------
+
+
+def _listen_name(dotted: str) -> str:
+    return "pgpubsub_" + hashlib.sha1(dotted.encode()).hexdigest()[:5]
+
+
+#: The no-op channels: Job (lockable, stored with ``notify()``) and RowTrigger (a lockable
+#: trigger channel on Row); the listeners count their callbacks in memory (benchapp/listeners.py).
+JOB_LISTEN_NAME = _listen_name("benchapp.channels.Job")
+ROW_LISTEN_NAME = _listen_name("benchapp.channels.RowTrigger")
+EVENT_LISTEN_NAME = _listen_name("benchapp.channels.EventTrigger")
+INSERT_ROWS = INSERT_EVENTS.replace("benchapp_event", "benchapp_row")
+#: The raw drain: what a hand-written psycopg2 consumer of the same stored rows does per batch
+#: (the conditions select the rows a listener would claim, through the same partial index).
+RAW_CLAIM = (
+    "DELETE FROM pgpubsub_notification WHERE id IN ("
+    "SELECT id FROM pgpubsub_notification WHERE channel = %s "
+    "AND failed_at IS NULL AND next_attempt_at IS NULL "
+    "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING payload"
+)
+
+
+def store_noop(ctx: Context, side: Side, dbname: str, conn, kind: str, count: int) -> None:
+    """``count`` stored rows of the no-op channel ``kind``: Job messages stored by the side's
+    ``notify()`` in one transaction, or Rows inserted in one statement (the trigger stores
+    them)."""
+    if kind == "job":
+        run_driver(ctx, side, dbname, count, command="store")
+    else:
+        with conn.cursor() as cursor:
+            cursor.execute(INSERT_ROWS, [count])
+    stored = scalar(conn, "SELECT count(*) FROM pgpubsub_notification")
+    if stored != count:
+        raise BenchmarkError(f"{side.name}: {stored} of {count} {kind} rows stored")
+
+
+def read_tallies(directory: Path, name: str) -> list[dict]:
+    """What the no-op listener ``name`` of each process wrote (see benchapp/listeners.py)."""
+    return [json.loads(path.read_text()) for path in sorted(directory.glob(f"{name}-*.json"))]
+
+
+def wait_tally(ctx: Context, directory: Path, name: str, expected: int, listener: Process) -> dict:
+    """Until the listener ``name`` ran ``expected`` callbacks (over all processes): the count,
+    the first and last callback times and every latency recorded."""
+    wait_for(
+        lambda: sum(t["count"] for t in read_tallies(directory, name)) >= expected,
+        ctx.sizes.wait_timeout(expected),
+        f"{expected} callbacks of the no-op listener {name}",
+        watch=[listener],
+    )
+    tallies = read_tallies(directory, name)
+    return {
+        "count": sum(t["count"] for t in tallies),
+        "first": min(t["first"] for t in tallies),
+        "last": max(t["last"] for t in tallies),
+        "latencies": sorted(lat for t in tallies for lat in t["latencies"]),
+    }
+
+
+def tally_env(side: Side, expected: int) -> tuple[Path, dict[str, str]]:
+    directory = Path(tempfile.mkdtemp(prefix="tally-", dir=side.project))
+    return directory, {"BENCH_EXPECTED": str(expected), "BENCH_RESULT_DIR": str(directory)}
+
+
+def noop_drain(ctx: Context, side: Side, engine: Engine, kind: str = "job") -> dict[str, float]:
+    """N stored rows of a lockable channel whose listener does nothing (``job``: a plain
+    channel, rows stored with ``notify()``; ``row``: a trigger channel, its listener given model
+    instances built from the row images), drained by ``listen --recover``. Exactly once: N
+    callbacks and no stored row left."""
+    rows = ctx.sizes.noop_rows
+    with ctx.fresh_database(side) as (dbname, conn):
+        store_noop(ctx, side, dbname, conn, kind, rows)
+        directory, env = tally_env(side, rows)
+        with ctx.listener(side, dbname, engine, recover=True, env=env) as listener:
+            tally = wait_tally(ctx, directory, kind, rows, listener)
+            wait_for(
+                lambda: scalar(conn, "SELECT count(*) FROM pgpubsub_notification") == 0,
+                30.0,
+                "the stored rows to be deleted",
+                watch=[listener],
+            )
+            tally = wait_tally(ctx, directory, kind, rows, listener)  # a late duplicate?
+        if tally["count"] != rows:
+            raise BenchmarkError(
+                f"expected {rows} callbacks (exactly once), found {tally['count']}"
+            )
+        if tally["last"] <= tally["first"]:
+            raise BenchmarkError(f"cannot time {rows} callbacks")
+        return {
+            "rate": (rows - 1) / (tally["last"] - tally["first"]),
+            "from_start": rows / (tally["last"] - listener.started_at),
+        }
+
+
+def raw_loop(params: dict, channel: str, batch: int, expected: int) -> float:
+    """The hand-written drain of ``channel``'s stored rows, in the runner's process: claim and
+    delete ``batch`` rows in one statement, decode each payload (psycopg2 decodes jsonb with
+    ``json.loads``), commit; messages per second of the loop."""
+    conn = psycopg2.connect(**params)
+    try:
+        done = 0
+        clock = time.perf_counter()
+        with conn.cursor() as cursor:
+            while True:
+                cursor.execute(RAW_CLAIM, [channel, batch])
+                payloads = [payload for (payload,) in cursor.fetchall()]
+                conn.commit()
+                if not payloads:
+                    break
+                if not isinstance(payloads[0], dict):
+                    raise BenchmarkError(f"the raw drain read {type(payloads[0])}, not a dict")
+                done += len(payloads)
+        seconds = time.perf_counter() - clock
+    finally:
+        conn.close()
+    if done != expected:
+        raise BenchmarkError(f"the raw drain found {done} rows of {channel}, not {expected}")
+    return done / seconds
+
+
+def raw_drain(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """The raw ceiling of workloads 29 and 30: the same N stored rows (Job rows stored by
+    ``notify()``, then Row rows stored by the trigger) drained by ``raw_loop``."""
+    rows = ctx.sizes.noop_rows
+    result = {}
+    with ctx.fresh_database(side) as (dbname, conn):
+        for kind, channel, key in (
+            ("job", JOB_LISTEN_NAME, "rate"),
+            ("row", ROW_LISTEN_NAME, "trigger_rate"),
+        ):
+            store_noop(ctx, side, dbname, conn, kind, rows)
+            result[key] = raw_loop(ctx.server.params(dbname), channel, RAW_BATCH, rows)
+    return result
+
+
+#: Rows per transaction of the raw drain (issue 16's reference loop).
+RAW_BATCH = 100
+
+
+def orm_loop(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """K Events stored as in workload 1, drained by ``orm_loop.py``: the benchmark's listener
+    function called by a hand-written loop with the Runtime's batching and atomicity."""
+    events = ctx.sizes.events
+    with ctx.fresh_database(side) as (dbname, conn):
+        with conn.cursor() as cursor:
+            cursor.execute(INSERT_EVENTS, [events])
+        output = ctx.processes.run(
+            f"{side.name}-orm-loop",
+            side.script("orm_loop.py", EVENT_LISTEN_NAME),
+            side.project,
+            side.env(ctx.server, dbname, f"bench-{side.name}-orm-loop"),
+            COMMAND_TIMEOUT + ctx.sizes.wait_timeout(events),
+        )
+        loop = json.loads(output.strip().splitlines()[-1])
+        left = scalar(conn, "SELECT count(*) FROM pgpubsub_notification")
+        done = scalar(conn, "SELECT count(*) FROM benchapp_effect")
+        if left or done != events:
+            raise BenchmarkError(f"the ORM loop made {done} effects of {events}, left {left}")
+        return {
+            "processing_rate": processing_rate(conn),
+            "loop_rate": loop["rows"] / loop["seconds"],
+            "batch": float(loop["batch"]),
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (as ``percentile_cont``)."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ping_end_to_end(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """M plain messages at full producer speed to a listener that only records, in memory,
+    each message's latency (callback time - send time): msgs/s from the first send to the last
+    callback, latency p50/p99, and the producer's own rate."""
+    messages = ctx.sizes.messages
+    with ctx.fresh_database(side) as (dbname, conn):
+        directory, env = tally_env(side, messages)
+        with ctx.listener(side, dbname, engine, env=env) as listener:
+            wait_ready(conn, listener, engine.processes)
+            sent = run_driver(ctx, side, dbname, messages, command="ping")
+            tally = wait_tally(ctx, directory, "ping", messages * engine.processes, listener)
+    if tally["count"] != messages * engine.processes:
+        raise BenchmarkError(f"sent {messages} pings, {tally['count']} callbacks ran")
+    latencies = tally["latencies"]
+    return {
+        "rate": messages / (tally["last"] - sent["started"]),
+        "p50_ms": _percentile(latencies, 0.5) * 1000.0,
+        "p99_ms": _percentile(latencies, 0.99) * 1000.0,
+        "send_rate": messages / sent["seconds"],
+    }
+
+
+# --- 34. writers' commits per second (issue 15) ------------------------------------------------
+
+#: (a) a table like Event without trigger and (d) one whose hand-written trigger stores the
+#: same payload as this checkout's trigger into pgpubsub_notification, without NOTIFY.
+WRITER_SCHEMA = """
+CREATE TABLE bench_plain (LIKE benchapp_event INCLUDING ALL);
+CREATE TABLE bench_stored (LIKE benchapp_event INCLUDING ALL);
+CREATE FUNCTION bench_store_only() RETURNS trigger LANGUAGE plpgsql AS $bench$
+DECLARE
+    payload jsonb;
+    notification_context_text text;
+BEGIN
+    notification_context_text := current_setting('pgpubsub.notification_context', true);
+    payload := jsonb_build_object(
+        'app', 'benchapp', 'model', 'Event', 'old', NULL, 'new', to_jsonb(NEW),
+        'context', COALESCE(NULLIF(notification_context_text, '')::jsonb, '{}'::jsonb),
+        'when', TG_WHEN
+    );
+    INSERT INTO pgpubsub_notification (channel, payload) VALUES ('bench_store_only', payload);
+    RETURN NULL;
+END
+$bench$;
+CREATE TRIGGER bench_store_only AFTER INSERT ON bench_stored
+FOR EACH ROW EXECUTE FUNCTION bench_store_only();
+"""
+#: What each writer target INSERTs into, on which side's database.
+WRITER_TARGETS = (
+    ("plain", "ours", "bench_plain"),  # (a)
+    ("trigger", "ours", "benchapp_event"),  # (b) this checkout's lockable trigger channel
+    ("theirs", "theirs", "benchapp_event"),  # (c) django-pgpubsub 1.3.1's
+    ("stored", "ours", "bench_stored"),  # (d) store only, no NOTIFY
+)
+
+
+def commits_per_second(ctx: Context, dbname: str, table: str, connections: int) -> float:
+    script = str(Path(__file__).resolve().parent / "writers.py")
+    params = json.dumps(ctx.server.params(dbname))
+    seconds = ctx.sizes.writer_seconds
+    output = ctx.processes.run(
+        f"writers-{table}-{connections}",
+        [sys.executable, script, params, table, str(connections), f"{seconds:g}"],
+        Path.cwd(),
+        None,
+        COMMAND_TIMEOUT + seconds,
+    )
+    return json.loads(output.strip().splitlines()[-1])["rate"]
+
+
+def writers(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """Commits/s of 1, 4, 16 (``Sizes.writers``) concurrent writers, one INSERT per
+    transaction, for ``Sizes.writer_seconds`` each, into (a) a table without trigger, (b) the
+    model of this checkout's lockable trigger channel (store + NOTIFY), (c) the same model in a
+    database migrated by django-pgpubsub 1.3.1 (its trigger), (d) a table whose hand-written
+    trigger only stores the row; each on a fresh database, no listener running. The ratios to
+    (a) are taken within the run."""
+    result: dict[str, float] = {}
+    for connections in ctx.sizes.writers:
+        for key, side_name, table in WRITER_TARGETS:
+            target_side = ctx.sides.get(side_name)
+            if target_side is None:  # --skip-theirs
+                continue
+            with ctx.fresh_database(target_side) as (dbname, conn):
+                if side_name == "ours":
+                    with conn.cursor() as cursor:
+                        cursor.execute(WRITER_SCHEMA)
+                rate = commits_per_second(ctx, dbname, table, connections)
+                result[f"{key}_c{connections}"] = rate
+                if table == "benchapp_event":  # the trigger did store the rows
+                    stored = scalar(conn, "SELECT count(*) FROM pgpubsub_notification")
+                    if stored < rate * ctx.sizes.writer_seconds * 0.5:
+                        raise BenchmarkError(
+                            f"{target_side.name}'s trigger stored only {stored} rows"
+                        )
+        for key in ("trigger", "theirs", "stored"):
+            if f"{key}_c{connections}" in result:
+                result[f"{key}_ratio_c{connections}"] = (
+                    result[f"{key}_c{connections}"] / result[f"plain_c{connections}"]
+                )
+    return result
+
+
+_WRITER_TITLES = {
+    "plain": "(a) table without trigger",
+    "trigger": "(b) lockable trigger channel",
+    "theirs": "(c) 1.3.1's lockable trigger channel",
+    "stored": "(d) hand-written store-only trigger",
+}
+
+
+def writer_metrics(sizes: Sizes) -> tuple[Metric, ...]:
+    """Commits/s of (a)-(d) and the ratios of (b)-(d) to (a), for each number of writers."""
+    metrics = []
+    for connections in sizes.writers:
+        writers = f"{connections} writer{'s' if connections > 1 else ''}"
+        for key, _, _ in WRITER_TARGETS:
+            metrics.append(
+                Metric(
+                    f"{key}_c{connections}",
+                    f"{_WRITER_TITLES[key]}, {writers}",
+                    "commits/s",
+                )
+            )
+        for key in ("trigger", "theirs", "stored"):
+            metrics.append(
+                Metric(
+                    f"{key}_ratio_c{connections}",
+                    f"{_WRITER_TITLES[key][:3]}/(a), {writers}",
+                    "",
+                    digits=2,
+                )
+            )
+    return tuple(metrics)
+
+
 # --- the list -----------------------------------------------------------------------------------
 
 RATE = Metric("rate", "throughput", "rows/s")
@@ -927,6 +1264,79 @@ WORKLOADS: tuple[Workload, ...] = (
         EMBEDDED,
         ours_only=True,
     ),
+    # What the library costs per message, against hand-written loops (issue 16).
+    Workload(
+        29,
+        "noop-drain",
+        "no-op lockable drain: N rows stored with `notify()`, listener does nothing, "
+        "`listen --recover` (this checkout only: 1.3.1 never processes them)",
+        (
+            Metric("rate", "throughput, first to last callback", "msgs/s"),
+            Metric("from_start", "throughput from listener start", "msgs/s"),
+        ),
+        noop_drain,
+        ours_only=True,
+    ),
+    Workload(
+        30,
+        "trigger-noop-drain",
+        "no-op lockable trigger drain: N rows stored by the trigger, listener does nothing "
+        "(gets model instances built from the row images), `listen --recover`",
+        (
+            Metric("rate", "throughput, first to last callback", "msgs/s"),
+            Metric("from_start", "throughput from listener start", "msgs/s"),
+        ),
+        functools.partial(noop_drain, kind="row"),
+    ),
+    Workload(
+        31,
+        "raw-drain",
+        "raw ceiling of 29 and 30: hand-written psycopg2 loop over the same N stored rows "
+        f"(DELETE … {RAW_BATCH} … SKIP LOCKED RETURNING payload, JSON decoded, a commit per batch)",
+        (
+            Metric("rate", "notify() rows (as 29)", "msgs/s"),
+            Metric("trigger_rate", "trigger rows (as 30)", "msgs/s"),
+        ),
+        raw_drain,
+        ours_only=True,
+        listens=False,
+    ),
+    Workload(
+        32,
+        "orm-loop",
+        "ORM ceiling of 1: hand-written loop calling the benchmark's listener function with "
+        "the Runtime's batching and atomicity (a savepoint per message, a commit per batch)",
+        (
+            Metric("processing_rate", "throughput, first to last effect", "rows/s"),
+            Metric("loop_rate", "throughput of the loop alone", "rows/s"),
+        ),
+        orm_loop,
+        ours_only=True,
+        listens=False,
+    ),
+    Workload(
+        33,
+        "ping",
+        "plain messages at full producer speed, listener records the latency in memory only",
+        (
+            MSGS,
+            P50,
+            P99,
+            Metric("send_rate", "the producer's send rate", "msgs/s"),
+        ),
+        ping_end_to_end,
+    ),
+    # What a lockable trigger channel costs the writers (issue 15).
+    Workload(
+        34,
+        "writers",
+        "writers' commits/s, one INSERT per transaction, no listener",
+        (),
+        writers,
+        ours_only=True,
+        listens=False,
+        metrics_for=writer_metrics,
+    ),
 )
 
 #: Names that select several workloads in ``--only``.
@@ -936,6 +1346,16 @@ GROUPS = {
     + tuple(w.name for w in WORKLOADS if 13 <= w.number <= 22),
     "embedded": tuple(w.name for w in WORKLOADS if w.engine.embedded),
     # embedded vs listen with --threads 1 and 2 on the example workloads
+    # the per-message cost of issue 16: the no-op drains and their ceilings, plain at full speed
+    "per-message": (
+        "drain",
+        "plain",
+        "noop-drain",
+        "trigger-noop-drain",
+        "raw-drain",
+        "orm-loop",
+        "ping",
+    ),
     "compare": (
         "one-per-tx",
         "bulk",

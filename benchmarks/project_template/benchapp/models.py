@@ -31,3 +31,11 @@ class Item(models.Model):
     latency = models.FloatField(null=True)
     #: Epoch seconds of the listener callback.
     done_at = models.FloatField(null=True)
+
+
+class Row(models.Model):
+    """Insert-only source of the no-op trigger channel: the same columns as ``Event``, but its
+    listener does nothing (what the library costs per message, without the listener's work)."""
+
+    key = models.TextField()
+    sent_at = models.FloatField()
