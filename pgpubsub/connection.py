@@ -2,7 +2,9 @@
 
 :class:`ListenConnection` is a dedicated autocommit connection built from the Django settings
 of one alias; it only LISTENs and waits, callbacks never run on it. :func:`drain` reads what has
-arrived on any raw connection without a round trip to the server.
+arrived on any raw connection without a round trip to the server. :func:`probe_channel` and
+:func:`send_notification` let a Runtime prove that notifications reach a LISTEN connection (they
+do not through a transaction-pooling PgBouncer).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import select
 from collections.abc import Iterable
 from typing import Any
@@ -29,12 +32,41 @@ KEEPALIVES = {
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
+#: The start of the name of a probe channel: a channel of one LISTEN connection's own.
+PROBE_PREFIX = "pgpubsub_probe_"
+
 
 def quote_channel(name: str) -> str:
     """``name`` quoted for LISTEN/UNLISTEN; names that are not plain identifiers are refused."""
     if not _IDENTIFIER.match(name):
         raise ValueError(f"{name!r} is not a valid channel name (letters, digits, _; max 63)")
     return f'"{name}"'
+
+
+def probe_channel() -> str:
+    """A new channel name that no one else LISTENs on (39 characters, a plain identifier)."""
+    return PROBE_PREFIX + secrets.token_hex(12)
+
+
+def send_notification(alias: str, channel: str, payload: str, timeout: float) -> None:
+    """NOTIFY ``channel`` with ``payload`` as producers do: through ``alias``, on a session of
+    its own (closed at once), committed. Connecting gives up after ``timeout`` seconds."""
+    db = connections.create_connection(alias)
+    # libpq's default is to wait for ever; the alias's own connect_timeout wins.
+    db.settings_dict = {
+        **db.settings_dict,
+        "OPTIONS": {
+            "connect_timeout": max(2, round(timeout)),
+            **db.settings_dict.get("OPTIONS", {}),
+        },
+    }
+    try:
+        with db.cursor() as cursor:  # autocommit, as Django's connections are by default
+            cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
+        if not db.get_autocommit():
+            db.commit()
+    finally:
+        db.close()
 
 
 def is_psycopg3(raw: Any) -> bool:

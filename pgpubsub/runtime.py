@@ -10,6 +10,11 @@ Lockable rows are the truth: a Runtime sweeps a lockable channel's stored rows w
 (with ``recover``), after it reconnects, when the queue had no room for a notification, when a
 failed message it recorded is due again, and every ``PGPUBSUB_SWEEP_INTERVAL`` seconds (for the
 messages whose NOTIFY nobody got, and those of a process that died).
+
+After each LISTEN, the listener proves that notifications reach it: it LISTENs on a probe
+channel of its own too, and has a NOTIFY with a random token sent there through the alias
+producers write through. Through a transaction-pooling PgBouncer the token never arrives: the
+Runtime then says so, reports itself not connected, keeps sweeping, and probes again later.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import itertools
 import logging
 import os
 import random
+import secrets
 import select
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connections
@@ -32,7 +39,7 @@ from django.db.utils import InterfaceError, OperationalError
 
 from pgpubsub import conf, retries, store
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
-from pgpubsub.connection import ListenConnection, wait_any
+from pgpubsub.connection import ListenConnection, probe_channel, send_notification, wait_any
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, max_concurrency, plan
 from pgpubsub.processing import PROGRESS_INTERVAL, Losses, Processor
 from pgpubsub.wire import Assembler
@@ -54,6 +61,14 @@ KEEPALIVE_INTERVAL = 60.0
 IDLE_CHECK_AFTER = 10.0
 #: Seconds added to a retry's delay before its sweep, so that the row is due when swept.
 RETRY_MARGIN = 0.05
+#: Seconds a probe NOTIFY sent after a LISTEN has to arrive on the LISTEN connection.
+PROBE_TIMEOUT = 5.0
+#: First and longest pause before probing again a LISTEN connection that a probe did not
+#: reach (or that no probe could be sent to), in seconds (doubling, with jitter).
+MIN_PROBE_RETRY_DELAY = 5.0
+MAX_PROBE_RETRY_DELAY = 60.0
+#: The status() problem of a Runtime whose LISTEN connection a probe did not reach.
+NOTIFICATIONS_NOT_RECEIVED = "notifications_not_received"
 
 
 # The Runtimes started in this process and not stopped yet.
@@ -148,6 +163,64 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+class Probe:
+    """Whether notifications reach one LISTEN connection: the state of its probes.
+
+    The listener thread alone changes it; ``status()`` reads ``failing`` and ``verified``."""
+
+    def __init__(self, listen_alias: str, via: str, databases: list[str | None]) -> None:
+        self.listen_alias = listen_alias
+        self.via = via  # the alias producers write through: the probe's NOTIFY goes there
+        self.databases = databases  # of the channels LISTENed to on that connection
+        self.channel = probe_channel()
+        self.token: str | None = None  # of the probe on its way
+        self.deadline = float("inf")  # by when it must arrive (time.monotonic())
+        self.retry_at = float("inf")  # when to probe again
+        self.reconnect = False  # ... on a new connection (the last probe did not arrive)
+        self.failures = 0  # in a row: the pause before the next probe doubles with each
+        self.failing: str | None = None  # what went wrong, while probes do not arrive
+        self.verified = False  # the last probe arrived
+
+    def pause(self) -> float:
+        """Seconds before the next probe after ``failures`` failed ones."""
+        delay = MIN_PROBE_RETRY_DELAY * 2 ** max(0, self.failures - 1)
+        return min(MAX_PROBE_RETRY_DELAY, delay) * random.uniform(0.8, 1.0)
+
+    def fix(self) -> str:
+        """The settings that point LISTEN elsewhere, for the channels of this connection."""
+        fixes = [
+            "PGPUBSUB_DATABASE"
+            if database is None
+            else f"PGPUBSUB_LISTEN_ALIASES = {{{database!r}: <an alias that connects directly>}}"
+            for database in self.databases
+        ]
+        return " and ".join(fixes)
+
+
+class NotificationsNotReceived(Exception):
+    """A probe NOTIFY did not reach the LISTEN connection (``status()["last_error"]``)."""
+
+
+class SweepTally:
+    """What one sweep of a lockable channel read and processed, over its pages and batches
+    (which run on several workers): its end is logged once the last of them is done."""
+
+    def __init__(self) -> None:
+        self.read = 0  # stored rows its pages listed
+        self.processed = 0  # rows this Runtime processed (not those another took, or failed)
+        self.parts = 1  # its deliveries not done yet (the first page's included)
+        self.last_id = 0  # of the last page read
+        self.reading = True  # more pages may come
+        self.next_report = 0.0  # (time.monotonic()) the first progress line: at once
+
+
+@dataclass
+class SweepPart(Delivery):
+    """A page (``Kind.SWEEP``) or batch of rows (``Kind.ROWS``) of a sweep in progress."""
+
+    tally: SweepTally | None = None
+
+
 def live_runtimes() -> list[Runtime]:
     """The Runtimes running in this process (embedded, ``listen``, or started by hand)."""
     with _live_lock:
@@ -213,15 +286,14 @@ class Runtime:
         # Lockable channels whose stored rows need a sweep, and those being swept now.
         self._sweeps_wanted: set[type[BaseChannel]] = set()
         self._sweeping: set[type[BaseChannel]] = set()
-        self._swept: dict[type[BaseChannel], int] = {}  # rows taken by a sweep in progress
-        self._next_report: dict[type[BaseChannel], float] = {}
         # (when, number, channel) of each failed message due again (time.monotonic()), a heap.
         self._retry_at: list[tuple[float, int, type[BaseChannel]]] = []
         self._retries_scheduled = itertools.count()
         self._losses = Losses()  # shared by the workers: a row may come back to another one
         self._in_flight = 0
         self._ignored = 0
-        self.connected = False
+        self._listening = False  # every LISTEN connection is up
+        self._probes: list[Probe] = []  # one per LISTEN connection, once the listener runs
         self.reconnects = 0
         self.started_at: float | None = None
         self.last_notification_at: float | None = None
@@ -232,6 +304,11 @@ class Runtime:
     @property
     def running(self) -> bool:
         return bool(self._threads) and not self._stopping.is_set() and self._pid == os.getpid()
+
+    @property
+    def connected(self) -> bool:
+        """Every LISTEN connection is up, and no probe found that notifications miss it."""
+        return self._listening and not any(probe.failing for probe in self._probes)
 
     def start(self) -> Runtime:
         """Start the listener and worker threads (once); returns the Runtime."""
@@ -381,11 +458,21 @@ class Runtime:
         failed = sum(processor.failed for processor in self._processors)
         invalid = sum(processor.invalid for processor in self._processors)
         errors = [p.last_error for p in self._processors if p.last_error is not None]
-        last_error = self._listener_error or (errors[-1] if errors else None)
+        failing = [probe.failing for probe in self._probes if probe.failing]
+        last_error = (
+            self._listener_error
+            or (NotificationsNotReceived(failing[0]) if failing else None)
+            or (errors[-1] if errors else None)
+        )
+        probes = list(self._probes)
         return {
             "pid": self._pid,
             "running": self.running,
             "connected": self.connected,
+            # Short codes of what keeps the Runtime from working (the health view's too).
+            "problems": [NOTIFICATIONS_NOT_RECEIVED] if failing else [],
+            # A probe NOTIFY reached each LISTEN connection since it last LISTENed.
+            "notifications_verified": bool(probes) and all(probe.verified for probe in probes),
             "channels": [channel.name() for channel in self.channels],
             "workers": self.workers,
             "queue_size": self._queue.maxsize,
@@ -443,15 +530,25 @@ class Runtime:
         self._ignored += 1  # only the listener thread counts
 
     def _listen(self) -> None:
-        # One LISTEN connection per database the channels are on (usually one).
+        # One LISTEN connection per database the channels are on (usually one), each with a
+        # probe of its own.
         names: dict[str, list[str]] = {}
+        probes: dict[str, Probe] = {}
         for channel in self.channels:
             alias = conf.listen_alias(channel.database)
             names.setdefault(alias, []).append(channel.listen_safe_name())
+            # Producers write a channel's messages through its database's alias.
+            probe = probes.setdefault(alias, Probe(alias, channel.database or self.using, []))
+            if channel.database not in probe.databases:
+                probe.databases.append(channel.database)
+        self._probes = list(probes.values())
+        alias_of = {name: alias for alias in names for name in names[alias]}
+        alias_of.update({probe.channel: alias for alias, probe in probes.items()})
         listening = {alias: ListenConnection(alias) for alias in names}
         assembler = Assembler()
         delay = MIN_RECONNECT_DELAY
         ever_connected = False
+        lost = True  # no connection yet, or they were lost (not closed for a probe)
         missed = False  # notifications may have been sent while no connection listened
         quiet_since = time.monotonic()
         lockable = self._lockable()
@@ -463,29 +560,37 @@ class Runtime:
                         for alias, conn in listening.items():
                             if not conn.connected:
                                 conn.connect()
-                                conn.listen(names[alias])
+                                conn.listen([*names[alias], probes[alias].channel])
+                                self._send_probe(probes[alias])
                         # This thread uses no Django connection of its own, but a handler of
                         # connection_created may have opened one (django.contrib.postgres
                         # looks up the hstore type on it): close it, not to hold a session.
                         connections.close_all()
-                        self.connected = True
-                        self._listener_error = None
-                        if ever_connected:
-                            self.reconnects += 1
+                        self._listening = True
+                        if lost:
+                            self._listener_error = None
+                            if ever_connected:
+                                self.reconnects += 1
+                            ever_connected = True
+                            lost = False
+                            logger.info(
+                                "Listening on %s",
+                                ", ".join(channel.name() for channel in self.channels),
+                            )
                         if missed:  # what was sent meanwhile is only in the table
                             self._want_sweep(self._lockable())
                             missed = False
-                        ever_connected = True
                         quiet_since = time.monotonic()
-                        logger.info(
-                            "Listening on %s",
-                            ", ".join(channel.name() for channel in self.channels),
-                        )
                     self._enqueue_sweeps()
                     # Notifications, a stop request, wanted sweeps and newly scheduled retries
                     # all end the wait: it only has to end for what is due by then.
                     now = time.monotonic()
-                    due = min(quiet_since + KEEPALIVE_INTERVAL, next_sweep, self._due_retries(now))
+                    due = min(
+                        quiet_since + KEEPALIVE_INTERVAL,
+                        next_sweep,
+                        self._due_retries(now),
+                        *(min(probe.deadline, probe.retry_at) for probe in probes.values()),
+                    )
                     received = wait_any(
                         list(listening.values()), max(0.0, due - now), self._wakeup[0]
                     )
@@ -494,12 +599,26 @@ class Runtime:
                         self._want_sweep(lockable)
                         next_sweep = now + self._sweep_pause()
                     self._due_retries(now)
+                    # Each connection was read just now: one that brought nothing has nothing
+                    # more on its way.
+                    heard = {alias_of.get(item.channel) for item in received}
+                    received = self._take_probes(received, probes)
+                    if self._check_probes(probes, heard, now):
+                        missed = True  # the LISTEN connection is deaf: the table has it all
+                    for alias, probe in probes.items():
+                        if now >= probe.retry_at:
+                            probe.retry_at = float("inf")
+                            if probe.reconnect:
+                                listening[alias].close()  # LISTEN and probe again, above
+                            else:
+                                self._send_probe(probe)
                     if not received:
                         if time.monotonic() - quiet_since > KEEPALIVE_INTERVAL:
                             # A connection that died silently (a network partition) fails
                             # here rather than leaving the Runtime deaf.
                             for conn in listening.values():
-                                conn.ping()
+                                if conn.connected:
+                                    conn.ping()
                             quiet_since = time.monotonic()
                         continue
                     quiet_since = time.monotonic()
@@ -509,28 +628,120 @@ class Runtime:
                         self._dispatch(delivery)
                     delay = MIN_RECONNECT_DELAY
                 except Exception as exc:
-                    self.connected = False
+                    self._listening = False
                     self._listener_error = exc
                     missed = True
                     for conn in listening.values():
                         conn.close()
+                    for probe in probes.values():  # a new one follows the next LISTEN
+                        probe.token = None
+                        probe.deadline = probe.retry_at = float("inf")
+                        probe.verified = False
                     pause = min(MAX_RECONNECT_DELAY, delay) * random.uniform(0.5, 1.0)
                     if is_connection_error(exc):
-                        logger.warning(
-                            "Lost the listening connection (%s); reconnecting in %.1fs",
-                            one_line(exc),
-                            pause,
-                        )
+                        if ever_connected:
+                            logger.warning(
+                                "Lost the listening connection (%s); reconnecting in %.1fs",
+                                one_line(exc),
+                                pause,
+                            )
+                        else:
+                            logger.warning(
+                                "Cannot connect to the database to listen (%s); retrying in %.1fs",
+                                one_line(exc),
+                                pause,
+                            )
                     else:
                         logger.exception("The listener failed; starting again in %.1fs", pause)
+                    lost = True
                     # The wake-up pipe ends the pause for a stop request.
                     wait_any([], pause, self._wakeup[0])
                     delay *= 2
         finally:
-            self.connected = False
+            self._listening = False
             for conn in listening.values():
                 conn.close()
             connections.close_all()
+
+    def _send_probe(self, probe: Probe) -> None:
+        """Have a NOTIFY with a new token sent to the probe channel of ``probe``'s LISTEN
+        connection, through the alias producers use (never that connection itself)."""
+        probe.token = secrets.token_hex(16)
+        probe.verified = False
+        try:
+            send_notification(probe.via, probe.channel, probe.token, PROBE_TIMEOUT)
+        except Exception as exc:
+            # Producers cannot reach the database either: the health view says so.
+            probe.token = None
+            probe.deadline = float("inf")
+            probe.failures += 1
+            probe.reconnect = False
+            pause = probe.pause()
+            probe.retry_at = time.monotonic() + pause
+            logger.warning(
+                "Cannot send the NOTIFY that checks that notifications reach the LISTEN "
+                "connection of alias %r, through alias %r (%s); trying again in %.1fs",
+                probe.listen_alias,
+                probe.via,
+                one_line(exc),
+                pause,
+            )
+            return
+        probe.deadline = time.monotonic() + PROBE_TIMEOUT
+
+    def _take_probes(self, received: list[Any], probes: dict[str, Probe]) -> list[Any]:
+        """``received`` without the probes' notifications, which no channel's listener gets;
+        a probe's token that arrived proves that its LISTEN connection works."""
+        by_channel = {probe.channel: probe for probe in probes.values()}
+        others = []
+        for item in received:
+            probe = by_channel.get(item.channel)
+            if probe is None:
+                others.append(item)
+            elif probe.token is not None and item.payload == probe.token:
+                probe.token = None
+                probe.deadline = float("inf")
+                probe.failures = 0
+                probe.verified = True
+                if probe.failing:
+                    probe.failing = None
+                    logger.warning(
+                        "Notifications reach the LISTEN connection of alias %r again",
+                        probe.listen_alias,
+                    )
+        return others
+
+    def _check_probes(self, probes: dict[str, Probe], heard: set[str | None], now: float) -> bool:
+        """Fail the probes whose token is late, unless their connection just brought something
+        (it is read again first); True if one failed."""
+        failed = False
+        for probe in probes.values():
+            if probe.token is None or now < probe.deadline or probe.listen_alias in heard:
+                continue
+            failed = True
+            probe.token = None
+            probe.deadline = float("inf")
+            probe.failures += 1
+            probe.reconnect = True
+            pause = probe.pause()
+            probe.retry_at = now + pause
+            message = (
+                f"Notifications do not reach this Runtime: a NOTIFY sent through alias "
+                f"{probe.via!r} did not arrive within {PROBE_TIMEOUT:.0f}s on the LISTEN "
+                f"connection of alias {probe.listen_alias!r}. Does {probe.listen_alias!r} go "
+                "through PgBouncer in transaction pooling mode (transaction pooling?)? LISTEN "
+                f"needs a direct connection or session pooling: set {probe.fix()}. Meanwhile "
+                "plain messages are lost, and lockable ones wait for a sweep (every "
+                f"{self.sweep_interval:g}s)"
+            )
+            if probe.failing is None:
+                logger.error("%s; probing again in %.1fs", message, pause)
+            else:
+                logger.debug("Still no notification; probing again in %.1fs", pause)
+            probe.failing = message
+        if failed:
+            self._want_sweep(self._lockable())
+        return failed
 
     def _dispatch(self, delivery: Delivery) -> None:
         if delivery.kind is Kind.SWEEP:
@@ -586,13 +797,23 @@ class Runtime:
                 with self._books:
                     self._in_flight += 1
                 continued = False
+                part = delivery
+                if delivery.kind is Kind.SWEEP and not isinstance(delivery, SweepPart):
+                    # The first page of a sweep: what its pages and batches process adds up.
+                    part = SweepPart(
+                        Kind.SWEEP,
+                        delivery.channel,
+                        delivery.callbacks,
+                        after_id=delivery.after_id,
+                        tally=SweepTally(),
+                    )
                 try:
                     tidy_connections()
                     if time.monotonic() - last_used > IDLE_CHECK_AFTER:
                         # An idle connection may have been closed by the server or a proxy:
                         # find out now rather than by failing the delivery.
                         close_if_unusable(delivery.channel.database or self.using)
-                    continued = self._run(processor, delivery)
+                    continued = self._run(processor, part)
                 finally:
                     last_used = time.monotonic()
                     with self._books:
@@ -600,6 +821,8 @@ class Runtime:
                         if delivery.kind is Kind.SWEEP and not continued:
                             self._sweeping.discard(delivery.channel)
                         waiting = bool(self._sweeps_wanted - self._sweeping)
+                    if isinstance(part, SweepPart) and part.tally is not None:
+                        self._part_done(part.channel, part.tally)
                     self._queue.done(delivery)
                     if waiting:  # there is room now: the listener queues them
                         self._wake()
@@ -615,7 +838,9 @@ class Runtime:
             try:
                 if delivery.kind is Kind.SWEEP:
                     return self._sweep(processor.for_channel(delivery.channel), delivery)
-                processor.run(delivery)
+                processed = processor.run(delivery)
+                if isinstance(delivery, SweepPart) and delivery.tally is not None:
+                    self._count_swept(delivery.tally, processed=processed)
                 broke = processor.catch_up_needed
             except BaseException as exc:  # noqa: B036 - e.g. CancelledError, SystemExit
                 if not is_connection_error(exc):
@@ -644,55 +869,95 @@ class Runtime:
         here, the others handed to the pool as row deliveries (this thread runs those that
         find no room), then queue the next page. True if the next page was queued."""
         channel = delivery.channel
+        tally = delivery.tally if isinstance(delivery, SweepPart) else None
+        tally = tally or SweepTally()
         page = store.pending_ids(
             channel, delivery.after_id, processor.using, limit=store.BATCH_SIZE * self.workers
         )
         if not page or self._stopping.is_set():
-            # The end of a sweep whose last page was full: say so, and start the next count at 0.
-            self._report_sweep(channel, 0, delivery.after_id, False)
+            self._count_swept(tally, reading=False)
             return False
         full = len(page) == store.BATCH_SIZE * self.workers  # there may be more
         # Counted before the next page can be read (by another worker), so pages add up in order.
-        self._report_sweep(channel, len(page), page[-1], full)
+        self._count_swept(tally, read=len(page), last_id=page[-1], reading=full)
         batches = [page[i : i + store.BATCH_SIZE] for i in range(0, len(page), store.BATCH_SIZE)]
-        here = batches[:1] + [
-            batch
-            for batch in batches[1:]
-            if not self._queue.offer(
-                Delivery(Kind.ROWS, channel, delivery.callbacks, row_ids=batch)
-            )
-        ]
+        here = batches[:1]
+        for batch in batches[1:]:
+            if not self._offer_part(
+                tally, SweepPart(Kind.ROWS, channel, delivery.callbacks, row_ids=batch)
+            ):
+                here.append(batch)
         continued = False
         if full:
-            next_page = Delivery(Kind.SWEEP, channel, delivery.callbacks, after_id=page[-1])
-            continued = self._queue.offer(next_page)
+            next_page = SweepPart(Kind.SWEEP, channel, delivery.callbacks, after_id=page[-1])
+            continued = self._offer_part(tally, next_page)
             if not continued:
-                self._report_sweep(channel, 0, page[-1], False)  # this sweep ends here
+                self._count_swept(tally, reading=False)  # this sweep ends here
                 self._want_sweep([channel])  # another, once this one is done and there is room
         for batch in here:
-            processor.process_stored_rows(
+            processed = processor.process_stored_rows(
                 channel, batch, delivery.callbacks, raise_on_disconnect=True
             )
+            self._count_swept(tally, processed=processed)
         return continued
 
-    def _report_sweep(self, channel: type[BaseChannel], count: int, last_id: int, more: bool):
-        """Count the ``count`` rows of a page just read; log a long sweep's progress every
-        ``PROGRESS_INTERVAL`` seconds, and its end (``more`` False)."""
+    def _offer_part(self, tally: SweepTally, part: SweepPart) -> bool:
+        """Queue a page or batch of the sweep of ``tally`` if there is room now."""
+        part.tally = tally
         with self._books:
-            total = self._swept.get(channel, 0) + count
-            self._swept[channel] = total if more else 0
-            due = time.monotonic() >= self._next_report.get(channel, 0.0)
-            if due:
-                self._next_report[channel] = time.monotonic() + PROGRESS_INTERVAL
-        if more and due:
+            tally.parts += 1  # before a worker can take it (and finish it)
+        if self._queue.offer(part):
+            return True
+        with self._books:
+            tally.parts -= 1
+        return False
+
+    def _count_swept(
+        self,
+        tally: SweepTally,
+        read: int = 0,
+        processed: int = 0,
+        last_id: int | None = None,
+        reading: bool | None = None,
+    ) -> None:
+        with self._books:
+            tally.read += read
+            tally.processed += processed
+            if last_id is not None:
+                tally.last_id = last_id
+            if reading is not None:
+                tally.reading = tally.reading and reading
+
+    def _part_done(self, channel: type[BaseChannel], tally: SweepTally) -> None:
+        """A page or batch of a sweep is done: log the sweep's progress every
+        ``PROGRESS_INTERVAL`` seconds while it reads pages, and its end once every part is
+        done (rows another Runtime took, or that failed, are not counted as processed)."""
+        now = time.monotonic()
+        with self._books:
+            tally.parts -= 1
+            ended = tally.parts == 0 and not tally.reading
+            progress = tally.reading and now >= tally.next_report
+            if progress:
+                tally.next_report = now + PROGRESS_INTERVAL
+            read, processed, last_id = tally.read, tally.processed, tally.last_id
+        if progress:
             logger.info(
-                "Sweeping %s: %s stored notifications taken so far (up to id %s)",
+                "Sweeping %s: %s stored notifications processed so far (read up to id %s)",
                 channel.name(),
-                total,
+                processed,
                 last_id,
             )
-        elif not more and total > store.BATCH_SIZE:
-            logger.info("Swept %s stored notifications of %s", total, channel.name())
+        elif ended and read > store.BATCH_SIZE:
+            if processed == read:
+                logger.info("Swept %s stored notifications of %s", processed, channel.name())
+            else:
+                logger.info(
+                    "Swept %s stored notifications of %s (of %s found: the others failed, or "
+                    "another listener took them)",
+                    processed,
+                    channel.name(),
+                    read,
+                )
 
 
 def tidy_connections() -> None:

@@ -5,8 +5,9 @@ It answers JSON, never a payload: 200 with ``"status": "ok"``, or 503 with ``"st
 that holds stored notifications cannot be read, its oldest stored notification still to be
 processed has waited longer than ``PGPUBSUB_HEALTH_MAX_BACKLOG_AGE`` seconds for one (so no
 listener is processing its channel; rows marked failed or waiting for their next attempt do not
-count), a Runtime of this process has lost its listening connection, or embedded mode should
-have started one here and none runs.
+count), a Runtime of this process has lost its listening connection, or notifications sent to
+the database do not reach it (LISTEN through transaction pooling), or embedded mode should have
+started one here and none runs.
 
 Anyone gets only that. An active staff user, or a request with ``Authorization: Bearer <token>``
 where the token is ``PGPUBSUB_HEALTH_TOKEN``, also gets the details: what each problem is, the
@@ -27,13 +28,15 @@ from django.views.decorators.http import require_GET
 
 from pgpubsub import conf, embedded
 from pgpubsub.health import DatabaseFailure, databases_status
-from pgpubsub.runtime import live_runtimes
+from pgpubsub.runtime import NOTIFICATIONS_NOT_RECEIVED, live_runtimes
 
 #: The problem codes the health view reports, and what each means.
 PROBLEMS = {
     "database_error": "a database that holds stored notifications cannot be reached or read",
     "backlog_too_old": "a stored notification has waited too long for a listener",
     "listener_disconnected": "a Runtime of this process has lost its LISTEN connection",
+    "notifications_not_received": "notifications sent to the database do not reach a Runtime "
+    "of this process (its LISTEN goes through transaction pooling?)",
     "runtime_not_running": "embedded mode is on but no Runtime runs in this process",
 }
 
@@ -91,7 +94,13 @@ def health(request: HttpRequest) -> JsonResponse:
             "PGPUBSUB_EMBEDDED is on but no Runtime runs in this process (see its log)",
         )
     for runtime in runtimes:
-        if not runtime["connected"]:
+        if NOTIFICATIONS_NOT_RECEIVED in runtime["problems"]:
+            problem(
+                NOTIFICATIONS_NOT_RECEIVED,
+                f"Runtime of process {runtime['pid']}: notifications sent to the database do "
+                "not reach its LISTEN connection (transaction pooling? see its last_error)",
+            )
+        elif not runtime["connected"]:
             problem(
                 "listener_disconnected",
                 f"Runtime of process {runtime['pid']}: listener not connected",

@@ -32,8 +32,8 @@ BOUND = 60 * 1024
 CHANNEL = channels.SlowJob
 
 PROGRESS = re.compile(
-    rf"Sweeping {re.escape(CHANNEL.name())}: (\d+) stored notifications taken so far "
-    r"\(up to id (\d+)\)"
+    rf"Sweeping {re.escape(CHANNEL.name())}: (\d+) stored notifications processed so far "
+    r"\(read up to id (\d+)\)"
 )
 
 

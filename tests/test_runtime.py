@@ -361,3 +361,80 @@ def test_last_error_is_the_latest(runtimes):
     # (>= 1: the catch-up sweep after the reconnect may try the stored failure again.)
     wait_for(lambda: runtime.status()["failed"] >= 1, 30, lambda: str(runtime.status()))
     assert "job later failed on purpose" in runtime.status()["last_error"]
+
+
+def test_the_probe_reaches_no_listener(runtimes, listening, caplog):
+    """After LISTEN, the Runtime proves that notifications reach it with a NOTIFY on a probe
+    channel of its own: no channel's listener gets it, here or in another listener."""
+    from pgpubsub.listen import process_notifications
+
+    runtime = runtimes(channels=[channels.Message, channels.Job, channels.Everything], workers=1)
+    wait_for(lambda: runtime.status()["notifications_verified"], 10, lambda: str(runtime.status()))
+    status = runtime.status()
+    assert status["connected"] is True and status["problems"] == []
+    assert status["ignored"] == 0 and status["processed"] == 0
+    process_notifications(listening)  # a django-pgpubsub 1.x style listener of every channel
+    assert received == []
+    assert "Ignoring" not in caplog.text and "Notifications do not reach" not in caplog.text
+
+
+def test_a_listen_process_that_never_connected_says_it_cannot_connect(processes):
+    """At start-up with the database down, it is no lost connection (there was none yet)."""
+    from tests.processes import free_port
+
+    listener = processes.start(
+        ready=None,
+        env={
+            "PGPUBSUB_TEST_LISTEN_ALIAS": "closed-port-listen",
+            "PGPUBSUB_TEST_LISTEN_PORT": str(free_port()),
+        },
+    )
+    message = "Cannot connect to the database to listen ("
+    wait_for(
+        lambda: listener.output().count(message) >= 2,
+        30,
+        "two attempts to connect",
+        watch=[listener],
+    )
+    lines = [line for line in listener.output().splitlines() if message in line]
+    assert all("); retrying in " in line for line in lines), lines
+    assert "Lost the listening connection" not in listener.output()
+    assert "Traceback" not in listener.output()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "side"])
+def test_a_sweep_reports_the_rows_it_processed_not_those_it_read(runtimes, caplog):
+    """Rows another listener holds, and rows whose listener fails, are read by the sweep but
+    not processed: "Swept N" counts only those this Runtime processed."""
+    caplog.set_level(logging.INFO, logger="pgpubsub")
+    Notification.objects.bulk_create(
+        [
+            Notification(channel=channels.Job.listen_safe_name(), payload={"kwargs": {"key": k}})
+            for k in (f"swept-{n}" for n in range(60))
+        ]
+        + [
+            Notification(
+                channel=channels.FailingJob.listen_safe_name(), payload={"kwargs": {"key": k}}
+            )
+            for k in (f"failing-{n}" for n in range(30))
+        ]
+    )
+    held = list(
+        Notification.objects.filter(channel=channels.Job.listen_safe_name())
+        .order_by("pk")
+        .values_list("pk", flat=True)[:10]
+    )
+    job, failing = channels.Job.name(), channels.FailingJob.name()
+    with transaction.atomic(using="side"):  # another listener holds 10 of the jobs
+        list(Notification.objects.using("side").select_for_update().filter(pk__in=held))
+        runtimes(channels=[channels.Job, channels.FailingJob], workers=2, recover=True)
+        wait_for(
+            lambda: f"of {job} (" in caplog.text and f"of {failing} (" in caplog.text,
+            30,
+            lambda: f"the end of both sweeps: {caplog.text[-3000:]}",
+        )
+    assert (
+        f"Swept 50 stored notifications of {job} (of 60 found: the others failed, or another "
+        "listener took them)"
+    ) in caplog.text
+    assert f"Swept 0 stored notifications of {failing} (of 30 found" in caplog.text
