@@ -307,7 +307,7 @@ class Processor:
         if self.stopping is not None and self.stopping.is_set():
             return 0  # not started: the rows stay due for the next processor
         used = self._open_connection()
-        self._give_back_unreturned()
+        self.give_back_unreturned()
         claim = store.new_claim()
         db = connections[self.using]
         try:
@@ -515,9 +515,11 @@ class Processor:
             logger.warning("Could not give back stored notifications %s yet: %s", ids, exc)
         self._tally.losses.unreturned(self.using, claim, held)
 
-    def _give_back_unreturned(self) -> None:
-        """Give back the rows of earlier claims that a lost connection kept from it (before
-        their lease runs out, when another claim would count an attempt of each)."""
+    def give_back_unreturned(self) -> None:
+        """Give back the rows of earlier claims that a lost connection kept from it: the
+        server was away, or the broken session still held them. Best before their lease runs
+        out, when another claim would count an attempt of each; a sweep after a reconnection
+        should call it first."""
         for claim, ids in self._tally.losses.to_give_back(self.using):
             try:
                 held = store.record_lost(ids, claim, self.using)

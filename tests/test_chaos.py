@@ -130,6 +130,8 @@ def assert_outcome(servers: list[ServerProcess]) -> None:
     for row in failed:
         assert row.failed_at is not None and row.attempts == channels.ChaosJob.max_attempts
         key = row.payload["kwargs"]["key"]
+        if row.last_error.startswith("ListenerProcessDied: "):
+            continue  # its last attempt ran in the process the test killed, which counts it
         assert row.last_error == f"RuntimeError: chaos job {key} always fails"
         assert "in run_chaos_job" in row.last_traceback
     # Each "once" message failed its first attempt, wherever it ran.

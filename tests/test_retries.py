@@ -466,3 +466,21 @@ def test_a_batch_stopped_midway_gives_its_other_messages_back_uncharged():
     assert rows == [{"attempts": 0, "next_attempt_at": None}] * 2
     assert Processor("default").process_stored_rows(channels.Flaky, ids) == 2  # due at once
     assert effects("Flaky") == ["first", "second", "third"]
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "side"])
+def test_a_lost_connection_is_not_counted_as_an_attempt(runtimes, listener_runs):
+    """The process lives and knows what it claimed: it gives the row back uncounted (not left
+    claimed, which the next claim would count as the attempt of a process that died)."""
+    runtime = runtimes(channels=[channels.Disconnecting], workers=1)
+    pgpubsub.notify(channels.Disconnecting, key="cut")
+
+    row = wait_for(
+        lambda: (row := row_of("cut")) and row.failed_at and row,
+        30,
+        lambda: f"the row to be marked failed; {list(Notification.objects.values())}",
+    )
+    assert listener_runs == ["cut"] * 3  # the lost run, then max_attempts (2) failed ones
+    assert row.attempts == channels.Disconnecting.max_attempts
+    assert row.last_error == "RuntimeError: cut fails after its connection was lost"
+    assert runtime.status()["failed"] == 2

@@ -301,3 +301,14 @@ class Crashing(Channel):
     max_attempts = 3
     key: str
     log: str
+
+
+@dataclass
+class Disconnecting(Channel):
+    """A lockable channel whose listener ends its own database session on its first run of a
+    message (a lost connection), then fails on every later run."""
+
+    lock_notifications = True
+    max_attempts = 2
+    retry_delay = 0.05
+    key: str

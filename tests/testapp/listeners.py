@@ -7,7 +7,7 @@ import threading
 import time
 
 import pgtrigger
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, connections, transaction
 from django.db.models import F
 
 import pgpubsub
@@ -318,3 +318,16 @@ def crash(key: str, log: str) -> None:
     if os.environ.get("PGPUBSUB_TEST_CRASH") != "1":
         raise RuntimeError("Crashing ends only processes started with PGPUBSUB_TEST_CRASH=1")
     os._exit(1)
+
+
+@pgpubsub.listener(channels.Disconnecting)
+def disconnect_then_fail(key: str) -> None:
+    runs.append(key)
+    if runs.count(key) == 1:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            (pid,) = cursor.fetchone()
+        with connections["side"].cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        Effect.objects.create(key=key, channel="Disconnecting")  # fails: the session is gone
+    raise RuntimeError(f"{key} fails after its connection was lost")
