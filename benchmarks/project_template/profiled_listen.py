@@ -13,6 +13,7 @@ Only the benchmark project and Django are patched, never pgpubsub.
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -34,19 +35,14 @@ POLL = 0.02
 
 
 def statement_kind(sql):
-    """A statement's kind: its first words, with the table it works on."""
-    words = sql.split()
-    head = " ".join(words[:2]).upper()
-    if head.startswith("SAVEPOINT") and "SET CONSTRAINTS" in sql.upper():
-        return "SAVEPOINT + deferred-constraint check"
-    for prefix in ("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO", "SET CONSTRAINTS"):
-        if head.startswith(prefix):
-            return prefix
-    verb = words[0].upper() if words else "?"
-    for table in ("pgpubsub_notification", "benchapp_"):
-        if table in sql:
-            return f"{verb} … {table.rstrip('_')}"
-    return verb
+    """A statement's shape: literals, numbers and savepoint names replaced, lists shortened,
+    so that the statements of every message and batch fall into a few kinds."""
+    shape = re.sub(r"\s+", " ", sql).strip()
+    shape = re.sub(r"'(?:[^']|'')*'", "'…'", shape)
+    shape = re.sub(r'"[^"]*"', '"…"', shape)
+    shape = re.sub(r"\b\d+(\.\d+)?\b", "N", shape)
+    shape = re.sub(r"N(, N)+", "N, …", shape)
+    return shape if len(shape) <= 110 else shape[:107] + "…"
 
 
 class SqlClock:
