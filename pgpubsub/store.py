@@ -3,8 +3,9 @@ record a failed attempt, retry failed rows.
 
 A row is *due* when it has not failed for good (``failed_at`` is empty) and its next attempt is
 not in the future; listeners only ever claim due rows. The hot queries are plain SQL with
-parameters (no payload or name is ever pasted into them); ``PGPUBSUB_LISTENER_FILTER`` joins
-them as a subquery built by the ORM.
+parameters (no payload or channel name is ever pasted into them; row ids and claim names, which
+pgpubsub makes, are, in the statements sent along with another one); ``PGPUBSUB_LISTENER_FILTER``
+joins them as a subquery built by the ORM.
 
 Processing a batch of rows takes two transactions:
 
@@ -14,13 +15,14 @@ Processing a batch of rows takes two transactions:
    segmentation fault, ``os._exit()``, the OOM killer), whatever its processing transaction
    wrote is rolled back, but the claim stays, and the next claim of the row counts the attempt
    that died (and marks the row failed once that makes ``max_attempts``).
-2. The processing transaction locks the claimed rows again (:func:`hold`; only rows still
-   carrying this claim) and keeps them locked while the listeners run, each message in a
-   savepoint. Every outcome is written in it, before the lock goes: the rows that succeeded
-   are deleted (:func:`acknowledge`), a failed attempt is counted on its row
-   (:func:`record_failure`), rows not run are given back (:func:`give_back`); each clears
-   the claim. No other listener can take a row in between: the lease covers the moment from
-   the claim's commit to the lock, the lock covers the rest, however long the listeners take.
+2. The processing transaction locks the claimed rows again (:func:`hold_all_sql` with the
+   first savepoint, or :func:`hold`; only rows still carrying this claim) and keeps them
+   locked while the listeners run, each message in a savepoint. Every outcome is written in
+   it, before the lock goes: the rows that succeeded are deleted (:func:`acknowledge`), a
+   failed attempt is counted on its row (:func:`record_failure`), rows not run are given back
+   (:func:`give_back`); each clears the claim. No other listener can take a row in between:
+   the lease covers the moment from the claim's commit to the lock, the lock covers the rest,
+   however long the listeners take.
 
 A live process that loses its connection knows its claims and gives the rows back
 (:func:`record_lost`), so a lost connection is not counted as an attempt.
