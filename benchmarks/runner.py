@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"Small sizes for a smoke run (K={QUICK.events}, M={QUICK.messages}, "
         f"idle {QUICK.idle_seconds:g}s, paced {QUICK.paced_seconds:g}s, web windows "
-        f"{QUICK.web_seconds:g}s, no backlog workload "
+        f"{QUICK.web_seconds:g}s, N={QUICK.noop_rows}, writers {QUICK.writer_seconds:g}s, "
+        "no backlog workload "
         "unless --backlog is given).",
     )
     parser.add_argument("--events", type=int, help=f"K, Events per run (default {FULL.events}).")
