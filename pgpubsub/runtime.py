@@ -211,7 +211,6 @@ class SweepTally:
         self.parts = 1  # its deliveries not done yet (the first page's included)
         self.last_id = 0  # of the last page read
         self.reading = True  # more pages may come
-        self.next_report = 0.0  # (time.monotonic()) the first progress line: at once
 
 
 @dataclass
@@ -286,6 +285,9 @@ class Runtime:
         # Lockable channels whose stored rows need a sweep, and those being swept now.
         self._sweeps_wanted: set[type[BaseChannel]] = set()
         self._sweeping: set[type[BaseChannel]] = set()
+        # When the next progress line of a channel's sweeps is due (time.monotonic()): one
+        # every PROGRESS_INTERVAL, also when a sweep follows another.
+        self._next_report: dict[type[BaseChannel], float] = {}
         # (when, number, channel) of each failed message due again (time.monotonic()), a heap.
         self._retry_at: list[tuple[float, int, type[BaseChannel]]] = []
         self._retries_scheduled = itertools.count()
@@ -936,9 +938,9 @@ class Runtime:
         with self._books:
             tally.parts -= 1
             ended = tally.parts == 0 and not tally.reading
-            progress = tally.reading and now >= tally.next_report
+            progress = tally.reading and now >= self._next_report.get(channel, 0.0)
             if progress:
-                tally.next_report = now + PROGRESS_INTERVAL
+                self._next_report[channel] = now + PROGRESS_INTERVAL
             read, processed, last_id = tally.read, tally.processed, tally.last_id
         if progress:
             logger.info(
