@@ -10,12 +10,16 @@ from pgpubsub.channel import BaseChannel
 #: Postgres identifiers (and so LISTEN channel names) stop at 63 bytes.
 MAX_POSTGRES_CHANNEL_LENGTH = 63
 
+# A database built without migrations (a test database of ``--no-migrations``) has no
+# django_migrations table: db_version stays empty there, instead of every store failing.
 _SET_DB_VERSION = """
-                    NEW.db_version := (
-                        SELECT max(id)
-                        FROM django_migrations
-                        WHERE app = NEW.payload ->> 'app'
-                    );
+                    IF to_regclass('django_migrations') IS NOT NULL THEN
+                        NEW.db_version := (
+                            SELECT max(id)
+                            FROM django_migrations
+                            WHERE app = NEW.payload ->> 'app'
+                        );
+                    END IF;
                     NEW.created_at := NOW();
                     RETURN NEW;
                 """

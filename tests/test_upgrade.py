@@ -223,6 +223,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
     assert "Applying pgpubsub.0007_functions_and_channel_index... OK" in output
     assert "Applying pgpubsub.0008_notification_attempts... OK" in output
     assert "Applying pgpubsub.0009_notification_claimed_by... OK" in output
+    assert "Applying pgpubsub.0010_set_db_version_without_django_migrations... OK" in output
     for old in ("0001", "0002", "0003", "0004", "0005", "0006"):
         assert f"Applying pgpubsub.{old}" not in output
     assert "Applying contenttypes." not in output
@@ -232,7 +233,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
         pgpubsub_rows = fetch(
             conn, "SELECT id, name FROM django_migrations WHERE app = 'pgpubsub' ORDER BY id"
         )
-    # The 20 rows 1.3.1's project had are untouched; 0007 to 0009 are recorded once, after them.
+    # The 20 rows 1.3.1's project had are untouched; 0007 to 0010 are recorded once, after them.
     assert len(rows) == 20
     assert rows[0] == (1, "contenttypes", "0001_initial")
     assert [row[0] for row in pgpubsub_rows[:6]] == [15, 16, 17, 18, 19, 20]
@@ -246,6 +247,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
         "0007_functions_and_channel_index",
         "0008_notification_attempts",
         "0009_notification_claimed_by",
+        "0010_set_db_version_without_django_migrations",
     ]
     assert pgpubsub_rows[6][0] > 20
 
