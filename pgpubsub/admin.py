@@ -80,12 +80,6 @@ SUMMARY_CHANNELS = 30
 UPTO_FIELD = "pgpubsub_upto"
 
 
-def notification_title(obj: Notification) -> str:
-    """How the admin names a row: ``Notification 759 (blog.channels.AuthorTrigger, pending)``,
-    with the channel's dotted name when this process knows the channel, else as stored."""
-    return f"Notification {obj.pk} ({channel_label(obj.channel)}, {obj.status})"
-
-
 def _pre(text: str) -> str:
     return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
 
@@ -377,20 +371,6 @@ class NotificationAdmin(admin.ModelAdmin):
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return NotificationChangeList
-
-    def render_change_form(
-        self,
-        request: HttpRequest,
-        context: dict[str, Any],
-        add: bool = False,
-        change: bool = False,
-        form_url: str = "",
-        obj: Notification | None = None,
-    ) -> TemplateResponse:
-        if obj is not None:
-            # The page's heading, <title> and breadcrumb (this app's change_form.html).
-            context["subtitle"] = context["notification_title"] = notification_title(obj)
-        return super().render_change_form(request, context, add, change, form_url, obj)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # rows come from notify() and triggers

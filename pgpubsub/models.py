@@ -95,6 +95,13 @@ class Notification(models.Model):
 
     PENDING, RETRYING, FAILED = "pending", "retrying", "failed"
 
+    def __str__(self) -> str:
+        """``Notification 759 (blog.channels.AuthorTriggerChannel, pending)``: the channel's
+        dotted name when this process knows the channel, else its stored name."""
+        from pgpubsub.health import channel_label
+
+        return f"Notification {self.pk} ({channel_label(self.channel)}, {self.status})"
+
     def __repr__(self) -> str:
         return (
             f"Notification(id={self.pk}, channel={self.channel}, payload={self.payload}, "
