@@ -248,13 +248,20 @@ def write_post_as_another_client(bouncer: PgBouncer, content: str) -> None:
         conn.close()
 
 
-def trigger_contexts(listening) -> list:
-    process_notifications(listening)
-    return [
-        (kwargs["new"].content, kwargs["context"])
-        for name, kwargs in received
-        if name == "PostTrigger"
-    ]
+def trigger_contexts(listening, count: int) -> list:
+    """(content, context) of the first ``count`` posts' trigger notifications, once they have
+    arrived (from other sessions: they come when those commit)."""
+
+    def arrived() -> list | None:
+        process_notifications(listening)
+        found = [
+            (kwargs["new"].content, kwargs["context"])
+            for name, kwargs in received
+            if name == "PostTrigger"
+        ]
+        return found if len(found) >= count else None
+
+    return wait_for(arrived, 10, f"{count} trigger notifications")
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "side"])
@@ -264,7 +271,7 @@ def test_a_context_set_in_a_transaction_does_not_reach_the_next_client(pooled_si
         pgpubsub.set_notification_context({"request_id": "r-a"}, using="side")
         Post.objects.using("side").create(content="by a")
     write_post_as_another_client(pooled_side, "by b")  # on the same server connection
-    assert trigger_contexts(listening) == [("by a", {"request_id": "r-a"}), ("by b", {})]
+    assert trigger_contexts(listening, 2) == [("by a", {"request_id": "r-a"}), ("by b", {})]
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "side"])
@@ -275,7 +282,7 @@ def test_a_session_bound_context_reaches_the_next_client(pooled_side, listening)
     pgpubsub.set_notification_context({"request_id": "r-a"}, using="side")
     Post.objects.using("side").create(content="by a")
     write_post_as_another_client(pooled_side, "by b")
-    assert trigger_contexts(listening) == [
+    assert trigger_contexts(listening, 2) == [
         ("by a", {"request_id": "r-a"}),
         ("by b", {"request_id": "r-a"}),
     ]
