@@ -151,8 +151,13 @@ def record_broadcast(key: str) -> None:
     Effect.objects.create(key=f"{key}@{os.getpid()}", channel="Broadcast", pid=os.getpid())
 
 
+#: Keys of the SlowJob messages whose listener has started, in-process.
+slow_jobs_started: list[str] = []
+
+
 @pgpubsub.listener(channels.SlowJob)
 def run_slow_job(key: str, seconds: float) -> None:
+    slow_jobs_started.append(key)
     time.sleep(seconds)
     thread = threading.current_thread().name
     Effect.objects.create(key=key, channel="SlowJob", value=thread, pid=os.getpid())
