@@ -135,9 +135,9 @@ def get_json(url: str) -> tuple[int, Any] | None:
         return None
 
 
-def child_pids(pid: int) -> set[int]:
-    """Pids of the live (not zombie) child processes of ``pid``, read from /proc."""
-    children = set()
+def live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live (not zombie) process, read from /proc."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -145,11 +145,16 @@ def child_pids(pid: int) -> set[int]:
             stat = (entry / "stat").read_text()
         except OSError:  # it exited meanwhile
             continue
-        # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            children.add(int(entry.name))
-    return children
+        # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
+        state, ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
+        if state not in ("Z", "X"):
+            found.append((int(entry.name), int(ppid), int(pgrp)))
+    return found
+
+
+def child_pids(pid: int) -> set[int]:
+    """Pids of the live (not zombie) child processes of ``pid``."""
+    return {child for child, parent, _ in live_processes() if parent == pid}
 
 
 def pid_alive(pid: int) -> bool:

@@ -50,6 +50,7 @@ from benchmarks.harness import (
 )
 from benchmarks.runner import DEFAULT_VENV_DIR
 from pgpubsub.testing.postgres import database_url
+from tests.processes import live_processes
 
 PROJECT = Path(__file__).resolve().parent / "fixtures" / "rolling_upgrade"
 
@@ -137,19 +138,7 @@ def wait_for(
 
 def group_members(pgid: int) -> list[tuple[int, int]]:
     """(pid, parent pid) of the live processes of process group ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # it exited meanwhile
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
-        state, ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            members.append((int(entry.name), int(ppid)))
-    return members
+    return [(pid, ppid) for pid, ppid, group in live_processes() if group == pgid]
 
 
 class Project:
