@@ -4,7 +4,8 @@
 of one alias; it only LISTENs and waits, callbacks never run on it. :func:`drain` reads what has
 arrived on any raw connection without a round trip to the server. :func:`probe_channel` and
 :func:`send_notification` let a Runtime prove that notifications reach a LISTEN connection (they
-do not through a transaction-pooling PgBouncer).
+do not through a transaction-pooling PgBouncer). :func:`sqlstate` reads the SQLSTATE of an error
+of either driver.
 """
 
 from __future__ import annotations
@@ -71,6 +72,23 @@ def send_notification(alias: str, channel: str, payload: str, timeout: float) ->
 
 def is_psycopg3(raw: Any) -> bool:
     return hasattr(raw, "pgconn")
+
+
+#: SQLSTATEs of a statement that names a column (``42703``) or a table (``42P01``) the database
+#: does not have.
+UNDEFINED_COLUMN = "42703"
+UNDEFINED_TABLE = "42P01"
+
+
+def sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a database error: Django's (the driver's error is its ``__cause__``) or
+    the driver's own, psycopg2 (``pgcode``) or psycopg 3 (``sqlstate``). None for other errors."""
+    while exc is not None:
+        code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
+        if code:
+            return code
+        exc = exc.__cause__
+    return None
 
 
 class NotifyBuffer:

@@ -27,7 +27,13 @@ A failed attempt is recorded on the message's row (:mod:`pgpubsub.retries` says 
 tried again, or that it is marked failed); a message that cannot be read is marked failed at
 once; an attempt whose process died is counted by the next claim of its row. Failures never
 propagate (unless ``raise_errors``): one bad message or listener cannot stop the thread that
-processes messages.
+processes messages. The exception is :class:`pgpubsub.store.SchemaBehind` (the database lacks
+pgpubsub's migrations): raised as soon as pgpubsub's own statements meet it, with the rows
+untouched, for the caller to wait for ``migrate``.
+
+Each message that ran is logged at DEBUG (channel, row id, attempt, duration, outcome), and the
+records about one message carry ``channel``, ``row_id`` and ``attempt`` as attributes
+(:func:`message_fields`), for formatters that write them out.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from django.db.transaction import TransactionManagementError
 
 from pgpubsub import deliveries, retries, signals, store
 from pgpubsub.channel import BaseChannel
+from pgpubsub.connection import sqlstate
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,39 @@ PROGRESS_INTERVAL = 5.0
 #: Losses of the connection in a row while a stored message was processed from which on each
 #: counts as a failed attempt of the message.
 LOSSES_PER_ATTEMPT = 3
+
+
+def message_fields(channel_cls: type[BaseChannel], row_id: int | None, attempt: int) -> dict:
+    """The attributes (``extra=``) of a log record about one message: ``channel`` (its dotted
+    name), ``row_id`` (its stored row; None for a plain message), ``attempt`` (1 for the
+    first)."""
+    return {"channel": channel_cls.name(), "row_id": row_id, "attempt": attempt}
+
+
+def _log_ran(
+    channel_cls: type[BaseChannel],
+    row_id: int | None,
+    attempt: int,
+    duration: float,
+    outcome: str,
+    detail: str = "",
+) -> None:
+    """The DEBUG line of a message that ran (callers check that DEBUG is on: once a batch)."""
+    milliseconds = duration * 1000
+    logger.debug(
+        "%s: %s%s (row %s, attempt %s, %.1f ms)",
+        channel_cls.name(),
+        outcome,
+        detail,
+        "-" if row_id is None else row_id,
+        attempt,
+        milliseconds,
+        extra={
+            **message_fields(channel_cls, row_id, attempt),
+            "duration_ms": round(milliseconds, 3),
+            "outcome": outcome,
+        },
+    )
 
 
 class Losses:
@@ -243,6 +283,7 @@ class Processor:
         """Run the callbacks of a plain message in a transaction (their writes commit together,
         or not at all)."""
         started = time.perf_counter()
+        debug = logger.isEnabledFor(logging.DEBUG)
         try:
             message = channel_cls.build_from_payload(payload, callbacks)
         except Exception as error:
@@ -250,8 +291,12 @@ class Processor:
                 "Dropping a message of %s that cannot be read: %s",
                 channel_cls.name(),
                 retries.describe(error),
-                extra={"pgpubsub_error": error},
+                extra={"pgpubsub_error": error, **message_fields(channel_cls, None, 1)},
             )
+            if debug:
+                _log_ran(
+                    channel_cls, None, 1, time.perf_counter() - started, "failed", ", unreadable"
+                )
             self._signal_failure(channel_cls, None, error, started, 1, True)
             self.record_failure(error, invalid=True)
             return 0
@@ -267,15 +312,21 @@ class Processor:
                 channel_cls.name(),
                 payload,
                 exc_info=error,
+                extra=message_fields(channel_cls, None, 1),
             )
+            if debug:
+                _log_ran(channel_cls, None, 1, time.perf_counter() - started, "failed")
             self._signal_failure(channel_cls, None, error, started, 1, True)
             self.record_failure(error)
             return 0
         self._count(processed=1)
+        duration = time.perf_counter() - started
+        if debug:
+            _log_ran(channel_cls, None, 1, duration, "processed")
         signals.send(
             signals.message_processed,
             channel_cls,
-            duration=time.perf_counter() - started,
+            duration=duration,
             row_id=None,
             attempt=1,
         )
@@ -316,6 +367,8 @@ class Processor:
                     claimed = self._claim(channel_cls, row_ids, claim)
             else:
                 claimed = self._claim(channel_cls, row_ids, claim)
+        except store.SchemaBehind:
+            raise  # nothing claimed: the caller waits for migrate
         except Exception as error:
             if not self._connection_lost(used):
                 logger.error(
@@ -385,6 +438,9 @@ class Processor:
             return self._process_claimed(
                 channel_cls, callbacks, rows, claim, used, raise_on_disconnect, exact=True
             )
+        except store.SchemaBehind:
+            self._give_back_quietly(rows, claim)
+            raise
         except Exception as error:
             if committed:
                 logger.error(
@@ -438,7 +494,10 @@ class Processor:
             raise
         self._count(processed=len(done))
         self._tally.losses.forget(row_id for row_id, _, _ in done)
+        debug = logger.isEnabledFor(logging.DEBUG)
         for row_id, duration, attempt in done:  # committed: now they count as processed
+            if debug:
+                _log_ran(channel_cls, row_id, attempt, duration, "processed")
             signals.send(
                 signals.message_processed,
                 channel_cls,
@@ -461,6 +520,7 @@ class Processor:
             error = ListenerProcessDied(
                 f"the process that claimed it ({row.died}) ended while its listeners ran"
             )
+            fields = message_fields(channel_cls, row.pk, row.attempts)
             if row.failed:
                 logger.error(
                     "Stored notification %s of %s: %s (attempt %s of %s): marked failed, it "
@@ -470,6 +530,7 @@ class Processor:
                     error,
                     row.attempts,
                     limit,
+                    extra=fields,
                 )
             else:
                 logger.warning(
@@ -479,6 +540,7 @@ class Processor:
                     error,
                     row.attempts,
                     limit,
+                    extra=fields,
                 )
             self._signal_failure(
                 channel_cls, row.pk, error, time.perf_counter(), row.attempts, row.failed
@@ -523,6 +585,8 @@ class Processor:
         for claim, ids in self._tally.losses.to_give_back(self.using):
             try:
                 held = store.record_lost(ids, claim, self.using)
+            except store.SchemaBehind:
+                raise
             except Exception as exc:
                 self._connection_lost(None)
                 logger.warning("Could not give back stored notifications %s yet: %s", ids, exc)
@@ -625,13 +689,14 @@ class Processor:
         limit = retries.max_attempts(channel_cls)
         retry_in = retries.backoff(channel_cls, attempt) if read and attempt < limit else None
         name = channel_cls.name()
+        fields = message_fields(channel_cls, row.pk, attempt)
         if not read:
             logger.error(
                 "Stored notification %s of %s cannot be read, marked failed: %s",
                 row.pk,
                 name,
                 retries.describe(error),
-                extra={"pgpubsub_error": error},
+                extra={"pgpubsub_error": error, **fields},
             )
         elif retry_in is None:
             logger.error(
@@ -642,6 +707,7 @@ class Processor:
                 attempt,
                 limit,
                 exc_info=error,
+                extra=fields,
             )
         else:
             logger.error(
@@ -652,7 +718,15 @@ class Processor:
                 limit,
                 "running it again alone" if rerun else f"next attempt in {retry_in:.1f}s",
                 exc_info=error,
+                extra=fields,
             )
+        if logger.isEnabledFor(logging.DEBUG):
+            if retry_in is None:
+                detail = ", marked failed" if read else ", unreadable, marked failed"
+            else:
+                detail = ", running again alone" if rerun else f", next attempt in {retry_in:.1f}s"
+            outcome = "failed" if retry_in is None else "retrying"
+            _log_ran(channel_cls, row.pk, attempt, time.perf_counter() - started, outcome, detail)
         self._signal_failure(channel_cls, row.pk, error, started, attempt, retry_in is None)
         self.record_failure(error, invalid=not read)
         try:
@@ -852,9 +926,11 @@ def _execute_holding(db: object, sql: str) -> None:
     try:
         _execute(db, sql)
     except DatabaseError as error:
-        cause = error.__cause__
-        if "22012" in (getattr(cause, "pgcode", None), getattr(cause, "sqlstate", None)):
+        if sqlstate(error) == "22012":
             raise _NotHeld from error
+        behind = store.schema_error(error, db.alias)
+        if behind is not None:
+            raise behind from error
         raise
 
 

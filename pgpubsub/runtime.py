@@ -15,6 +15,11 @@ After each LISTEN, the listener proves that notifications reach it: it LISTENs o
 channel of its own too, and has a NOTIFY with a random token sent there through the alias
 producers write through. Through a transaction-pooling PgBouncer the token never arrives: the
 Runtime then says so, reports itself not connected, keeps sweeping, and probes again later.
+
+A database whose pgpubsub table lacks this version's columns (started before ``migrate``) makes
+the Runtime leave that database's lockable channels alone, their rows stored and untouched: it
+logs one error, tries again after a pause that doubles up to ``MAX_SCHEMA_RETRY_DELAY``
+(logging the error again at most once a pause), and says when it processes again.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from pgpubsub import conf, retries, store
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
 from pgpubsub.connection import ListenConnection, probe_channel, send_notification, wait_any
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, max_concurrency, plan
+from pgpubsub.models import Notification
 from pgpubsub.processing import PROGRESS_INTERVAL, Losses, Processor
+from pgpubsub.store import SchemaBehind
 from pgpubsub.wire import Assembler
 
 logger = logging.getLogger(__name__)
@@ -69,6 +76,10 @@ MIN_PROBE_RETRY_DELAY = 5.0
 MAX_PROBE_RETRY_DELAY = 60.0
 #: The status() problem of a Runtime whose LISTEN connection a probe did not reach.
 NOTIFICATIONS_NOT_RECEIVED = "notifications_not_received"
+#: First and longest pause before a database whose pgpubsub table lacks columns (``migrate``
+#: not run) is tried again, in seconds (doubling, with jitter).
+MIN_SCHEMA_RETRY_DELAY = 1.0
+MAX_SCHEMA_RETRY_DELAY = 60.0
 
 
 # The Runtimes started in this process and not stopped yet.
@@ -197,6 +208,21 @@ class Probe:
         return " and ".join(fixes)
 
 
+class SchemaWait:
+    """A database whose pgpubsub table lacks what this version uses: its lockable channels
+    wait, and are tried again after each pause. Changed under the Runtime's ``_books`` lock."""
+
+    def __init__(self) -> None:
+        self.failures = 0  # tries in a row that found the table behind
+        self.retry_at = float("inf")  # when to try again (time.monotonic())
+        self.retrying = False  # the pause is over: the next delivery finds out
+        self.channels: set[type[BaseChannel]] = set()  # to sweep once it is tried again
+
+    def pause(self) -> float:
+        delay = MIN_SCHEMA_RETRY_DELAY * 2 ** max(0, self.failures - 1)
+        return min(MAX_SCHEMA_RETRY_DELAY, delay) * random.uniform(0.8, 1.0)
+
+
 class NotificationsNotReceived(Exception):
     """A probe NOTIFY did not reach the LISTEN connection (``status()["last_error"]``)."""
 
@@ -292,6 +318,8 @@ class Runtime:
         self._retry_at: list[tuple[float, int, type[BaseChannel]]] = []
         self._retries_scheduled = itertools.count()
         self._losses = Losses()  # shared by the workers: a row may come back to another one
+        # Databases whose pgpubsub table is behind this version (by alias).
+        self._behind: dict[str, SchemaWait] = {}
         self._in_flight = 0
         self._ignored = 0
         self._listening = False  # every LISTEN connection is up
@@ -524,6 +552,23 @@ class Runtime:
             self._want_sweep(list(due))
         return following
 
+    def _due_schema_retries(self, now: float) -> float:
+        """Try again the databases behind this version whose pause is over (a sweep of their
+        channels finds out); returns when the next pause ends."""
+        wanted: list[type[BaseChannel]] = []
+        following = float("inf")
+        with self._books:
+            for wait in self._behind.values():
+                if wait.retry_at <= now:
+                    wait.retry_at = float("inf")
+                    wait.retrying = True
+                    wanted.extend(wait.channels)
+                    wait.channels = set()
+                following = min(following, wait.retry_at)
+        if wanted:
+            self._want_sweep(wanted)
+        return following
+
     def _sweep_pause(self) -> float:
         # Jitter keeps the Runtimes of many processes from sweeping all at once.
         return self.sweep_interval * random.uniform(0.8, 1.0)
@@ -591,6 +636,7 @@ class Runtime:
                         quiet_since + KEEPALIVE_INTERVAL,
                         next_sweep,
                         self._due_retries(now),
+                        self._due_schema_retries(now),
                         *(min(probe.deadline, probe.retry_at) for probe in probes.values()),
                     )
                     received = wait_any(
@@ -601,6 +647,7 @@ class Runtime:
                         self._want_sweep(lockable)
                         next_sweep = now + self._sweep_pause()
                     self._due_retries(now)
+                    self._due_schema_retries(now)
                     # Each connection was read just now: one that brought nothing has nothing
                     # more on its way.
                     heard = {alias_of.get(item.channel) for item in received}
@@ -838,6 +885,9 @@ class Runtime:
         alias = delivery.channel.database or self.using
         for attempt in (1, 2):
             try:
+                if delivery.kind is not Kind.PLAIN and not self._schema_ready(alias, delivery):
+                    self._sweep_ends(delivery)
+                    return False  # its rows stay stored: swept once the database is tried again
                 if delivery.kind is Kind.SWEEP:
                     return self._sweep(processor.for_channel(delivery.channel), delivery)
                 processed = processor.run(delivery)
@@ -845,6 +895,10 @@ class Runtime:
                     self._count_swept(delivery.tally, processed=processed)
                 broke = processor.catch_up_needed
             except BaseException as exc:  # noqa: B036 - e.g. CancelledError, SystemExit
+                if isinstance(exc, SchemaBehind):
+                    self._schema_behind(exc, delivery.channel, processor)
+                    self._sweep_ends(delivery)
+                    return False
                 if not is_connection_error(exc):
                     # Its transaction was rolled back: lockable rows stay stored.
                     logger.exception("Processing %s failed", delivery.channel.name())
@@ -866,6 +920,68 @@ class Runtime:
                 return False
         return False
 
+    def _sweep_ends(self, delivery: Delivery) -> None:
+        """A part of a sweep ends it (no more pages): no progress line for it."""
+        if isinstance(delivery, SweepPart) and delivery.tally is not None:
+            self._count_swept(delivery.tally, reading=False)
+
+    def _schema_ready(self, alias: str, delivery: Delivery) -> bool:
+        """False while database ``alias`` waits for ``migrate`` (the delivery's channel is swept
+        once its pause ends). The first delivery after the pause reads the catalog: it raises
+        SchemaBehind if the table still lacks columns, or says that processing starts again."""
+        if not self._behind:  # the usual case: no lock taken
+            return True
+        with self._books:
+            wait = self._behind.get(alias)
+            if wait is None:
+                return True
+            if not wait.retrying:
+                wait.channels.add(delivery.channel)
+                return False
+        store.check_schema(alias)
+        with self._books:
+            migrated = self._behind.pop(alias, None) is not None
+        if migrated:
+            logger.info(
+                "pgpubsub's table %s in database %r has every column now: processing again",
+                Notification._meta.db_table,
+                alias,
+            )
+        return True
+
+    def _schema_behind(
+        self, error: SchemaBehind, channel: type[BaseChannel], processor: Processor
+    ) -> None:
+        """pgpubsub's statements met a table that lacks columns (``migrate`` not run): leave
+        the database's lockable channels alone until the pause ends; say it once a pause."""
+        alias = error.using
+        with self._books:
+            wait = self._behind.get(alias)
+            first = wait is None
+            if wait is None:
+                wait = self._behind[alias] = SchemaWait()
+            wait.channels.add(channel)
+            if not (first or wait.retrying):
+                return  # said already, for this pause
+            wait.retrying = False
+            wait.failures += 1
+            pause = wait.pause()
+            wait.retry_at = time.monotonic() + pause
+        processor.last_error = error
+        self._wake()  # the listener's wait must end with the pause
+        try:
+            problem = store.schema_problem(alias) or error.detail
+        except Exception:  # the catalog could not be read: the driver's message says enough
+            problem = error.detail
+        logger.error(
+            "pgpubsub's table %s in database %r %s: run `manage.py migrate`. Its lockable "
+            "notifications stay stored, untouched; trying again in %.1fs",
+            Notification._meta.db_table,
+            alias,
+            problem,
+            pause,
+        )
+
     def _sweep(self, processor: Processor, delivery: Delivery) -> bool:
         """Process a page of the channel's stored rows above ``delivery.after_id``: one batch
         here, the others handed to the pool as row deliveries (this thread runs those that
@@ -873,6 +989,10 @@ class Runtime:
         channel = delivery.channel
         tally = delivery.tally if isinstance(delivery, SweepPart) else None
         tally = tally or SweepTally()
+        # Rows whose giving back a lost connection kept from us go back first: they are then in
+        # this page, and uncounted (once their lease runs out, another process' claim would
+        # count an attempt of each).
+        processor.give_back_unreturned()
         page = store.pending_ids(
             channel, delivery.after_id, processor.using, limit=store.BATCH_SIZE * self.workers
         )

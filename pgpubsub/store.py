@@ -26,21 +26,27 @@ Processing a batch of rows takes two transactions:
 
 A live process that loses its connection knows its claims and gives the rows back
 (:func:`record_lost`), so a lost connection is not counted as an attempt.
+
+A database that lacks a column or the table these statements use (a new version started before
+``migrate``) makes them raise :class:`SchemaBehind`, which says so, instead of the driver's error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import socket
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from pgpubsub import conf
 from pgpubsub.channel import BaseChannel, listen_name
+from pgpubsub.connection import UNDEFINED_COLUMN, UNDEFINED_TABLE, sqlstate
+from pgpubsub.exceptions import PgpubsubError
 from pgpubsub.models import Notification
 
 #: Most stored rows claimed per transaction: enough to share a commit among many messages,
@@ -59,6 +65,71 @@ _TABLE = Notification._meta.db_table
 _DUE = "failed_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
 #: ``last_error`` of an attempt whose process died, around the name of its claim.
 _DIED = ("ListenerProcessDied: the process that claimed it (", ") ended while its listeners ran")
+
+
+class SchemaBehind(PgpubsubError):
+    """pgpubsub's table in database ``using`` lacks a column (or is missing) that this version's
+    statements use: ``manage.py migrate`` was not run. Nothing was attempted."""
+
+    def __init__(self, using: str, detail: str) -> None:
+        self.using = using
+        self.detail = detail  # the driver's message, or what schema_problem() found
+        super().__init__(
+            f"pgpubsub's table {_TABLE} in database {using!r} is behind this version of "
+            f"pgpubsub ({detail}): run `manage.py migrate`"
+        )
+
+
+def schema_error(error: BaseException, using: str) -> SchemaBehind | None:
+    """The :class:`SchemaBehind` that ``error``, raised by one of pgpubsub's own statements on
+    database ``using``, means (an undefined column or table), else None. The one place that
+    tells a database not migrated from other errors."""
+    if sqlstate(error) not in (UNDEFINED_COLUMN, UNDEFINED_TABLE):
+        return None
+    # The first line: psycopg2 goes on with the statement ("LINE 1: ...") and a caret.
+    lines = str(error).strip().splitlines()
+    return SchemaBehind(using, lines[0].strip() if lines else type(error).__name__)
+
+
+@contextlib.contextmanager
+def _cursor(using: str) -> Iterator[Any]:
+    """A cursor of ``using`` for pgpubsub's own statements: see :func:`schema_error`."""
+    with connections[using].cursor() as cursor:
+        try:
+            yield cursor
+        except DatabaseError as error:
+            behind = schema_error(error, using)
+            if behind is None:
+                raise
+            raise behind from error
+
+
+def schema_problem(using: str) -> str | None:
+    """What the table of database ``using`` lacks of this version's model (``lacks column
+    claimed_by``, ``does not exist``), read from the catalog; None when nothing is missing."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            "SELECT to_regclass(%s) IS NOT NULL, ARRAY(SELECT attname::text FROM pg_attribute "
+            "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped)",
+            [_TABLE, _TABLE],
+        )
+        exists, columns = cursor.fetchone()
+    if not exists:
+        return "does not exist"
+    missing = [
+        field.column for field in Notification._meta.concrete_fields if field.column not in columns
+    ]
+    if not missing:
+        return None
+    return f"lacks column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+
+
+def check_schema(using: str) -> None:
+    """Raise :class:`SchemaBehind` when the table of database ``using`` lacks what this
+    version uses."""
+    problem = schema_problem(using)
+    if problem is not None:
+        raise SchemaBehind(using, problem)
 
 
 class StoredRow(NamedTuple):
@@ -151,7 +222,7 @@ def claim_ids(
         else " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
     )
     exhausted = "c.dead IS NOT NULL AND n.attempts + 1 >= %s"
-    with db.cursor() as cursor:
+    with _cursor(using) as cursor:
         cursor.execute(
             # SET sees the row as it was: c.dead is the claim the row still carried, if any.
             f"UPDATE {_TABLE} AS n SET "
@@ -179,7 +250,7 @@ def hold(row_ids: list[int], claim: str, using: str) -> set[int]:
     Not SKIP LOCKED: another listener's claim may be looking at a row (and lock it for that
     instant) to find it not due, which would make this transaction pass over its own row.
     Nothing else keeps a lock on a row that carries this claim, so the wait is that instant."""
-    with connections[using].cursor() as cursor:
+    with _cursor(using) as cursor:
         cursor.execute(
             f"SELECT id FROM {_TABLE} WHERE id = ANY(%s) AND claimed_by = %s FOR UPDATE",
             [list(row_ids), claim],
@@ -207,7 +278,7 @@ def give_back(row_ids: list[int], using: str) -> None:
     """Make rows this transaction holds but did not run due again at once, with no attempt
     counted (a batch stopped midway)."""
     if row_ids:
-        with connections[using].cursor() as cursor:
+        with _cursor(using) as cursor:
             cursor.execute(
                 f"UPDATE {_TABLE} SET claimed_by = NULL, next_attempt_at = NULL WHERE id = ANY(%s)",
                 [list(row_ids)],
@@ -236,7 +307,7 @@ def pending_ids(
                 "ORDER BY id LIMIT %s)"
             )
             values += [name, after_id, *params, limit]
-    with connections[using].cursor() as cursor:
+    with _cursor(using) as cursor:
         cursor.execute(" UNION ALL ".join(sql) + " ORDER BY id LIMIT %s", [*values, limit])
         return [row[0] for row in cursor.fetchall()]
 
@@ -244,7 +315,7 @@ def pending_ids(
 def acknowledge(row_ids: list[int], using: str) -> None:
     """Delete processed rows (inside the transaction that holds them)."""
     if row_ids:
-        with connections[using].cursor() as cursor:
+        with _cursor(using) as cursor:
             cursor.execute(acknowledge_sql(row_ids))
 
 
@@ -271,7 +342,7 @@ def record_failure(
     carries ``claim``: if this claim's lease ran out meanwhile, another listener may have
     claimed the row, and that claim counted this attempt. False if the row was not updated."""
     where = "id = %s" if locked else "id = %s AND claimed_by = %s"
-    with connections[using].cursor() as cursor:
+    with _cursor(using) as cursor:
         cursor.execute(
             f"UPDATE {_TABLE} SET attempts = attempts + 1, last_error = %s, last_traceback = %s, "
             # clock_timestamp(): now() is when the transaction began, maybe long before the
@@ -303,7 +374,7 @@ def record_lost(
     Returns the ids of the rows that still carry the claim but are locked: the broken session
     may not have ended yet. The caller gives them back later."""
     put_off, charged = list(put_off), list(charged)
-    with connections[using].cursor() as cursor:
+    with _cursor(using) as cursor:
         cursor.execute(
             f"WITH given AS (UPDATE {_TABLE} SET "
             "attempts = attempts + CASE WHEN id = ANY(%s) THEN 1 ELSE 0 END, "
@@ -357,7 +428,7 @@ def retry(
         conditions.append("channel = ANY(%s)")
         params.append([name for channel in channels for name in stored_names(channel)])
     # Rows a listener holds right now are skipped (not waited for): they are being processed.
-    with connections[alias].cursor() as cursor:
+    with _cursor(alias) as cursor:
         cursor.execute(
             f"UPDATE {_TABLE} SET attempts = 0, next_attempt_at = NULL, failed_at = NULL, "
             "claimed_by = NULL "
@@ -374,7 +445,7 @@ def notify_rows(rows: Iterable[tuple[int, str]], using: str) -> int:
     rows = [(pk, wire_name(name)) for pk, name in rows if name]
     if not rows:
         return 0
-    with connections[using].cursor() as cursor:
+    with _cursor(using) as cursor:
         cursor.execute(
             "SELECT pg_notify(wire, pk::text) FROM unnest(%s::text[], %s::bigint[]) "
             "AS rows(wire, pk) ORDER BY pk",

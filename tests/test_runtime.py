@@ -4,9 +4,11 @@ import logging
 import os
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 
 import pgpubsub
 from pgpubsub.models import Notification
@@ -441,3 +443,24 @@ def test_a_sweep_reports_the_rows_it_processed_not_those_it_read(runtimes, caplo
         "listener took them)"
     ) in caplog.text
     assert f"Swept 0 stored notifications of {failing} (of 30 found" in caplog.text
+
+
+def test_a_sweep_first_gives_back_the_rows_a_lost_connection_kept(runtimes):
+    """A lost connection's session may still hold its rows when the Runtime gives them back:
+    they keep their claim, not due before its lease ends, and the Runtime remembers them. The
+    next sweep gives them back before it reads its page, so it processes them at once, with no
+    attempt counted (rather than leaving them until another claim counts one of each)."""
+    (key,) = send_jobs(channels.Job, 1)  # no one listens yet: stored only
+    row = Notification.objects.get()
+    claim = "host:1:0123456789ab"  # what the broken session's claim left on the row
+    # A lease far longer than CLAIM_LEASE: without the giving back, no sweep finds it due.
+    Notification.objects.filter(pk=row.pk).update(
+        claimed_by=claim, next_attempt_at=timezone.now() + timedelta(hours=1)
+    )
+    runtime = runtimes(channels=[channels.Job], workers=1)
+    runtime._losses.unreturned("default", claim, [row.pk])  # as Processor._lost_while_running
+
+    pgpubsub.process_stored_notifications([channels.Job])  # a sweep, as after a reconnection
+    wait_for(lambda: effects("Job") == [key], 20, lambda: f"the job; {runtime.status()}")
+    assert not Notification.objects.exists()
+    assert runtime.status()["failed"] == 0
