@@ -88,7 +88,19 @@ def schema_error(error: BaseException, using: str) -> SchemaBehind | None:
         return None
     # The first line: psycopg2 goes on with the statement ("LINE 1: ...") and a caret.
     lines = str(error).strip().splitlines()
-    return SchemaBehind(using, lines[0].strip() if lines else type(error).__name__)
+    first = lines[0].strip() if lines else type(error).__name__
+    # A statement of ours may name other tables too (PGPUBSUB_LISTENER_FILTER's subquery): an
+    # undefined name that is none of the table's is the project's error, not a migrate to run.
+    # (A message in another language names nothing we can read: taken to be ours.)
+    named = _UNDEFINED_NAME.search(first)
+    if named is not None and named[1].rsplit(".", 1)[-1] not in _OUR_NAMES:
+        return None
+    return SchemaBehind(using, first)
+
+
+#: The name in PostgreSQL's "column ... does not exist" / "relation ... does not exist".
+_UNDEFINED_NAME = re.compile(r'(?:column|relation) "?([\w.]+)"? does not exist')
+_OUR_NAMES = frozenset([_TABLE, *(field.column for field in Notification._meta.concrete_fields)])
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 from django.db import connection
+from django.test import override_settings
 
 import pgpubsub
 from pgpubsub import runtime as runtime_module
@@ -92,3 +93,22 @@ def test_a_table_not_migrated_is_reported_on_one_line_then_processed_once_migrat
     assert "has every column now: processing again" in caplog.text
     assert runtime.status()["processed"] == MESSAGES + 1
     assert runtime.status()["failed"] == 0
+
+
+def test_an_undefined_table_of_the_listener_filter_is_not_a_migrate_to_run(runtimes, caplog):
+    """PGPUBSUB_LISTENER_FILTER's subquery runs inside pgpubsub's claim: its undefined table is
+    reported as the error it is (it read "run manage.py migrate", every second)."""
+    caplog.set_level(logging.INFO, logger="pgpubsub")
+    with override_settings(PGPUBSUB_LISTENER_FILTER="tests.testapp.filters.MissingTable"):
+        runtimes(channels=[channels.Job], workers=1)
+        pgpubsub.notify(channels.Job, key="filtered", text="x")
+        failed = wait_for(
+            lambda: [
+                r for r in caplog.records if "Claiming stored notifications" in r.getMessage()
+            ],
+            30,
+            "the claim to fail",
+        )
+    assert "pgpubsub_test_no_such_table" in str(failed[0].exc_info[1])
+    assert not [r for r in caplog.records if "manage.py migrate" in r.getMessage()]
+    assert stored_rows()[:2] == (1, 0)  # stored, not attempted
