@@ -108,6 +108,7 @@ class Wakeup:
 
     def __init__(self) -> None:
         self.is_set = False
+        self.signalled = False  # set() was called by one of catching()'s signals
         self._read, self._write = os.pipe()
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
@@ -138,9 +139,12 @@ class Wakeup:
             pass
 
     @contextlib.contextmanager
-    def catching(self, *signums: int) -> Iterator[None]:
+    def catching(self, *signums: int, exiting: bool = False) -> Iterator[None]:
         """Within the block, ``signums`` call ``set()`` (on the main thread; elsewhere no handler
-        can be set, and nothing changes).
+        can be set, and nothing changes). After it, the previous handlers are back; with
+        ``exiting`` (the block was the life of the process), once one of the signals came they
+        are ignored instead: the process is on its way out, and a second Ctrl-C or SIGTERM
+        arriving then must not kill it halfway through its exit.
 
         The pipe is also Python's wake-up fd meanwhile: a signal that the kernel delivers to
         another thread (any thread may receive a signal sent to the process) then ends the main
@@ -149,6 +153,7 @@ class Wakeup:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        self.signalled = False
         previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
         previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         try:
@@ -156,10 +161,13 @@ class Wakeup:
         finally:
             signal.set_wakeup_fd(previous_fd)
             for signum, handler in previous.items():
-                if handler is not None:  # None: set outside Python, cannot be restored
+                if exiting and self.signalled:
+                    signal.signal(signum, signal.SIG_IGN)
+                elif handler is not None:  # None: set outside Python, cannot be restored
                     signal.signal(signum, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = True
         self.set()
 
     def close(self) -> None:
@@ -460,14 +468,16 @@ class Runtime:
 
     def run_until_signalled(self) -> None:
         """``run()``, with SIGTERM and SIGINT asking for the stop (when called on the main
-        thread: only it may set signal handlers; they are set before the Runtime starts)."""
-        self._run_until((signal.SIGTERM, signal.SIGINT))
+        thread: only it may set signal handlers; they are set before the Runtime starts). Meant
+        to be the life of a process: once a signal stopped the Runtime, more of them are
+        ignored while the process exits."""
+        self._run_until((signal.SIGTERM, signal.SIGINT), exiting=True)
 
-    def _run_until(self, signums: tuple[int, ...]) -> None:
+    def _run_until(self, signums: tuple[int, ...], exiting: bool = False) -> None:
         waiter = Wakeup()
         self._waiter = waiter
         try:
-            with waiter.catching(*signums):
+            with waiter.catching(*signums, exiting=exiting):
                 try:
                     if not self._stop_requested and not waiter.is_set:  # a signal came already
                         self.start()

@@ -134,7 +134,7 @@ class Supervisor:
         (with restarts on, a replaced child is not a failure of the whole)."""
         status = 0
         try:
-            with self._stop.catching(signal.SIGTERM, signal.SIGINT):
+            with self._stop.catching(signal.SIGTERM, signal.SIGINT, exiting=True):
                 try:
                     status = self._supervise()
                 finally:

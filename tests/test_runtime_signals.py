@@ -3,6 +3,7 @@ main thread's wait whichever thread the kernel hands the signal to; a lost conne
 log line."""
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -34,6 +35,24 @@ def test_a_signal_received_by_another_thread_ends_the_main_threads_wait():
     finally:
         release.set()
         other.join(10)
+        wakeup.close()
+
+
+def test_once_a_signal_came_an_exiting_block_leaves_the_signals_ignored():
+    """The life of a process (listen, its supervisor): a second Ctrl-C or SIGTERM that comes
+    while the process exits must not kill it there (it died of SIGINT, exit code -2)."""
+    previous = signal.getsignal(signal.SIGUSR1)
+    wakeup = Wakeup()
+    try:
+        with wakeup.catching(signal.SIGUSR1, exiting=True):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert wakeup.wait(20) is True
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        with wakeup.catching(signal.SIGUSR2, exiting=True):
+            pass  # no signal came: the previous handler is back
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
         wakeup.close()
 
 
