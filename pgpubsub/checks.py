@@ -100,6 +100,21 @@ def _embedded() -> bool:
         return True  # reported as E011; meanwhile take the setting to be wanted
 
 
+def _bad_runtime_setting(name: str, exc: ImproperlyConfigured, example: str) -> Any:
+    """E011 for a Runtime setting of the wrong type; W004 for ``PGPUBSUB_WORKERS`` while
+    embedded mode is off: only embedded Runtimes read it (listen takes --threads), so it must
+    not keep listen, migrate or runserver from starting."""
+    hint = f"Set it like {name} = {example}, or remove it for its default."
+    if name == "PGPUBSUB_WORKERS" and not _embedded():
+        return Warning(
+            f"{exc} It is not used while PGPUBSUB_EMBEDDED is off "
+            "(manage.py listen takes --threads).",
+            hint=hint,
+            id="pgpubsub.W004",
+        )
+    return Error(str(exc), hint=hint, id="pgpubsub.E011")
+
+
 def _check_runtime_settings() -> list:
     errors = []
     for name, read, example in (
@@ -117,20 +132,7 @@ def _check_runtime_settings() -> list:
         try:
             read()
         except ImproperlyConfigured as exc:
-            hint = f"Set it like {name} = {example}, or remove it for its default."
-            if name == "PGPUBSUB_WORKERS" and not _embedded():
-                # Only embedded Runtimes read it (listen takes --threads): with embedded mode
-                # off it must not keep listen, migrate or runserver from starting.
-                errors.append(
-                    Warning(
-                        f"{exc} It is not used while PGPUBSUB_EMBEDDED is off "
-                        "(manage.py listen takes --threads).",
-                        hint=hint,
-                        id="pgpubsub.W004",
-                    )
-                )
-                continue
-            errors.append(Error(str(exc), hint=hint, id="pgpubsub.E011"))
+            errors.append(_bad_runtime_setting(name, exc, example))
     try:
         names = conf.channels() or []
     except ImproperlyConfigured:
