@@ -7,7 +7,7 @@ from django.db.models.signals import post_migrate, pre_migrate
 def _install_functions(sender, using: str = "default", **kwargs) -> None:
     from django.db import connections
 
-    from pgpubsub.sql import install_defaults, install_functions
+    from pgpubsub.db_functions import install_defaults, install_functions
 
     if connections[using].vendor == "postgresql":
         install_functions(using)

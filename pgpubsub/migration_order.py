@@ -61,7 +61,7 @@ def patch_autodetector() -> None:
 def install_functions_first(sender: Any, using: str = "default", **kwargs: Any) -> None:
     """``pre_migrate``: create (or replace) the publishing functions before any migration
     runs, so that triggers calling them work whatever order the migrations run in."""
-    from pgpubsub.sql import install_functions
+    from pgpubsub.db_functions import install_functions
 
     if connections[using].vendor == "postgresql" and router.allow_migrate(using, "pgpubsub"):
         install_functions(using)

@@ -2,13 +2,13 @@ from django.db import migrations, models
 
 
 def install_functions(apps, schema_editor):
-    from pgpubsub.sql import install_functions
+    from pgpubsub.db_functions import install_functions
 
     install_functions(schema_editor.connection.alias)
 
 
 def drop_functions(apps, schema_editor):
-    from pgpubsub.sql import DROP_FUNCTIONS_SQL
+    from pgpubsub.db_functions import DROP_FUNCTIONS_SQL
 
     schema_editor.execute(DROP_FUNCTIONS_SQL)
 

@@ -27,7 +27,7 @@ from django.db import DatabaseError, connections
 
 from pgpubsub import conf
 from pgpubsub.channel import BaseChannel
-from pgpubsub.sql import store_function_sql
+from pgpubsub.db_functions import store_function_sql
 
 #: Rounds of messages published by the previous round's listeners that are followed before
 #: ``run_listeners()`` stops, taking it for a loop (listeners notifying each other forever).
