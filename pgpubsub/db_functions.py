@@ -1,8 +1,9 @@
 """The SQL functions every producer (triggers and ``notify()``) publishes through.
 
 ``pgpubsub_notify(channel, payload)`` sends a plain message. NOTIFY refuses payloads of 8000
-bytes or more, so a longer message is sent as numbered chunks that listeners put back together
-(see :mod:`pgpubsub.wire`); a producer's write never fails because a message is large.
+bytes or more, so a longer message is sent as numbered chunks that listeners put back together;
+a producer's write never fails because a message is large. The chunk format is
+:mod:`pgpubsub.wire`'s: the SQL below is built from its constants.
 
 ``pgpubsub_store(channel, payload)`` stores a lockable message in ``pgpubsub_notification`` and
 NOTIFYs only the new row's id, whatever the message's size.
@@ -15,10 +16,24 @@ from __future__ import annotations
 
 from django.db import connections
 
-#: NOTIFY payloads must be shorter than this many bytes (a compiled-in Postgres limit).
-NOTIFY_LIMIT = 8000
-#: Bytes of message text per chunk; a chunk's header takes fewer than 50 more.
-CHUNK_BYTES = 7900
+from pgpubsub.wire import (
+    CHUNK_BYTES,
+    CHUNK_MARK,
+    CHUNK_SEPARATOR,
+    LAST_CHUNK,
+    MORE_CHUNKS,
+    NOTIFY_LIMIT,
+)
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+# wire's chunk format, as SQL literals for the function below.
+_MARK, _SEP = _literal(CHUNK_MARK), _literal(CHUNK_SEPARATOR)
+_LAST, _MORE = _literal(LAST_CHUNK), _literal(MORE_CHUNKS)
 
 FUNCTIONS_SQL = f"""
 CREATE OR REPLACE FUNCTION pgpubsub_notify(p_channel text, p_payload text) RETURNS void
@@ -47,8 +62,8 @@ BEGIN
         pos := pos + size;
         PERFORM pg_notify(
             p_channel,
-            '~' || msgid || ':' || seq || ':' || CASE WHEN pos > total THEN '1' ELSE '0' END
-            || ':' || piece
+            {_MARK} || msgid || {_SEP} || seq || {_SEP}
+            || CASE WHEN pos > total THEN {_LAST} ELSE {_MORE} END || {_SEP} || piece
         );
         seq := seq + 1;
     END LOOP;

@@ -1,10 +1,22 @@
 """What travels in a NOTIFY payload, and putting chunked messages back together.
 
-- plain channel: the message's JSON text, or for a message of 8000 bytes or more, chunks
-  ``~<msgid>:<seq>:<last>:<text>`` sent in one transaction (so they arrive in order);
+- plain channel: the message's JSON text; a message of ``NOTIFY_LIMIT`` bytes or more is sent
+  as chunks instead (see below);
 - lockable channel: the decimal id of the stored ``pgpubsub_notification`` row;
 - any channel: the empty payload, a request to process every stored row of the channel
   (``process_stored_notifications()``).
+
+The chunk format, written by the SQL function ``pgpubsub_notify()``
+(:mod:`pgpubsub.db_functions`, built from the constants below) and read by :class:`Assembler`::
+
+    ~<msgid>:<seq>:<last>:<text>
+
+``~`` (``CHUNK_MARK``) starts every chunk and no whole message (JSON text, a row id or the
+empty payload); ``msgid`` is a random hex id shared by a message's chunks; ``seq`` counts them
+from 0; ``last`` is ``1`` on the final chunk, else ``0``; ``text`` is the next at most
+``CHUNK_BYTES`` bytes of the message, cut between characters. A message's chunks are sent in
+one transaction, so a listener receives them together and in order; listeners on several
+channels may receive other channels' chunks in between.
 """
 
 from __future__ import annotations
@@ -18,11 +30,21 @@ logger = logging.getLogger(__name__)
 
 #: The payload that asks listeners to process all stored rows of a channel.
 RECOVER = ""
+
+#: NOTIFY refuses payloads of this many bytes or more (a compiled-in PostgreSQL limit).
+NOTIFY_LIMIT = 8000
+#: Bytes of message text per chunk; the header before it takes fewer than 50 more.
+CHUNK_BYTES = 7900
+#: The first character of every chunk.
 CHUNK_MARK = "~"
+#: Separates the header's fields, and the header from the text.
+CHUNK_SEPARATOR = ":"
+#: The ``last`` field of a message's final chunk, and of the others.
+LAST_CHUNK = "1"
+MORE_CHUNKS = "0"
 #: Seconds after which an incomplete chunked message is dropped (its sender's chunks are
 #: contiguous in the notification queue, so this only happens when a LISTEN started mid-message).
 CHUNK_EXPIRY = 60.0
-
 
 #: The largest id of a stored row (a bigint).
 MAX_ROW_ID = 2**63 - 1
@@ -39,9 +61,13 @@ def row_id(payload: str) -> int | None:
 
 
 class Assembler:
-    """Collects chunks per (channel, message id) and returns whole messages."""
+    """Collects chunks per (channel, message id) and returns whole messages.
 
-    def __init__(self) -> None:
+    A message missing a chunk is dropped: at once when a later chunk of it arrives, else
+    ``expiry`` seconds after its first chunk (checked as further chunks arrive)."""
+
+    def __init__(self, expiry: float = CHUNK_EXPIRY) -> None:
+        self.expiry = expiry
         self._parts: dict[tuple[str, str], tuple[float, list[str]]] = {}
 
     def whole_messages(self, notifications: Iterable[Any]) -> list[tuple[str, str]]:
@@ -59,7 +85,7 @@ class Assembler:
         if not payload.startswith(CHUNK_MARK):
             return payload
         try:
-            msgid, seq, last, piece = payload[1:].split(":", 3)
+            msgid, seq, last, piece = payload[1:].split(CHUNK_SEPARATOR, 3)
             seq_number = int(seq)
         except ValueError:
             logger.warning("Dropping malformed chunk on channel %s: %.80r", channel, payload)
@@ -77,7 +103,7 @@ class Assembler:
             self._parts.pop(key, None)
             return None
         parts.append(piece)
-        if last == "1":
+        if last == LAST_CHUNK:
             self._parts.pop(key, None)
             return "".join(parts)
         self._parts[key] = (started, parts)
@@ -85,11 +111,7 @@ class Assembler:
         return None
 
     def _expire(self) -> None:
-        deadline = time.monotonic() - CHUNK_EXPIRY
+        deadline = time.monotonic() - self.expiry
         for key in [key for key, (started, _) in self._parts.items() if started < deadline]:
             logger.warning("Dropping incomplete chunked message %s on channel %s", key[1], key[0])
             del self._parts[key]
-
-    def pending(self) -> int:
-        """How many chunked messages are partly received."""
-        return len(self._parts)
