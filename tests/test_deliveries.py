@@ -1,0 +1,319 @@
+"""pgpubsub.deliveries on its own: ``plan()`` (notifications -> deliveries) and the bounded
+``DeliveryQueue`` between the listener and the workers. No database is needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from pgpubsub import store, wire
+from pgpubsub.channel import Channel
+from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, plan
+from tests.testapp import channels
+
+#: Seconds a test waits for another thread before it fails.
+TIMEOUT = 10.0
+
+
+@dataclasses.dataclass
+class TwoAtATime(Channel):
+    """Never registered: the queue only reads the class's ``max_concurrency``."""
+
+    max_concurrency = 2
+    key: str = ""
+
+
+def plain(key: str, channel: type[Channel] = channels.Message) -> Delivery:
+    return Delivery(Kind.PLAIN, channel, payload=key)
+
+
+class Waiter(threading.Thread):
+    """Runs ``call()`` on a thread of its own and keeps what it returned."""
+
+    def __init__(self, call) -> None:
+        super().__init__(name="test-deliveries-waiter", daemon=True)
+        self.call = call
+        self.result: object = "not returned"
+        self.returned = threading.Event()
+
+    def run(self) -> None:
+        self.result = self.call()
+        self.returned.set()
+
+    def finish(self) -> object:
+        self.join(TIMEOUT)
+        assert not self.is_alive(), "the waiting call did not return"
+        return self.result
+
+
+def wait_until_waiting(waiter: Waiter) -> None:
+    """Until ``waiter`` is blocked in its call (it has not returned after a short while)."""
+    waiter.start()
+    assert not waiter.returned.wait(0.2), f"returned {waiter.result!r} without waiting"
+
+
+# --- DeliveryQueue ---------------------------------------------------------------------------
+
+
+def test_a_queue_holds_at_least_one_delivery():
+    with pytest.raises(ValueError, match="maxsize must be at least 1, got 0"):
+        DeliveryQueue(0)
+
+
+def test_deliveries_come_out_in_the_order_they_went_in():
+    queue = DeliveryQueue(10)
+    sent = [plain(f"m{n}") for n in range(5)]
+    for delivery in sent:
+        assert queue.offer(delivery)
+    assert len(queue) == 5
+    assert [queue.get(0) for _ in sent] == sent
+    assert len(queue) == 0
+    assert queue.get(0) is None
+
+
+def test_offer_refuses_at_once_when_full():
+    queue = DeliveryQueue(2)
+    assert queue.offer(plain("a")) and queue.offer(plain("b"))
+    started = time.monotonic()
+    assert not queue.offer(plain("c"))
+    assert time.monotonic() - started < 1.0
+    assert len(queue) == 2
+    assert [queue.get(0).payload, queue.get(0).payload] == ["a", "b"]
+
+
+def test_put_gives_up_after_its_timeout_when_no_room_comes():
+    queue = DeliveryQueue(1)
+    assert queue.put(plain("a"), 0)
+    started = time.monotonic()
+    assert not queue.put(plain("b"), 0.3)
+    assert time.monotonic() - started >= 0.3
+    assert [queue.get(0).payload, queue.get(0)] == ["a", None]
+
+
+def test_put_waits_for_a_worker_to_make_room():
+    queue = DeliveryQueue(1)
+    assert queue.offer(plain("a"))
+    putter = Waiter(lambda: queue.put(plain("b"), TIMEOUT))
+    wait_until_waiting(putter)
+    assert queue.get(0).payload == "a"  # room: the waiting put goes in
+    assert putter.finish() is True
+    assert queue.get(0).payload == "b"
+
+
+def test_get_waits_for_a_delivery_up_to_its_timeout():
+    queue = DeliveryQueue(1)
+    started = time.monotonic()
+    assert queue.get(0.3) is None
+    assert time.monotonic() - started >= 0.3
+
+    getter = Waiter(lambda: queue.get(TIMEOUT))
+    wait_until_waiting(getter)
+    delivery = plain("a")
+    assert queue.offer(delivery)
+    assert getter.finish() is delivery
+
+
+def test_close_returns_what_was_not_started_and_takes_nothing_more():
+    queue = DeliveryQueue(10)
+    started, waiting = plain("started"), [plain("a"), plain("b")]
+    for delivery in [started, *waiting]:
+        queue.offer(delivery)
+    assert queue.get(0) is started
+    assert queue.close() == waiting
+    assert len(queue) == 0
+    assert queue.get(0) is None
+    assert not queue.offer(plain("late")) and not queue.put(plain("late"), 0.1)
+    assert queue.close() == []
+    queue.done(started)  # a worker finishing after close() is fine
+
+
+def test_close_wakes_a_waiting_get_and_a_waiting_put():
+    empty = DeliveryQueue(1)
+    getter = Waiter(lambda: empty.get(TIMEOUT))
+    wait_until_waiting(getter)
+    full = DeliveryQueue(1)
+    full.offer(plain("a"))
+    putter = Waiter(lambda: full.put(plain("b"), TIMEOUT))
+    wait_until_waiting(putter)
+
+    woken = time.monotonic()
+    assert empty.close() == []
+    assert [delivery.payload for delivery in full.close()] == ["a"]
+    assert getter.finish() is None
+    assert putter.finish() is False
+    assert time.monotonic() - woken < TIMEOUT / 2  # woken, not timed out
+
+
+def test_a_channel_with_max_concurrency_runs_that_many_at_once_in_arrival_order():
+    queue = DeliveryQueue(10)
+    first, second, third = (plain(f"in-order-{n}", channels.InOrder) for n in range(3))
+    for delivery in (first, second, third):
+        assert queue.offer(delivery)
+    assert queue.get(0) is first
+    assert queue.get(0) is None  # second is held back while first runs
+    assert len(queue) == 2  # ... and still counts as not started
+    queue.done(first)
+    assert queue.get(0) is second
+    queue.done(second)
+    assert queue.get(0) is third
+    queue.done(third)
+    assert len(queue) == 0
+
+
+def test_held_back_deliveries_let_other_channels_pass():
+    queue = DeliveryQueue(10)
+    running = plain("one", channels.InOrder)
+    held = plain("two", channels.InOrder)
+    other = plain("other")
+    for delivery in (running, held, other):
+        queue.offer(delivery)
+    assert queue.get(0) is running
+    assert queue.get(0) is other
+    queue.done(other)  # a channel without a limit: no effect on InOrder
+    assert queue.get(0) is None
+    queue.done(running)
+    assert queue.get(0) is held
+
+
+def test_max_concurrency_above_one():
+    queue = DeliveryQueue(10)
+    sent = [plain(f"pair-{n}", TwoAtATime) for n in range(4)]
+    for delivery in sent:
+        queue.offer(delivery)
+    assert [queue.get(0), queue.get(0), queue.get(0)] == [sent[0], sent[1], None]
+    queue.done(sent[1])
+    assert queue.get(0) is sent[2]
+    assert queue.get(0) is None
+    queue.done(sent[0])
+    assert queue.get(0) is sent[3]
+
+
+def test_held_back_deliveries_count_against_the_bound():
+    queue = DeliveryQueue(2)
+    running = plain("one", channels.InOrder)
+    queue.offer(running)
+    assert queue.get(0) is running
+    assert queue.offer(plain("two", channels.InOrder))
+    assert queue.offer(plain("three", channels.InOrder))
+    assert not queue.offer(plain("other"))  # two held back fill the queue
+    queue.done(running)
+    assert queue.get(0).payload == "two"
+    assert queue.offer(plain("other"))
+
+
+def test_close_returns_held_back_deliveries_too():
+    queue = DeliveryQueue(10)
+    running = plain("one", channels.InOrder)
+    queue.offer(running)
+    assert queue.get(0) is running
+    held, other = plain("two", channels.InOrder), plain("other")
+    queue.offer(held)
+    queue.offer(other)
+    assert queue.close() == [other, held]
+    queue.done(running)  # the running one finishes later: nothing is admitted any more
+    assert queue.get(0) is None
+
+
+# --- plan() ----------------------------------------------------------------------------------
+
+
+def named(channel: type[Channel]) -> str:
+    return channel.listen_safe_name()
+
+
+def described(deliveries: list[Delivery]) -> list[tuple]:
+    return [
+        (d.kind, d.channel.__name__, d.payload, d.row_ids)
+        if d.kind is not Kind.SWEEP
+        else (d.kind, d.channel.__name__)
+        for d in deliveries
+    ]
+
+
+def test_plan_keeps_arrival_order_and_groups_consecutive_rows_of_a_channel():
+    deliveries = plan(
+        [
+            (named(channels.Job), "1"),
+            (named(channels.Job), "2"),
+            (named(channels.Message), '{"key": "m"}'),
+            (named(channels.Job), "3"),
+            (named(channels.Ledger), "4"),
+            (named(channels.Job), "5"),
+            (named(channels.Job), "6"),
+        ]
+    )
+    assert described(deliveries) == [
+        (Kind.ROWS, "Job", "", [1, 2]),
+        (Kind.PLAIN, "Message", '{"key": "m"}', []),
+        (Kind.ROWS, "Job", "", [3]),
+        (Kind.ROWS, "Ledger", "", [4]),
+        (Kind.ROWS, "Job", "", [5, 6]),
+    ]
+    job_listeners = channels.Job.get(named(channels.Job))[1]
+    assert job_listeners and deliveries[0].callbacks == job_listeners
+
+
+def test_plan_batches_at_most_the_store_batch_size():
+    ids = range(1, 2 * store.BATCH_SIZE + 2)
+    deliveries = plan([(named(channels.Job), str(row_id)) for row_id in ids])
+    assert [d.row_ids for d in deliveries] == [
+        list(ids[: store.BATCH_SIZE]),
+        list(ids[store.BATCH_SIZE : 2 * store.BATCH_SIZE]),
+        [ids[-1]],
+    ]
+
+
+def test_plan_turns_a_recovery_request_into_a_sweep_of_a_lockable_channel():
+    deliveries = plan(
+        [
+            (named(channels.Job), "1"),
+            (named(channels.Job), wire.RECOVER),
+            (named(channels.Job), "2"),
+            # a whole payload, as triggers of older versions sent (they stored the row too)
+            (named(channels.Job), '{"kwargs": {"key": "old"}}'),
+        ]
+    )
+    assert described(deliveries) == [
+        (Kind.ROWS, "Job", "", [1]),
+        (Kind.SWEEP, "Job"),
+        (Kind.ROWS, "Job", "", [2]),
+        (Kind.SWEEP, "Job"),
+    ]
+
+
+def test_plan_drops_a_recovery_request_of_a_plain_channel():
+    assert plan([(named(channels.Message), wire.RECOVER)]) == []
+
+
+def test_plan_tells_what_it_ignored_and_why(caplog):
+    ignored = []
+    deliveries = plan(
+        [
+            (named(channels.Unheard), '{"key": "u"}'),
+            ("pgpubsub_nobody", "1"),
+            (named(channels.Job), "not an id"),
+            (named(channels.Job), "9" * 20),  # no bigint
+            (named(channels.Job), "7"),
+        ],
+        ignored=lambda *args: ignored.append(args),
+    )
+    assert described(deliveries) == [(Kind.ROWS, "Job", "", [7])]
+    assert ignored == [
+        (named(channels.Unheard), '{"key": "u"}', "no listener for that channel here"),
+        ("pgpubsub_nobody", "1", "no listener for that channel here"),
+        (named(channels.Job), "not an id", "not a stored notification id"),
+        (named(channels.Job), "9" * 20, "not a stored notification id"),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pgpubsub.deliveries"]
+    assert len(warnings) == 4
+    assert "tests.testapp.channels.Job (not a stored notification id)" in warnings[2]
+
+
+def test_a_sweep_delivery_carries_the_channels_listeners():
+    sweep = Delivery.sweep(channels.Job)
+    assert sweep.kind is Kind.SWEEP and sweep.channel is channels.Job
+    assert sweep.callbacks == channels.Job.get(named(channels.Job))[1]
+    assert Delivery.sweep(channels.Unheard).callbacks == []
