@@ -29,7 +29,7 @@ def tx_bound_notification_context() -> bool:
 def database_alias() -> str:
     """``PGPUBSUB_DATABASE`` (default ``"default"``): the alias the LISTEN connection is built
     from. It needs a direct connection or session pooling; messages are processed on
-    :func:`notifications_alias`."""
+    :func:`pgpubsub.models.notifications_alias`."""
     return _get("PGPUBSUB_DATABASE", "default")
 
 
@@ -66,14 +66,11 @@ def transaction_pooled(alias: str) -> bool:
 
 
 def notifications_alias() -> str:
-    """The alias stored notifications live in: ``"default"`` unless a database router sends
-    the ``Notification`` model elsewhere. Lockable messages are stored, claimed and processed
-    there, so a listener's writes on it commit together with the acknowledgement."""
-    from django.db import router
+    """Moved to :func:`pgpubsub.models.notifications_alias`: kept only while listen.py,
+    runtime.py, store.py, checks.py and testing/listeners.py still call it here."""
+    from pgpubsub import models  # the one import of the models left here: goes with this
 
-    from pgpubsub.models import Notification
-
-    return router.db_for_write(Notification)
+    return models.notifications_alias()
 
 
 def health_max_backlog_age() -> float:

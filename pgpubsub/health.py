@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django.db import DatabaseError, connections
-from django.db.models import Count, Min, Q
-from django.db.models.functions import Coalesce, Now
+from django.db.models import Count, Min
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.connection import ConnectionDoesNotExist
 
-from pgpubsub import conf
 from pgpubsub.channel import BaseChannel, registry
+from pgpubsub.models import Notification, NotificationQuerySet, database_for, notifications_alias
 
 
 @dataclass
@@ -69,9 +69,7 @@ def _age(created: datetime.datetime | None, now: datetime.datetime) -> float | N
 def database_status(using: str | None = None) -> DatabaseStatus:
     """The stored backlog of database ``using`` (the alias of stored notifications by
     default), oldest channels first."""
-    from pgpubsub.models import Notification
-
-    alias = using or conf.notifications_alias()
+    alias = using or notifications_alias()
     now = timezone.now()
     per_channel = (
         Notification.objects.using(alias)
@@ -79,15 +77,11 @@ def database_status(using: str | None = None) -> DatabaseStatus:
         .values("channel")
         .annotate(
             stored=Count("id"),
-            failed=Count("id", filter=Q(failed_at__isnull=False)),
-            # How long the rows a listener should take now have waited for one: since they
-            # were stored, or since their next attempt was due; rows marked failed, or
-            # waiting for their next attempt, wait for no listener.
-            oldest=Min(
-                Coalesce("next_attempt_at", "created_at"),
-                filter=Q(failed_at__isnull=True)
-                & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now())),
-            ),
+            failed=Count("id", filter=NotificationQuerySet.FAILED),
+            # How long the rows a listener should take now (the due ones) have waited for
+            # one: since they were stored, or since their next attempt was due; rows marked
+            # failed, or waiting for their next attempt, wait for no listener.
+            oldest=Min(Coalesce("next_attempt_at", "created_at"), filter=NotificationQuerySet.DUE),
         )
     )
     channels = sorted(
@@ -119,12 +113,9 @@ def database_status(using: str | None = None) -> DatabaseStatus:
 def monitored_databases() -> list[str]:
     """The alias of stored notifications, then each other database a channel with a listener
     names (``database = "..."``), in alphabetical order."""
-    first = conf.notifications_alias()
-    others = {
-        channel.database
-        for channel, callbacks in list(registry.items())
-        if callbacks and channel.database and channel.database != first
-    }
+    first = notifications_alias()
+    others = {database_for(channel) for channel, callbacks in list(registry.items()) if callbacks}
+    others.discard(first)
     return [first, *sorted(others)]
 
 

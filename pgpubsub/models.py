@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pgtrigger
-from django.db import models
+from django.db import models, router
+from django.db.models import Q
+from django.db.models.functions import Now
 
 from pgpubsub.channel import BaseChannel
 
@@ -23,6 +25,45 @@ _SET_DB_VERSION = """
                     NEW.created_at := NOW();
                     RETURN NEW;
                 """
+
+
+class NotificationQuerySet(models.QuerySet):
+    """Stored notifications, with the states an operator and a listener see them in.
+
+    The conditions are also there as ``Q`` objects, for aggregates (``Count("id",
+    filter=NotificationQuerySet.FAILED)``). They mean what the SQL of :mod:`pgpubsub.store`
+    means (``_DUE``, the rows its claims take) and what :attr:`Notification.status` says of
+    one row: change them together.
+    """
+
+    #: Given up on: not tried again unless retried.
+    FAILED = Q(failed_at__isnull=False)
+    #: Failed before, to be tried again (whether or not the next attempt is due yet).
+    RETRYING = Q(failed_at__isnull=True, attempts__gt=0)
+    #: Not tried yet (possibly claimed by a listener right now).
+    PENDING = Q(failed_at__isnull=True, attempts=0)
+    #: What a listener may claim now: not failed, and not waiting for its next attempt (nor
+    #: under a claim's lease). store.py's ``_DUE`` compares with now(), the start of the
+    #: transaction; Django's ``Now()`` is the start of the statement: the same in autocommit.
+    DUE = Q(failed_at__isnull=True) & (
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=Now())
+    )
+
+    def failed(self) -> NotificationQuerySet:
+        """Marked failed: kept, not tried again until retried."""
+        return self.filter(self.FAILED)
+
+    def retrying(self) -> NotificationQuerySet:
+        """Failed before and to be tried again, due or not yet."""
+        return self.filter(self.RETRYING)
+
+    def pending(self) -> NotificationQuerySet:
+        """Not tried yet."""
+        return self.filter(self.PENDING)
+
+    def due(self) -> NotificationQuerySet:
+        """What a listener may claim now."""
+        return self.filter(self.DUE)
 
 
 class Notification(models.Model):
@@ -59,6 +100,8 @@ class Notification(models.Model):
         help_text="The claim (host:pid:random) of the listener processing it, if any.",
     )
 
+    objects = NotificationQuerySet.as_manager()
+
     class Meta:
         ordering = ["created_at"]
         indexes = [
@@ -89,6 +132,7 @@ class Notification(models.Model):
     def status(self) -> str:
         """``"failed"`` (given up), ``"retrying"`` (failed before, will be tried again) or
         ``"pending"``."""
+        # One row's answer to NotificationQuerySet.FAILED / RETRYING / PENDING.
         if self.failed_at is not None:
             return self.FAILED
         return self.RETRYING if self.attempts else self.PENDING
@@ -109,6 +153,20 @@ class Notification(models.Model):
         )
 
     @classmethod
-    def from_channel(cls, channel: type[BaseChannel]) -> models.QuerySet[Notification]:
+    def from_channel(cls, channel: type[BaseChannel]) -> NotificationQuerySet:
         """The stored notifications of ``channel``."""
         return cls.objects.filter(channel=channel.listen_safe_name())
+
+
+def notifications_alias() -> str:
+    """The alias stored notifications live in: ``"default"`` unless a database router sends
+    the ``Notification`` model elsewhere. Lockable messages are stored, claimed and processed
+    there, so a listener's writes on it commit together with the acknowledgement."""
+    return router.db_for_write(Notification)
+
+
+def database_for(channel: type[BaseChannel]) -> str:
+    """The alias of the database that serves ``channel``: its messages are published, stored,
+    claimed and processed there. The channel's ``database``, else :func:`notifications_alias`
+    (listening may go through another alias: :func:`pgpubsub.conf.listen_alias`)."""
+    return channel.database or notifications_alias()

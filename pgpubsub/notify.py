@@ -9,7 +9,7 @@ from typing import Any
 
 from django.db import connections, transaction
 
-from pgpubsub import conf, wire
+from pgpubsub import wire
 from pgpubsub.channel import BaseChannel, Channel, locate_channel, select_channels
 from pgpubsub.exceptions import InvalidChannel
 
@@ -42,7 +42,7 @@ def notify(channel: type[Channel] | str, **kwargs: Any) -> str:
     message = channel_cls(**kwargs)
     serialized = message.serialize()
     listen_name = channel_cls.listen_safe_name()
-    alias = using or channel_cls.database or conf.notifications_alias()
+    alias = using or _database_for(channel_cls)
     with connections[alias].cursor() as cursor:
         if channel_cls.lock_notifications:
             cursor.execute("SELECT pgpubsub_store(%s, %s::jsonb)", [listen_name, serialized])
@@ -72,7 +72,7 @@ def process_stored_notifications(
         logger.warning("process_stored_notifications(): no lockable channel selected")
     for channel_cls in lockable:
         logger.info("Asking listeners of %s to process stored notifications", channel_cls.name())
-        alias = using or channel_cls.database or conf.notifications_alias()
+        alias = using or _database_for(channel_cls)
         with connections[alias].cursor() as cursor:
             cursor.execute(
                 "SELECT pg_notify(%s, %s)", [channel_cls.listen_safe_name(), wire.RECOVER]
@@ -89,16 +89,16 @@ def retry_failed(
     attempt). Their attempts count from zero again, and their NOTIFY is sent again so that a
     running listener processes them at once. Returns how many rows were retried."""
     from pgpubsub import store  # needs the app registry (models)
+    from pgpubsub.models import database_for, notifications_alias
 
     named = None if channels is None else [locate_channel(channel) for channel in channels]
     row_ids = None if ids is None else [int(pk) for pk in ids]
     by_alias: dict[str, list[type[BaseChannel]] | None] = {}
     if named is None:
-        by_alias[using or conf.notifications_alias()] = None
+        by_alias[using or notifications_alias()] = None
     else:
         for channel_cls in named:
-            alias = using or channel_cls.database or conf.notifications_alias()
-            by_alias.setdefault(alias, []).append(channel_cls)
+            by_alias.setdefault(using or database_for(channel_cls), []).append(channel_cls)
     retried = 0
     for alias, selected in by_alias.items():
         with transaction.atomic(using=alias):  # the NOTIFYs go out with the commit
@@ -108,3 +108,10 @@ def retry_failed(
             logger.info("Retrying %s stored notification(s) on %s", len(rows), alias)
         retried += len(rows)
     return retried
+
+
+def _database_for(channel_cls: type[BaseChannel]) -> str:
+    # pgpubsub.models needs the app registry, which is not ready when this module is imported.
+    from pgpubsub.models import database_for
+
+    return database_for(channel_cls)
