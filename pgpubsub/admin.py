@@ -23,7 +23,7 @@ from django.contrib.admin import helpers
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
-from django.db import connections, transaction
+from django.db import connections
 from django.db.models import Count, Max, QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
@@ -34,7 +34,8 @@ from django.utils.translation import ngettext
 from pgpubsub import store
 from pgpubsub.channel import registry
 from pgpubsub.health import channel_label
-from pgpubsub.models import Notification
+from pgpubsub.models import Notification, NotificationQuerySet
+from pgpubsub.notify import retry_failed
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +121,14 @@ class StatusFilter(admin.SimpleListFilter):
             (Notification.FAILED, "failed"),
         ]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+    def queryset(self, request: HttpRequest, queryset: NotificationQuerySet) -> QuerySet:
         value = self.value()
         if value == Notification.FAILED:
-            return queryset.filter(failed_at__isnull=False)
+            return queryset.failed()
         if value == Notification.RETRYING:
-            return queryset.filter(failed_at__isnull=True, attempts__gt=0)
+            return queryset.retrying()
         if value == Notification.PENDING:
-            return queryset.filter(failed_at__isnull=True, attempts=0)
+            return queryset.pending()
         return queryset
 
 
@@ -137,11 +138,9 @@ def retry_now(
 ) -> None:
     """Make the selected rows due now with a fresh count of attempts (failed ones too), and
     send their NOTIFY again (payload: the row id), so that a running listener claims and
-    processes each of them."""
+    processes each of them: what ``manage.py pgpubsub retry --ids`` does."""
     selected = list(queryset.order_by().values_list("pk", flat=True))
-    with transaction.atomic(using=queryset.db):  # the NOTIFYs go out with the commit
-        rows = store.retry(row_ids=selected, using=queryset.db)
-        sent = store.notify_rows(rows, queryset.db)
+    sent = retry_failed(ids=selected, using=queryset.db)
     model_admin.message_user(
         request,
         ngettext(
