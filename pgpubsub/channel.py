@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from django.db import connections, models
 from django.db.utils import DEFAULT_DB_ALIAS, InternalError
 
-from pgpubsub import conf
+from pgpubsub import conf, retries
 from pgpubsub.codec import Codec, codec_for
 from pgpubsub.exceptions import ChannelNotFound, InvalidChannel, InvalidPayload
 
@@ -71,6 +71,17 @@ class BaseChannel:
     #: Lockable channels: seconds before a failed message's second attempt, doubling for each
     #: later one (None: ``PGPUBSUB_RETRY_DELAY``).
     retry_delay: ClassVar[float | None] = None
+    #: Lockable channels: the retry policy, in place of ``max_attempts`` and ``retry_delay``: a
+    #: :class:`pgpubsub.retries.RetryStrategy`, any object with ``next_delay(attempt, error)``
+    #: and ``max_attempts``, or the dotted path of one (None: the default policy).
+    # Not annotated: a ClassVar annotation here would put a message field called ``retry`` (a
+    # django-pgpubsub 1.x channel may have one) first among the fields, before fields without
+    # a default, which dataclasses refuse.
+    retry = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_options(cls)
 
     def __post_init__(self) -> None:
         self.callbacks: list[Callable] = []
@@ -135,6 +146,25 @@ class BaseChannel:
         kwargs = self.signature
         for callback in self.callbacks:
             callback(**kwargs)
+
+
+def _check_options(cls: type[BaseChannel]) -> None:
+    """Refuse, when the class is defined, a channel option pgpubsub cannot use (rather than in
+    a worker, once a message fails). Whether ``database`` is an alias of ``DATABASES`` waits
+    for the system checks: the settings may not be loaded yet."""
+    limit = cls.max_concurrency
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(
+            f"{cls.__name__}.max_concurrency must be a positive int or None, not {limit!r}"
+        )
+    alias = cls.database
+    if alias is not None and not isinstance(alias, str):
+        raise TypeError(
+            f"{cls.__name__}.database must be a database alias (a str) or None, not {alias!r}"
+        )
+    if alias is not None and not alias.strip():
+        raise ValueError(f"{cls.__name__}.database must be a database alias or None, not ''")
+    retries.check(cls, load=False)
 
 
 def _resolve_hints(cls: type) -> dict[str, Any] | None:

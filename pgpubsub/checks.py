@@ -19,7 +19,6 @@ from django.db.utils import load_backend
 
 from pgpubsub import conf, retries
 from pgpubsub.channel import TriggerChannel, locate_channel, registry
-from pgpubsub.deliveries import max_concurrency
 from pgpubsub.exceptions import ChannelNotFound, ListenerSignatureError
 
 TAG = "pgpubsub"
@@ -148,27 +147,21 @@ def _check_runtime_settings() -> list:
                     id="pgpubsub.E011",
                 )
             )
+    # The other channel options (max_concurrency, max_attempts, retry_delay, a retry policy
+    # object) are refused when the class is defined; what is left needs the settings, or
+    # imports another module.
     for channel in registry:
         errors.extend(_check_channel_database(channel))
         try:
-            max_concurrency(channel)
-        except ValueError as exc:
-            errors.append(
-                Error(
-                    str(exc),
-                    hint="Remove it (no limit) or set a positive int; 1 runs messages in order.",
-                    obj=channel,
-                    id="pgpubsub.E012",
-                )
-            )
-        try:
             retries.check(channel)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             errors.append(
                 Error(
                     str(exc),
-                    hint="Remove it for the setting's default, or set max_attempts to a "
-                    "positive int and retry_delay to a positive number of seconds.",
+                    hint="Set retry to the dotted path of a retry policy (an object with "
+                    "next_delay(attempt, error) and max_attempts, or a class made without "
+                    "arguments), e.g. a pgpubsub.retries.RetryStrategy; or remove it for the "
+                    "default policy.",
                     obj=channel,
                     id="pgpubsub.E015",
                 )

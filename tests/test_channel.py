@@ -580,6 +580,46 @@ def test_a_channel_class_defined_again_under_the_same_name_replaces_the_old_one(
     assert old not in registry
 
 
+# --- channel options, checked when the class is defined -----------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])
+def test_max_concurrency_must_be_a_positive_int(value):
+    """Refused where the class is defined (it was refused when a Runtime started)."""
+    with pytest.raises(ValueError, match="Limited.max_concurrency must be a positive int"):
+
+        class Limited(channels.Message):
+            max_concurrency = value
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (1, TypeError, r"Elsewhere.database must be a database alias \(a str\) or None, not 1"),
+        (["other"], TypeError, r"Elsewhere.database must be a database alias \(a str\)"),
+        ("", ValueError, "Elsewhere.database must be a database alias or None, not ''"),
+    ],
+)
+def test_database_must_be_an_alias(value, error, message):
+    """Whether DATABASES has the alias is told by `manage.py check` (pgpubsub.E014): the
+    settings may not be loaded where a channel is defined."""
+    with pytest.raises(error, match=message):
+
+        class Elsewhere(channels.Message):
+            database = value
+
+
+def test_good_channel_options_are_accepted():
+    @dataclasses.dataclass
+    class Tuned(channels.Job):
+        max_concurrency = 1
+        database = "side"
+        max_attempts = 2
+        retry_delay = 1
+
+    assert (Tuned.max_concurrency, Tuned.database, Tuned.max_attempts) == (1, "side", 2)
+
+
 @pytest.mark.parametrize("payload", ["not json", "{'single': 'quotes'}", '"still not json'])
 def test_a_payload_that_is_not_json_is_an_invalid_payload(payload):
     from pgpubsub.exceptions import InvalidPayload

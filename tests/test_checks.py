@@ -395,20 +395,15 @@ def test_unreachable_database_is_reported_by_the_check_command(tmp_path):
     assert "Could not inspect database 'down'" in result.stderr
 
 
-def test_a_bad_max_concurrency_is_reported():
+def test_a_bad_max_concurrency_fails_when_the_channel_is_defined():
+    """Reported as pgpubsub.E012 by `manage.py check` before; now the class cannot be defined."""
     from dataclasses import dataclass
 
-    @dataclass
-    class Throttled(channels.Message):
-        max_concurrency = 0
+    with pytest.raises(ValueError, match="Throttled.max_concurrency must be a positive int"):
 
-    registry[Throttled].append(lambda key, text: None)
-    try:
-        messages = pgpubsub_messages()
-    finally:
-        del registry[Throttled]
-    assert [m.id for m in messages] == ["pgpubsub.E012"]
-    assert "Throttled.max_concurrency" in messages[0].msg and messages[0].obj is Throttled
+        @dataclass
+        class Throttled(channels.Message):
+            max_concurrency = 0
 
 
 @pytest.mark.parametrize(
@@ -418,17 +413,31 @@ def test_a_bad_max_concurrency_is_reported():
         ({"retry_delay": "1s"}, "Retried.retry_delay must be a positive number of seconds"),
     ],
 )
-def test_bad_retry_attributes_are_reported(attributes, wrong):
+def test_bad_retry_attributes_fail_when_the_channel_is_defined(attributes, wrong):
+    """Reported as pgpubsub.E015 by `manage.py check` before; now the class cannot be defined."""
+    with pytest.raises(ValueError, match=wrong):
+        type("Retried", (channels.Job,), {"__module__": __name__, **attributes})
+
+
+@pytest.mark.parametrize(
+    ("path", "wrong"),
+    [
+        ("tests.testapp.no_such_module.Policy", "names nothing that can be imported"),
+        ("tests.testapp.retry_channels.Transient", "must be a retry policy"),
+    ],
+)
+def test_a_retry_path_that_names_no_policy_is_reported(path, wrong):
     from dataclasses import dataclass
 
-    Retried = dataclass(type("Retried", (channels.Job,), {"__module__": __name__, **attributes}))
+    Retried = dataclass(type("Retried", (channels.Job,), {"__module__": __name__, "retry": path}))
     registry[Retried].append(lambda key, text: None)
     try:
         messages = pgpubsub_messages()
     finally:
         del registry[Retried]
     assert [m.id for m in messages] == ["pgpubsub.E015"]
-    assert wrong in messages[0].msg and messages[0].obj is Retried
+    assert f"Retried.retry = {path!r}" in messages[0].msg and wrong in messages[0].msg
+    assert messages[0].obj is Retried
 
 
 class LiteRouter:
