@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -42,6 +43,37 @@ def _command_prefix() -> list[str]:
     if os.path.basename(script) != "__main__.py" and os.path.isfile(script):
         return [sys.executable, os.path.abspath(script)]
     return [sys.executable, "-m", "django"]
+
+
+@dataclass(frozen=True)
+class AfterExit:
+    """What the supervisor does about a listener process that exited."""
+
+    replace: bool  # start another in its slot
+    pause: float = 0.0  # seconds to wait before starting it
+    failed: bool = False  # the supervisor itself ends with a failure status
+
+
+class RestartPolicy:
+    """Whether a listener process that exited is replaced, and when.
+
+    With ``restart``, every exit is followed by a replacement (a clean exit the supervisor did
+    not ask for is no reason to run fewer processes), started no sooner than ``min_interval``
+    seconds after the process it replaces was: a child that dies at once is not restarted in a
+    busy loop. Without, nothing replaces it, and an exit with a non-zero code fails the
+    supervisor (``listen --no-restart-on-failure``).
+    """
+
+    def __init__(self, restart: bool, min_interval: float = RESTART_DELAY) -> None:
+        self.restart = restart
+        self.min_interval = min_interval
+
+    def after_exit(self, code: int, lifetime: float) -> AfterExit:
+        """The decision for a process that exited with ``code`` (negative: killed by that
+        signal) after running ``lifetime`` seconds."""
+        if not self.restart:
+            return AfterExit(replace=False, failed=code != 0)
+        return AfterExit(replace=True, pause=max(0.0, self.min_interval - lifetime))
 
 
 class _Child:
@@ -77,6 +109,9 @@ class _Child:
 
 
 class Supervisor:
+    """Runs ``processes`` listener processes until stopped, replacing those that exit as its
+    :class:`RestartPolicy` says."""
+
     def __init__(
         self,
         processes: int,
@@ -95,6 +130,7 @@ class Supervisor:
         self.channels = channels
         self.recover = recover
         self.restart = restart
+        self.policy = RestartPolicy(restart)
         self.start_method = start_method
         self.extra_args = extra_args or []
         self.threads = threads
@@ -160,12 +196,12 @@ class Supervisor:
                     "Listener process %s (pid %s) exited with code %s", slot, child.pid, code
                 )
                 self.children[slot] = None
-                if not self.restart:
-                    if code != 0:
-                        status = 1
+                decision = self.policy.after_exit(code, time.monotonic() - child.started)
+                if decision.failed:
+                    status = 1
+                if not decision.replace:
                     continue
-                pause = RESTART_DELAY - (time.monotonic() - child.started)
-                if pause > 0 and self._stop.wait(pause):
+                if decision.pause > 0 and self._stop.wait(decision.pause):
                     return status
                 # The dead process's claimed rows were released: look for them again.
                 self.children[slot] = self._start(slot, True)
