@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import connections
+from django.db.utils import InterfaceError, OperationalError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,12 @@ def send_notification(alias: str, channel: str, payload: str, timeout: float) ->
             db.commit()
     finally:
         db.close()
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s text on one line: drivers' messages span several (``server closed the
+    connection unexpectedly\n\tThis probably means...``), and one event is one log line."""
+    return " ".join(str(exc).split())
 
 
 def is_psycopg3(raw: Any) -> bool:
@@ -243,3 +250,70 @@ def wait_any(
         except BlockingIOError:
             pass
     return [item for fd in readable if fd in by_fd for item in by_fd[fd].drain()]
+
+
+# -- Django connections of the threads that process messages -------------------------------
+
+
+def is_connection_error(exc: BaseException | None) -> bool:
+    """True for a lost or refused connection, from Django or straight from either driver (whose
+    classes are matched by name: psycopg2 and psycopg 3 do not share a base class)."""
+    while exc is not None:
+        if isinstance(exc, OSError | InterfaceError | OperationalError):
+            return True
+        if any(cls.__name__ in ("OperationalError", "InterfaceError") for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def is_broken(raw: Any) -> bool:
+    """True when the driver connection ``raw`` was closed or found broken: psycopg2 sets
+    ``closed``, psycopg 3 ``broken``, when an operation on it failed for that reason."""
+    return bool(getattr(raw, "closed", False)) or bool(getattr(raw, "broken", False))
+
+
+def open_raw(alias: str) -> Any:
+    """The driver connection of this thread's Django connection to ``alias`` (opened if need
+    be): what a unit of work runs on, to tell afterwards whether it was lost."""
+    db = connections[alias]
+    db.ensure_connection()
+    return db.connection
+
+
+def lost(alias: str, used: Any | None) -> bool:
+    """After a failure: True when the connection the work ran on (``used``; None if the work
+    did not need one) broke. A broken connection is closed; Django may already have replaced it
+    (``atomic()`` does when its rollback fails).
+
+    The driver tells, without a query: in a transaction that a listener's database error
+    aborted, a query would fail too, and that is no lost connection."""
+    db = connections[alias]
+    if used is not None and db.connection is not used:
+        return True
+    if db.connection is None or not is_broken(db.connection):
+        return False
+    db.close()
+    return True
+
+
+def tidy_connections() -> None:
+    """What ``close_old_connections()`` does between requests, for a long-running worker:
+    close the connections that broke, and those older than a positive ``CONN_MAX_AGE``. With
+    ``CONN_MAX_AGE = 0`` (Django's default, meant for requests), a working connection is kept:
+    reconnecting for every delivery would cost milliseconds each time."""
+    for db in connections.all(initialized_only=True):
+        if db.settings_dict.get("CONN_MAX_AGE") == 0:
+            if db.connection is not None and db.errors_occurred:
+                db.errors_occurred = False
+                if not db.is_usable():
+                    db.close()
+        else:
+            db.close_if_unusable_or_obsolete()
+
+
+def close_if_unusable(alias: str) -> None:
+    """Close this thread's connection to ``alias`` if it no longer works (one round trip)."""
+    db = connections[alias]
+    if db.connection is not None and not db.is_usable():
+        db.close()

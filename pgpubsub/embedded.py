@@ -29,7 +29,9 @@ from types import FrameType
 from typing import Any
 
 from pgpubsub import conf
-from pgpubsub.runtime import IDLE_WAIT, Runtime, Wakeup
+from pgpubsub.runtime import Runtime
+from pgpubsub.wakeup import Wakeup
+from pgpubsub.workers import IDLE_WAIT
 
 logger = logging.getLogger(__name__)
 

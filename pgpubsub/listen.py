@@ -11,8 +11,10 @@ from django.db import connections
 
 from pgpubsub import conf
 from pgpubsub.connection import NotifyBuffer, drain, is_psycopg3, quote_channel
-from pgpubsub.processing import Processor
+from pgpubsub.models import notifications_alias
+from pgpubsub.processing import Processors
 from pgpubsub.runtime import Runtime, selected_channels
+from pgpubsub.sweeps import sweep_all
 from pgpubsub.wire import Assembler
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
     """LISTEN to the selected channels (all with listeners by default) on this thread's Django
     connection; notifications then arrive as that connection runs queries or polls."""
     selected = selected_channels(channels)
-    connection = connections[conf.notifications_alias()]
+    connection = connections[notifications_alias()]
     connection.ensure_connection()
     wrapper = ConnectionWrapper(connection.connection)  # collecting before the first LISTEN
     with connection.cursor() as cursor:
@@ -80,26 +82,24 @@ def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
 
     As in django-pgpubsub 1.x, a listener's exception reaches the caller: here once everything
     that had arrived was processed (the first exception, when there are several)."""
-    processor = Processor(conf.notifications_alias(), raise_errors=True)
+    processors = Processors()
     connection_wrapper.poll()
     while connection_wrapper.notifies:
         # Take what has arrived; more may arrive (on this connection) while it is processed.
         arrived = list(connection_wrapper.notifies)
         del connection_wrapper.notifies[: len(arrived)]
-        processor.process_many(connection_wrapper.assembler.whole_messages(arrived))
+        processors.process_many(
+            connection_wrapper.assembler.whole_messages(arrived), raise_errors=True
+        )
         if not connection_wrapper.notifies:
             connection_wrapper.poll()
 
 
-def recover(channels: list[Any] | None = None, processor: Processor | None = None) -> int:
+def recover(channels: list[Any] | None = None) -> int:
     """Process every stored notification of the selected lockable channels on this thread."""
-    return _process_stored(channels, processor)
-
-
-def _process_stored(channels: list[Any] | None, processor: Processor | None = None) -> int:
-    processor = processor or Processor(conf.notifications_alias())
+    processors = Processors()
     return sum(
-        processor.process_stored_channel(channel_cls)
+        sweep_all(processors.of(channel_cls), channel_cls)
         for channel_cls in selected_channels(channels)
         if channel_cls.lock_notifications
     )
@@ -127,7 +127,7 @@ def listen(
     if not POLL:
         conf.listener_filter_provider()
         if recover:
-            count = _process_stored(channels)
+            count = recover(channels)
             logger.info("Recovered %s stored notifications", count)
         return
     runtime = Runtime(channels, workers=threads, recover=recover)

@@ -47,7 +47,7 @@ from pgpubsub import conf
 from pgpubsub.channel import BaseChannel, listen_name
 from pgpubsub.connection import UNDEFINED_COLUMN, UNDEFINED_TABLE, sqlstate
 from pgpubsub.exceptions import PgpubsubError
-from pgpubsub.models import Notification
+from pgpubsub.models import Notification, notifications_alias
 
 #: Most stored rows claimed per transaction: enough to share a commit among many messages,
 #: few enough that concurrent listeners share a burst and a slow listener holds few rows.
@@ -429,7 +429,7 @@ def retry(
     """Make rows due now with a fresh count of attempts, and return their (id, stored channel
     name). With ``row_ids``, those rows (failed, waiting for their next attempt, or not tried
     yet); otherwise every row marked failed, of ``channels`` if given."""
-    alias = using or conf.notifications_alias()
+    alias = using or notifications_alias()
     conditions, params = [], []
     if row_ids is not None:
         conditions.append("id = ANY(%s)")

@@ -132,7 +132,8 @@ def test_rows_claimed_again_by_another_listener_are_left_to_it():
     """A claim whose lease ran out before its rows were locked (a process frozen for that
     long): another listener claimed some of them. This one runs only the others."""
     from pgpubsub import store
-    from pgpubsub.processing import Processor
+    from pgpubsub.batches import Batch
+    from pgpubsub.processing import Processor, callbacks_of
 
     for key in ("kept", "taken"):
         pgpubsub.notify(channels.Job, key=key)
@@ -142,7 +143,14 @@ def test_rows_claimed_again_by_another_listener_are_left_to_it():
     rows = store.claim_ids(channels.Job, ids, claim, 5, "default")
     Notification.objects.filter(pk=ids[1]).update(claimed_by="other-host:1:aaaaaaaaaaaa")
 
-    done = processor._process_claimed(channels.Job, None, rows, claim, connection.connection, False)
-    assert done == 1
+    batch = Batch(
+        "default",
+        channels.Job,
+        callbacks_of(channels.Job),
+        processor.failures,
+        None,
+        connection.connection,
+    )
+    assert processor._run_claimed(batch, rows, claim).processed == 1
     assert list(Effect.objects.values_list("key", flat=True)) == ["kept"]
     assert Notification.objects.get().claimed_by == "other-host:1:aaaaaaaaaaaa"

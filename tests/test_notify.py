@@ -268,12 +268,12 @@ def test_an_unknown_field_is_named_with_the_channel():
 
 
 def test_a_long_recovery_reports_its_progress(django_db_setup, monkeypatch, caplog):
-    from pgpubsub import processing
+    from pgpubsub import sweeps
     from pgpubsub.listen import recover
 
     for number in range(45):
         _store_silently(channels.Job, f"backlog-{number}")
-    monkeypatch.setattr(processing, "PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr(sweeps, "PROGRESS_INTERVAL", 0.0)
     with caplog.at_level(logging.INFO, logger="pgpubsub"):
         assert recover([channels.Job]) == 45
     progress = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]

@@ -17,8 +17,8 @@ import time
 import psycopg2
 import pytest
 
+from pgpubsub.listening import MAX_RECONNECT_DELAY
 from pgpubsub.models import Notification
-from pgpubsub.runtime import MAX_RECONNECT_DELAY
 from tests.processes import MANAGE, ServerProcess, outputs, wait_for
 from tests.servers import ThrowawayServer
 from tests.test_embedded import (

@@ -11,7 +11,8 @@ from django.test import override_settings
 
 import pgpubsub
 from pgpubsub.listen import process_notifications
-from pgpubsub.runtime import PROBE_TIMEOUT, Runtime
+from pgpubsub.probes import PROBE_TIMEOUT
+from pgpubsub.runtime import Runtime
 from tests.pgbouncer import PgBouncer, executable, rerouted
 from tests.processes import free_port, outputs, wait_for
 from tests.test_health_view import request_json, session_cookie

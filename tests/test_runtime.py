@@ -239,13 +239,11 @@ def test_bad_settings_fail_when_the_runtime_is_made(settings):
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])
 def test_max_concurrency_must_be_a_positive_int(value):
-    from pgpubsub.deliveries import max_concurrency
-
-    class Limited(channels.Message):
-        max_concurrency = value
-
+    """Refused when the channel class is defined, not once a worker meets it."""
     with pytest.raises(ValueError, match="Limited.max_concurrency must be a positive int"):
-        max_concurrency(Limited)
+
+        class Limited(channels.Message):
+            max_concurrency = value
 
 
 # Forking a process whose Runtime threads run is what the test is about (gunicorn --preload
@@ -458,7 +456,7 @@ def test_a_sweep_first_gives_back_the_rows_a_lost_connection_kept(runtimes):
         claimed_by=claim, next_attempt_at=timezone.now() + timedelta(hours=1)
     )
     runtime = runtimes(channels=[channels.Job], workers=1)
-    runtime._losses.unreturned("default", claim, [row.pk])  # as Processor._lost_while_running
+    runtime._workers.losses.unreturned("default", claim, [row.pk])  # as a lost connection does
 
     pgpubsub.process_stored_notifications([channels.Job])  # a sweep, as after a reconnection
     wait_for(lambda: effects("Job") == [key], 20, lambda: f"the job; {runtime.status()}")

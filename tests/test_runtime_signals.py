@@ -11,7 +11,7 @@ import time
 import pytest
 from django.db import connection
 
-from pgpubsub.runtime import Wakeup
+from pgpubsub.wakeup import Wakeup
 from tests.processes import wait_for
 from tests.testapp import channels
 

@@ -9,7 +9,7 @@ from django.db import connection
 from django.test import override_settings
 
 import pgpubsub
-from pgpubsub import runtime as runtime_module
+from pgpubsub import scheduler
 from tests.processes import wait_for
 from tests.testapp import channels
 from tests.testapp.listeners import received
@@ -75,7 +75,7 @@ def test_a_table_not_migrated_is_reported_on_one_line_then_processed_once_migrat
         later.created - earlier.created for earlier, later in zip(found, found[1:], strict=False)
     ]
     for number, gap in enumerate(gaps):
-        assert gap >= 0.75 * runtime_module.MIN_SCHEMA_RETRY_DELAY * 2**number, gaps
+        assert gap >= 0.75 * scheduler.MIN_SCHEMA_RETRY_DELAY * 2**number, gaps
     pgpubsub_records = [r for r in caplog.records if r.name.startswith("pgpubsub")]
     assert not [r for r in pgpubsub_records if r.exc_info], "no traceback is logged"
     assert not [r for r in pgpubsub_records if r.levelno >= logging.ERROR and r not in found]

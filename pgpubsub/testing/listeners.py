@@ -263,9 +263,9 @@ class ListenerRun:
         return [(channel, payload) for _, channel, payload in rows]
 
     def _run(self, capture: _Capture) -> int:
-        from pgpubsub.processing import Processor  # needs the app registry
+        from pgpubsub.processing import Processors  # needs the app registry
 
-        processor = Processor(self._alias)
+        processors = Processors(using=self._alias)
         ran = 0
         with _collecting_failures() as log:
             for rounds in range(self.max_rounds + 1):
@@ -281,9 +281,9 @@ class ListenerRun:
                         "max_rounds to run_listeners() if the chain is meant to be this long."
                     )
                 ran += len(messages)
-                processor.process_many(messages)
-        if processor.failed and self.raise_errors:
-            error = ListenersFailed(log.failures, processor.failed)
+                processors.process_many(messages)
+        if processors.stats.failed and self.raise_errors:
+            error = ListenersFailed(log.failures, processors.stats.failed)
             raise error from error.errors[0] if error.errors else None
         return ran
 
