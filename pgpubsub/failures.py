@@ -135,7 +135,12 @@ class Failures:
     # -- plain messages, and failures with no row to write on ------------------------------
 
     def plain_failed(
-        self, channel_cls: type[BaseChannel], payload: str, error: Exception, started: float, read: bool
+        self,
+        channel_cls: type[BaseChannel],
+        payload: str,
+        error: Exception,
+        started: float,
+        read: bool,
     ) -> None:
         """A plain message could not be read (``read`` False) or its listener failed: it is not
         kept, so there is nothing to retry."""
@@ -208,8 +213,10 @@ class Failures:
         at once. False when the row was marked failed (or not updated)."""
         locked = claim is None
         attempt = row.attempts + 1
-        limit = retries.max_attempts(channel_cls)
-        retry_in = retries.backoff(channel_cls, attempt) if read and attempt < limit else None
+        policy = retries.strategy(channel_cls)
+        limit = policy.max_attempts
+        # An unreadable message fails for good: another attempt would read the same bytes.
+        retry_in = policy.next_delay(attempt, error) if read and attempt < limit else None
         self._log_attempt(channel_cls, row, error, started, read, attempt, limit, retry_in, rerun)
         self.signal(channel_cls, row.pk, error, started, attempt, retry_in is None)
         self.stats.failure(error, invalid=not read)
@@ -302,7 +309,7 @@ class Failures:
         died = [row for row in claimed if row.died is not None]
         if not died:
             return claimed
-        limit = retries.max_attempts(channel_cls)
+        limit = retries.strategy(channel_cls).max_attempts
         for row in died:
             error = ListenerProcessDied(
                 f"the process that claimed it ({row.died}) ended while its listeners ran"
@@ -352,7 +359,9 @@ class Failures:
         )
         self.stats.note_error(error)
 
-    def _charge_losses(self, channel_cls: type[BaseChannel], row_ids: list[int], claim: str) -> None:
+    def _charge_losses(
+        self, channel_cls: type[BaseChannel], row_ids: list[int], claim: str
+    ) -> None:
         counts = self.losses.lost(row_ids)
         again = {pk: n for pk, n in counts.items() if n > 1}
         delay = retries.backoff(channel_cls, max(again.values()) - 1) if again else 0.0
@@ -370,7 +379,7 @@ class Failures:
                 delay,
                 list(again),
                 charged,
-                retries.max_attempts(channel_cls),
+                retries.strategy(channel_cls).max_attempts,
                 text,
             )
         except Exception as exc:  # the server may be away: given back once it is there

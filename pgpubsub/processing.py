@@ -178,7 +178,7 @@ class Processor:
         self, channel_cls: type[BaseChannel], row_ids: list[int], claim: str
     ) -> list[store.StoredRow]:
         return store.claim_ids(
-            channel_cls, row_ids, claim, retries.max_attempts(channel_cls), self.using
+            channel_cls, row_ids, claim, retries.strategy(channel_cls).max_attempts, self.using
         )
 
     def _run_claimed(

@@ -26,7 +26,7 @@ from typing import Any
 
 from pgpubsub import conf, retries
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
-from pgpubsub.deliveries import DeliveryQueue, Kind, max_concurrency
+from pgpubsub.deliveries import DeliveryQueue, Kind
 from pgpubsub.listening import Listener
 from pgpubsub.models import notifications_alias
 from pgpubsub.probes import NOTIFICATIONS_NOT_RECEIVED, NotificationsNotReceived
@@ -87,9 +87,8 @@ class Runtime:
     ) -> None:
         self.channels = selected_channels(channels)
         for channel in self.channels:
-            max_concurrency(channel)  # a bad value fails here, not in a worker
             if channel.lock_notifications:
-                retries.check(channel)
+                retries.check(channel)  # imports a policy named by its dotted path
         self.workers = conf.workers() if workers is None else workers
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be a positive int, not {self.workers!r}")

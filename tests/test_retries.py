@@ -357,7 +357,7 @@ def test_no_other_listener_runs_a_message_while_its_failed_attempt_is_recorded()
 
     def listener_b() -> None:
         try:
-            other_attempts.append(Processor().process_stored_row(channels.Flaky, None, row.pk))
+            other_attempts.append(Processor().process_stored_rows(channels.Flaky, [row.pk]) == 1)
         finally:
             connections.close_all()
 
@@ -370,7 +370,7 @@ def test_no_other_listener_runs_a_message_while_its_failed_attempt_is_recorded()
 
     message_failed.connect(meanwhile, sender=channels.Flaky)
     try:
-        assert not Processor().process_stored_row(channels.Flaky, None, row.pk)
+        assert Processor().process_stored_rows(channels.Flaky, [row.pk]) == 0
     finally:
         message_failed.disconnect(meanwhile, sender=channels.Flaky)
     assert other_attempts == [False]  # B found the row held
