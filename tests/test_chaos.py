@@ -5,6 +5,12 @@ that is then started again, and callbacks fail on their first attempt (5%) or al
 At the end every message's effect exists exactly once (``Effect.key`` is unique: a message
 processed twice would fail its second time and be left stored), and the only stored rows
 are the permanent failures, marked failed with their error.
+
+The tester's random choices (the pauses between terminations, which session, which kind) come
+from a seed printed at the start of each test (``chaos seed: <n>``, in the captured output
+pytest shows for a failed test). ``PGPUBSUB_CHAOS_SEED=<n>`` replays those choices; the
+processes' own timing still differs from run to run, so a replayed failure is likely, not
+certain.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ KILL_EVERY = 0.25
 #: Environment of every listening process: sweeps come often, so that the rows of a killed
 #: process or a missed NOTIFY do not wait long.
 ENV = {"PGPUBSUB_TEST_SWEEP_INTERVAL": "2", "PGPUBSUB_TEST_WORKERS": "4"}
+#: The environment variable that replays a run's random choices: the seed it printed.
+SEED_VARIABLE = "PGPUBSUB_CHAOS_SEED"
 
 
 def kind(number: int) -> str:
@@ -54,6 +62,24 @@ def produce() -> None:
                 pgpubsub.notify(channels.ChaosJob, key=f"chaos-{number}", fail=kind(number))
 
 
+@pytest.fixture
+def chaos_random(request) -> random.Random:
+    """The tester's source of random choices: seeded from PGPUBSUB_CHAOS_SEED, else anew; the
+    seed is printed, so that a failed test's report shows it."""
+    given = os.environ.get(SEED_VARIABLE, "").strip()
+    if given:
+        try:
+            seed = int(given)
+        except ValueError:
+            pytest.fail(f"{SEED_VARIABLE} must be an integer (a seed a run printed), not {given!r}")
+    else:
+        seed = random.SystemRandom().randrange(2**32)
+    print(
+        f"chaos seed: {seed} (replay: {SEED_VARIABLE}={seed} python -m pytest {request.node.nodeid})"
+    )
+    return random.Random(seed)
+
+
 class Terminator(threading.Thread):
     """Terminates a random database session of the servers' (never the test's own) every
     ``KILL_EVERY`` seconds on average, until stopped: every ``LISTEN_EVERY``-th a LISTEN
@@ -62,16 +88,17 @@ class Terminator(threading.Thread):
 
     LISTEN_EVERY = 3
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], choices: random.Random) -> None:
         super().__init__(name="chaos-terminator", daemon=True)
         self.names = names
+        self.choices = choices
         self.stopping = threading.Event()
         self.killed: Counter[str] = Counter()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            while not self.stopping.wait(random.uniform(0, 2 * KILL_EVERY)):
+            while not self.stopping.wait(self.choices.uniform(0, 2 * KILL_EVERY)):
                 with connection.cursor() as cursor:
                     cursor.execute(
                         "SELECT pid, query FROM pg_stat_activity "
@@ -88,7 +115,7 @@ class Terminator(threading.Thread):
                     if what is None:
                         continue
                     cursor.execute(
-                        "SELECT pg_terminate_backend(%s)", [random.choice(by_kind[what])]
+                        "SELECT pg_terminate_backend(%s)", [self.choices.choice(by_kind[what])]
                     )
                 self.killed[what] += 1
         except BaseException as exc:  # reported by the test
@@ -145,10 +172,13 @@ def assert_cut_and_reconnected(terminator: Terminator, servers: list[ServerProce
     assert "Lost the listening connection" in logs, outputs(servers)
 
 
-def run_chaos(servers: list[ServerProcess], names: list[str], kill_one) -> Terminator:
-    """Produce while sessions are terminated, kill a process midway (``kill_one()``), then
-    wait for the outcome; returns the terminator (stopped) for its counts."""
-    terminator = Terminator(names)
+def run_chaos(
+    servers: list[ServerProcess], names: list[str], kill_one, choices: random.Random
+) -> Terminator:
+    """Produce while sessions are terminated (at ``choices``' random), kill a process midway
+    (``kill_one()``), then wait for the outcome; returns the terminator (stopped) for its
+    counts."""
+    terminator = Terminator(names, choices)
     terminator.start()
     try:
         producer_done = threading.Event()
@@ -175,7 +205,7 @@ def run_chaos(servers: list[ServerProcess], names: list[str], kill_one) -> Termi
 
 
 @pytest.mark.timeout(240)
-def test_listen_processes_lose_nothing_and_do_nothing_twice(processes):
+def test_listen_processes_lose_nothing_and_do_nothing_twice(processes, chaos_random):
     listeners = [processes.start("--threads", "4", "--recover", ready=1, env=ENV) for _ in range(3)]
     names = [listener.name for listener in listeners]
     victim = listeners[0]
@@ -187,7 +217,7 @@ def test_listen_processes_lose_nothing_and_do_nothing_twice(processes):
         listeners.append(replacement)
         names.append(replacement.name)  # the terminator reads the list as it goes
 
-    terminator = run_chaos(listeners[1:], names, kill_one)
+    terminator = run_chaos(listeners[1:], names, kill_one, chaos_random)
     alive = listeners[1:]
     assert all(listener.alive for listener in alive), outputs(alive)
     assert_outcome(listeners)
@@ -198,7 +228,9 @@ GUNICORN_ENV = {**ENV, "PGPUBSUB_TEST_EMBEDDED": "1", "PGPUBSUB_TEST_SHUTDOWN_TI
 
 
 @pytest.mark.timeout(240)
-def test_gunicorn_workers_in_embedded_mode_lose_nothing_and_do_nothing_twice(processes):
+def test_gunicorn_workers_in_embedded_mode_lose_nothing_and_do_nothing_twice(
+    processes, chaos_random
+):
     server = processes.start_command(gunicorn(), ready=GUNICORN_WORKERS, env=GUNICORN_ENV)
     workers = server.children()
     assert len(workers) == GUNICORN_WORKERS
@@ -216,7 +248,7 @@ def test_gunicorn_workers_in_embedded_mode_lose_nothing_and_do_nothing_twice(pro
             watch=[server],
         )
 
-    terminator = run_chaos([server], [server.name], kill_one)
+    terminator = run_chaos([server], [server.name], kill_one, chaos_random)
     assert server.alive
     assert_outcome([server])
     assert_cut_and_reconnected(terminator, [server])
