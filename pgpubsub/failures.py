@@ -309,6 +309,18 @@ class Failures:
         died = [row for row in claimed if row.died is not None]
         if not died:
             return claimed
+        for row in died:
+            if row.suspect:
+                logger.warning(
+                    "Stored notification %s of %s: the process that claimed it with others (%s) "
+                    "ended while its listeners ran; running it alone, no attempt counted (which "
+                    "message ended the process is not known)",
+                    row.pk,
+                    channel_cls.name(),
+                    row.died,
+                    extra=message_fields(channel_cls, row.pk, row.attempts + 1),
+                )
+        died = [row for row in died if not row.suspect]
         limit = retries.strategy(channel_cls).max_attempts
         for row in died:
             error = ListenerProcessDied(

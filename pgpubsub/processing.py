@@ -142,7 +142,7 @@ class Processor:
             return Outcome()  # not started: the rows stay due for the next processor
         used = connection.open_raw(self.using)
         self.failures.give_back_unreturned()
-        claim = store.new_claim()
+        claim = store.new_claim(solo=len(row_ids) == 1)
         try:
             if connections[self.using].in_atomic_block:  # a caller's transaction: keep it usable
                 with transaction.atomic(using=self.using):
@@ -172,7 +172,40 @@ class Processor:
             self.stopping,
             used,
         )
-        return self._run_claimed(batch, rows, claim)
+        # Rows whose last claim died run alone, each under a solo claim of its own: should one
+        # end this process too, the next claim knows which and counts its attempt.
+        alone = [row for row in rows if row.died is not None] if len(row_ids) > 1 else []
+        if not alone:
+            return self._run_claimed(batch, rows, claim)
+        outcome = self._run_claimed(batch, [row for row in rows if row.died is None], claim)
+        return outcome + self._run_alone(batch, alone, claim, outcome)
+
+    def _run_alone(
+        self, batch: Batch, suspects: list[store.StoredRow], claim: str, before: Outcome
+    ) -> Outcome:
+        """Run each of the rows ``suspects`` of ``claim`` under a solo claim of its own."""
+        outcome = Outcome()
+        for index, row in enumerate(suspects):
+            if self._stop_wanted() or (before + outcome).lost is not None:
+                self.failures.give_back_quietly(suspects[index:], claim)
+                break
+            solo = store.new_claim(solo=True)
+            try:
+                if not store.reclaim(row.pk, claim, solo, self.using):
+                    continue  # its lease ran out meanwhile: another listener has it
+            except store.SchemaBehind:
+                raise
+            except Exception as error:
+                ids = [row.pk for row in suspects[index:]]
+                if connection.lost(self.using, batch.used):
+                    self.failures.connection_lost(batch.channel_cls, ids, claim, error)
+                    return outcome + Outcome(lost=error)
+                logger.error("Claiming stored notification %s alone failed", row.pk, exc_info=error)
+                self.stats.failure(error)
+                self.failures.give_back_quietly(suspects[index:], claim)
+                break
+            outcome += self._run_claimed(batch, [row], solo)
+        return outcome
 
     def _claim(
         self, channel_cls: type[BaseChannel], row_ids: list[int], claim: str

@@ -14,7 +14,11 @@ Processing a batch of rows takes two transactions:
    This is the attempt's durable trace: should the process die while the listeners run (a
    segmentation fault, ``os._exit()``, the OOM killer), whatever its processing transaction
    wrote is rolled back, but the claim stays, and the next claim of the row counts the attempt
-   that died (and marks the row failed once that makes ``max_attempts``).
+   that died (and marks the row failed once that makes ``max_attempts``) -- if the claim was
+   of that row alone (a *solo* claim, see :func:`new_claim`). A process that died running a
+   batch says nothing of which of its rows killed it: those rows are *suspects*, not charged,
+   and each runs next under a solo claim of its own (:func:`reclaim`), so that a poison
+   message is charged its deaths and the others of its batch are not.
 2. The processing transaction locks the claimed rows again (:func:`hold_all_sql` with the
    first savepoint, or :func:`hold`; only rows still carrying this claim) and keeps them
    locked while the listeners run, each message in a savepoint. Every outcome is written in
@@ -147,22 +151,29 @@ def check_schema(using: str) -> None:
 class StoredRow(NamedTuple):
     """A claimed row: its id, its payload as JSON text (parsed later, by the channel), and the
     failed attempts it had before this one. ``died``: the claim of a process that died while it
-    ran this row's listeners (that attempt is among ``attempts``); ``failed``: that attempt was
-    the last one, so the row was marked failed and is not to be run."""
+    ran this row's listeners; ``suspect``: that claim was of a batch, so the attempt was not
+    counted and the row is to run alone; else it is among ``attempts``, and ``failed``: that
+    attempt was the last one, so the row was marked failed and is not to be run."""
 
     pk: int
     payload: str
     attempts: int = 0
     died: str | None = None
     failed: bool = False
+    suspect: bool = False
 
 
-def new_claim() -> str:
+#: The end of the name of a claim of one row (:func:`new_claim`).
+SOLO = ":1"
+
+
+def new_claim(solo: bool = False) -> str:
     """A name for one claim, unique across processes and hosts, that says where it was made
-    (``host:pid:random``): a row a dead process left claimed shows it in ``last_error``. Only
-    letters, digits and ``.:_-``, so that it can be written into SQL (:func:`hold_all_sql`)."""
+    (``host:pid:random``, and ``:1`` at the end for a claim of one row, ``solo``): a row a dead
+    process left claimed shows it in ``last_error``. Only letters, digits and ``.:_-``, so that
+    it can be written into SQL (:func:`hold_all_sql`)."""
     host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:80]
-    return f"{host}:{os.getpid()}:{secrets.token_hex(6)}"
+    return f"{host}:{os.getpid()}:{secrets.token_hex(6)}{SOLO if solo else ''}"
 
 
 def stored_names(channel_cls: type[BaseChannel]) -> list[str]:
@@ -219,8 +230,9 @@ def claim_ids(
     connection) the claim commits at once; inside a transaction, with it.
 
     A due row that still carries a claim was claimed by a process that died before it wrote
-    the outcome (a live one writes it, or gives the row back): that attempt is counted here,
-    and a row it brings to ``max_attempts`` is marked failed instead of claimed (``failed``)."""
+    the outcome (a live one writes it, or gives the row back). If that was a solo claim, the
+    attempt is counted here, and a row it brings to ``max_attempts`` is marked failed instead
+    of claimed (``failed``); if a batch's, the row is claimed uncounted, a ``suspect``."""
     where, params = _claimable(channel_cls, row_ids, using)
     db = connections[using]
     # The claim must outlive the listener's process, not the server: it need not wait for its
@@ -233,25 +245,53 @@ def claim_ids(
         if db.in_atomic_block
         else " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
     )
-    exhausted = "c.dead IS NOT NULL AND n.attempts + 1 >= %s"
+    # c.charged: the row carries the solo claim of a process that died (see the module's doc).
+    exhausted = "c.charged AND n.attempts + 1 >= %s"
     with _cursor(using) as cursor:
         cursor.execute(
             # SET sees the row as it was: c.dead is the claim the row still carried, if any.
             f"UPDATE {_TABLE} AS n SET "
-            "attempts = n.attempts + CASE WHEN c.dead IS NULL THEN 0 ELSE 1 END, "
-            "last_error = CASE WHEN c.dead IS NULL THEN n.last_error "
-            "ELSE concat(%s::text, c.dead, %s::text) END, "
-            "last_traceback = CASE WHEN c.dead IS NULL THEN n.last_traceback END, "
+            "attempts = n.attempts + CASE WHEN c.charged THEN 1 ELSE 0 END, "
+            "last_error = CASE WHEN c.charged THEN concat(%s::text, c.dead, %s::text) "
+            "ELSE n.last_error END, "
+            "last_traceback = CASE WHEN c.charged THEN NULL ELSE n.last_traceback END, "
             f"failed_at = CASE WHEN {exhausted} THEN clock_timestamp() END, "
             f"claimed_by = CASE WHEN {exhausted} THEN NULL ELSE %s END, "
             f"next_attempt_at = CASE WHEN {exhausted} THEN NULL "
             "ELSE clock_timestamp() + make_interval(secs => %s::float8) END "
-            f"FROM (SELECT id, claimed_by AS dead FROM {_TABLE} WHERE {where} "
+            "FROM (SELECT id, claimed_by AS dead, "
+            "coalesce(right(claimed_by, %s::int) = %s::text, false) AS charged "
+            f"FROM {_TABLE} WHERE {where} "
             f"ORDER BY id FOR UPDATE SKIP LOCKED) AS c WHERE n.id = c.id{asynchronous} "
-            "RETURNING n.id, n.payload::text, n.attempts, c.dead, n.failed_at IS NOT NULL",
-            [*_DIED, max_attempts, max_attempts, claim, max_attempts, CLAIM_LEASE, *params],
+            "RETURNING n.id, n.payload::text, n.attempts, c.dead, n.failed_at IS NOT NULL, "
+            "c.dead IS NOT NULL AND NOT c.charged",
+            [
+                *_DIED,
+                max_attempts,
+                max_attempts,
+                claim,
+                max_attempts,
+                CLAIM_LEASE,
+                len(SOLO),
+                SOLO,
+                *params,
+            ],
         )
         return sorted(StoredRow(*row) for row in cursor.fetchall())
+
+
+def reclaim(row_id: int, claim: str, solo: str, using: str) -> bool:
+    """Move row ``row_id`` from ``claim`` to the solo claim ``solo``, for a new lease: a
+    suspect runs alone, so that its attempt is counted should its process die. False if the
+    row no longer carries ``claim`` (its lease ran out and another listener claimed it)."""
+    with _cursor(using) as cursor:
+        cursor.execute(
+            f"UPDATE {_TABLE} SET claimed_by = %s, "
+            "next_attempt_at = clock_timestamp() + make_interval(secs => %s::float8) "
+            "WHERE id = %s AND claimed_by = %s",
+            [solo, CLAIM_LEASE, row_id, claim],
+        )
+        return cursor.rowcount == 1
 
 
 def hold(row_ids: list[int], claim: str, using: str) -> set[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models.functions import Now
 
 import pgpubsub
@@ -78,6 +78,53 @@ def test_a_listener_that_kills_its_process_ends_marked_failed_after_max_attempts
     assert all(process.alive for process in alive), outputs(alive)
 
 
+@pytest.mark.timeout(240)
+def test_a_poison_message_in_a_batch_is_charged_its_deaths_and_the_others_are_not(
+    processes, tmp_path
+):
+    """A process that dies running a batch does not say which message killed it: the rows of
+    that batch are not charged, and each runs alone next. The poison message, alone, is
+    charged each death until it is marked failed; every other message of its batch is
+    processed once, whatever its place in the batch."""
+    log = tmp_path / "runs"
+    limit = channels.Crashing.max_attempts
+    keys = [f"innocent-{n}" for n in range(4)] + ["poison"] + [f"innocent-{n}" for n in range(4, 8)]
+    with transaction.atomic():  # stored before any process listens: one sweep, one batch
+        for key in keys:
+            pgpubsub.notify(channels.Crashing, key=key, log=str(log))
+    alive = [start(processes) for _ in range(ALIVE)]
+    died = []
+
+    def settled() -> bool:
+        return Notification.objects.filter(failed_at__isnull=True).count() == 0
+
+    while not settled():
+        wait_for(
+            lambda: settled() or any(not process.alive for process in alive),
+            90,
+            lambda: (
+                f"a process to die or every row to settle; {Notification.objects.count()} "
+                "rows stored"
+            ),
+        )
+        for process in [process for process in alive if not process.alive]:
+            assert process.returncode == 1, outputs([process])
+            died.append(process)
+            alive.remove(process)
+            alive.append(start(processes))  # what a supervisor does
+        assert len(died) <= limit + 1, f"{len(died)} processes died"
+
+    (row,) = Notification.objects.all()
+    assert row.payload["kwargs"]["key"] == "poison"
+    assert (row.attempts, row.failed_at is not None) == (limit, True)
+    assert row.last_error.startswith("ListenerProcessDied: "), row.last_error
+    # The batch's death was nobody's; each of the poison's runs alone was its own.
+    assert len(died) == limit + 1
+    effects = list(Effect.objects.filter(channel="Crashing").values_list("key", flat=True))
+    assert sorted(effects) == sorted(key for key in keys if key != "poison")
+    assert all(process.alive for process in alive), outputs(alive)
+
+
 def dead_claim(key: str, attempts: int = 0) -> Notification:
     """A Job row as a process leaves it when it dies while its listeners run: claimed, its
     lease run out, nothing else written."""
@@ -87,7 +134,7 @@ def dead_claim(key: str, attempts: int = 0) -> Notification:
     row = Notification.objects.get(payload__kwargs__key=key)
     Notification.objects.filter(pk=row.pk).update(attempts=attempts)
     (claimed,) = store.claim_ids(
-        channels.Job, [row.pk], "dead-host:4242:0123456789ab", 5, "default"
+        channels.Job, [row.pk], "dead-host:4242:0123456789ab:1", 5, "default"
     )
     assert claimed.died is None
     Notification.objects.filter(pk=row.pk).update(next_attempt_at=Now())  # the lease ran out
@@ -122,10 +169,36 @@ def test_a_process_that_died_on_the_last_attempt_leaves_the_row_marked_failed():
     row.refresh_from_db()
     assert (row.attempts, row.failed_at is not None, row.claimed_by) == (5, True, None)
     assert row.last_error == (
-        "ListenerProcessDied: the process that claimed it (dead-host:4242:0123456789ab) ended "
+        "ListenerProcessDied: the process that claimed it (dead-host:4242:0123456789ab:1) ended "
         "while its listeners ran"
     )
     assert list(Effect.objects.values_list("key", flat=True)) == ["fine"]
+
+
+def test_the_rows_of_a_batch_whose_process_died_are_not_charged():
+    """Which message of a batch ended its process is not known: none is charged, and each
+    runs alone."""
+    from pgpubsub import store
+    from pgpubsub.processing import Processor
+
+    for key in ("first", "second"):
+        pgpubsub.notify(channels.Job, key=key)
+    ids = sorted(Notification.objects.values_list("id", flat=True))
+    assert len(store.claim_ids(channels.Job, ids, "dead-host:4242:0123456789ab", 5, "default")) == 2
+    Notification.objects.update(next_attempt_at=Now())  # the lease ran out
+    failures = []
+
+    def record(sender, **kwargs):
+        failures.append(kwargs["row_id"])
+
+    message_failed.connect(record, sender=channels.Job)
+    try:
+        assert Processor().process_stored_rows(channels.Job, ids) == 2
+    finally:
+        message_failed.disconnect(record, sender=channels.Job)
+    assert failures == []
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["first", "second"]
+    assert not Notification.objects.exists()
 
 
 def test_rows_claimed_again_by_another_listener_are_left_to_it():
