@@ -205,10 +205,6 @@ class ListenConnection:
         """Notifications received so far; never blocks."""
         return drain(self.raw, self._buffer)
 
-    def wait(self, timeout: float) -> list[Any]:
-        """Notifications that arrive within ``timeout`` seconds (empty list if none)."""
-        return wait_any([self], timeout)
-
     def close(self) -> None:
         """UNLISTEN and close; safe to call on a broken or closed connection."""
         db, self._db = self._db, None

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 import pgpubsub
 from pgpubsub.channel import Channel
-from pgpubsub.connection import ListenConnection
+from pgpubsub.connection import ListenConnection, wait_any
 from pgpubsub.models import Notification
 from tests.processes import ROOT, ListenProcesses, wait_for
 from tests.testapp import channels
@@ -163,8 +163,8 @@ def receive(conn: ListenConnection, count: int) -> list[tuple[str, str]]:
     while len(received) < count:
         remaining = deadline - time.monotonic()
         assert remaining > 0, f"received {received}, expected {count} notifications"
-        received += [(n.channel, n.payload) for n in conn.wait(min(remaining, 1.0))]
-    return received + [(n.channel, n.payload) for n in conn.wait(0)]
+        received += [(n.channel, n.payload) for n in wait_any([conn], min(remaining, 1.0))]
+    return received + [(n.channel, n.payload) for n in wait_any([conn], 0)]
 
 
 def test_changelist_lists_stored_rows_oldest_first(browser):
