@@ -15,6 +15,9 @@ Encodings (chosen so that every supported value comes back equal, with the same 
   not encode to strings are written as their JSON text (``{"1": ...}`` for ``int`` keys);
   ``dict[Any, ...]`` takes JSON scalar keys.
 - ``Any``, ``object``, bare ``dict``/``list``: JSON values, checked when sent.
+
+(Over 400 lines on purpose: the encodings above are one table, each type's encoder and decoder
+side by side; split by type, the round-trip rules would be scattered.)
 """
 
 from __future__ import annotations

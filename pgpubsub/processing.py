@@ -34,7 +34,8 @@ from django.db import connections, transaction
 from pgpubsub import connection, deliveries, retries, signals, store
 from pgpubsub.batches import Batch, Done, NotHeld, check_not_doomed
 from pgpubsub.channel import BaseChannel
-from pgpubsub.failures import Failures, Losses, OnRetry, log_ran
+from pgpubsub.failures import Failures, OnRetry, log_ran
+from pgpubsub.losses import Losses
 from pgpubsub.models import database_for
 from pgpubsub.stats import Stats
 

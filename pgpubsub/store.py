@@ -1,5 +1,7 @@
 """Every query on stored notifications: find pending rows, claim rows by id, acknowledge them,
-record a failed attempt, retry failed rows.
+record a failed attempt, retry failed rows. (Over 400 lines on purpose: every statement on
+``pgpubsub_notification`` is here, so that the claim protocol below -- claim, hold, acknowledge,
+record, give back -- is read and changed as one.)
 
 A row is *due* when it has not failed for good (``failed_at`` is empty) and its next attempt is
 not in the future; listeners only ever claim due rows. The hot queries are plain SQL with
@@ -234,17 +236,7 @@ def claim_ids(
     attempt is counted here, and a row it brings to ``max_attempts`` is marked failed instead
     of claimed (``failed``); if a batch's, the row is claimed uncounted, a ``suspect``."""
     where, params = _claimable(channel_cls, row_ids, using)
-    db = connections[using]
-    # The claim must outlive the listener's process, not the server: it need not wait for its
-    # WAL to be flushed (the processing transaction's commit flushes it anyway). Were the
-    # server to crash first, the processing transaction would be lost with it, and the message
-    # run again, uncounted, as it would have been before. Not inside a caller's transaction,
-    # whose commit this setting would change.
-    asynchronous = (
-        ""
-        if db.in_atomic_block
-        else " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
-    )
+    asynchronous = _asynchronous_commit(using)
     # c.charged: the row carries the solo claim of a process that died (see the module's doc).
     exhausted = "c.charged AND n.attempts + 1 >= %s"
     with _cursor(using) as cursor:
@@ -278,6 +270,19 @@ def claim_ids(
             ],
         )
         return sorted(StoredRow(*row) for row in cursor.fetchall())
+
+
+def _asynchronous_commit(using: str) -> str:
+    """A condition that makes the claim's commit asynchronous, in autocommit.
+
+    The claim must outlive the listener's process, not the server: it need not wait for its WAL
+    to be flushed (the processing transaction's commit flushes it anyway). Were the server to
+    crash first, the processing transaction would be lost with it, and the message run again,
+    uncounted, as it would have been before. Not inside a caller's transaction, whose commit
+    this setting would change."""
+    if connections[using].in_atomic_block:
+        return ""
+    return " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
 
 
 def reclaim(row_id: int, claim: str, solo: str, using: str) -> bool:

@@ -21,7 +21,7 @@ from pgpubsub import store
 from pgpubsub.channel import BaseChannel
 from pgpubsub.connection import close_if_unusable, is_connection_error, one_line, tidy_connections
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind
-from pgpubsub.failures import Losses
+from pgpubsub.losses import Losses
 from pgpubsub.models import Notification, database_for
 from pgpubsub.processing import Processor, Processors
 from pgpubsub.scheduler import Scheduler
