@@ -314,7 +314,7 @@ class TriggerChannel(BaseChannel):
     @classmethod
     def deserialize(cls, payload: dict | str) -> dict[str, Any]:
         """``{'old': ..., 'new': ...}`` as unsaved model instances (and ``context`` when passed)."""
-        from pgpubsub.rows import instance_from_row, model_for_payload
+        from pgpubsub.row_images import instance_from_row, model_for_payload
 
         # Decimal keeps numeric columns exact; float columns are converted back by their field.
         data = _load_json(payload, parse_float=decimal.Decimal)

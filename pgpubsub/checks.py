@@ -20,6 +20,7 @@ from django.db.utils import load_backend
 from pgpubsub import conf, retries
 from pgpubsub.channel import TriggerChannel, locate_channel, registry
 from pgpubsub.exceptions import ChannelNotFound, ListenerSignatureError
+from pgpubsub.models import notifications_alias
 
 TAG = "pgpubsub"
 
@@ -167,7 +168,7 @@ def _check_runtime_settings() -> list:
                 )
             )
     if getattr(settings, "PGPUBSUB_EMBEDDED", False) is True:
-        alias = conf.notifications_alias()
+        alias = notifications_alias()
         _, vendor = _vendor(alias)
         if vendor != "postgresql":
             errors.append(

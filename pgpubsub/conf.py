@@ -65,14 +65,6 @@ def transaction_pooled(alias: str) -> bool:
     return bool(settings.DATABASES.get(alias, {}).get("DISABLE_SERVER_SIDE_CURSORS"))
 
 
-def notifications_alias() -> str:
-    """Moved to :func:`pgpubsub.models.notifications_alias`: kept only while listen.py,
-    runtime.py, store.py, checks.py and testing/listeners.py still call it here."""
-    from pgpubsub import models  # the one import of the models left here: goes with this
-
-    return models.notifications_alias()
-
-
 def health_max_backlog_age() -> float:
     """``PGPUBSUB_HEALTH_MAX_BACKLOG_AGE`` (default ``300``): seconds the oldest stored
     notification may wait before the health view reports a failure."""

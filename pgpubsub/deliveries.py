@@ -99,18 +99,6 @@ def _ignore(
         ignored(channel_name, payload, reason)
 
 
-def max_concurrency(channel: type[BaseChannel]) -> int | None:
-    """The channel's ``max_concurrency``: None (no limit) or a positive int."""
-    limit = getattr(channel, "max_concurrency", None)
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(
-            f"{channel.__name__}.max_concurrency must be a positive int or None, not {limit!r}"
-        )
-    return limit
-
-
 class _Lane:
     """The deliveries of one channel with a ``max_concurrency``: waiting ones, in order."""
 
@@ -162,7 +150,7 @@ class DeliveryQueue:
 
     def _add(self, delivery: Delivery) -> None:
         self._waiting += 1
-        limit = max_concurrency(delivery.channel)
+        limit = delivery.channel.max_concurrency  # checked when the channel was defined
         if limit is None:
             self._ready.append(delivery)
         else:

@@ -95,7 +95,7 @@ def process_notifications(connection_wrapper: ConnectionWrapper) -> None:
             connection_wrapper.poll()
 
 
-def recover(channels: list[Any] | None = None) -> int:
+def process_stored(channels: list[Any] | None = None) -> int:
     """Process every stored notification of the selected lockable channels on this thread."""
     processors = Processors()
     return sum(
@@ -127,7 +127,7 @@ def listen(
     if not POLL:
         conf.listener_filter_provider()
         if recover:
-            count = recover(channels)
+            count = process_stored(channels)
             logger.info("Recovered %s stored notifications", count)
         return
     runtime = Runtime(channels, workers=threads, recover=recover)

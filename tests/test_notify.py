@@ -269,13 +269,13 @@ def test_an_unknown_field_is_named_with_the_channel():
 
 def test_a_long_recovery_reports_its_progress(django_db_setup, monkeypatch, caplog):
     from pgpubsub import sweeps
-    from pgpubsub.listen import recover
+    from pgpubsub.listen import process_stored
 
     for number in range(45):
         _store_silently(channels.Job, f"backlog-{number}")
     monkeypatch.setattr(sweeps, "PROGRESS_INTERVAL", 0.0)
     with caplog.at_level(logging.INFO, logger="pgpubsub"):
-        assert recover([channels.Job]) == 45
+        assert process_stored([channels.Job]) == 45
     progress = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
     assert len(progress) == 3  # one line per batch of 20 here
     assert progress[0].startswith("Processed 20 stored notifications of tests.testapp.channels.Job")

@@ -237,15 +237,6 @@ def test_bad_settings_fail_when_the_runtime_is_made(settings):
         delattr(settings, name)
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])
-def test_max_concurrency_must_be_a_positive_int(value):
-    """Refused when the channel class is defined, not once a worker meets it."""
-    with pytest.raises(ValueError, match="Limited.max_concurrency must be a positive int"):
-
-        class Limited(channels.Message):
-            max_concurrency = value
-
-
 # Forking a process whose Runtime threads run is what the test is about (gunicorn --preload
 # and multiprocessing's fork do it); Python 3.12 warns about any fork of a threaded process.
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")

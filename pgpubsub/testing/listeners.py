@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 
 from django.db import DatabaseError, connections
 
-from pgpubsub import conf
 from pgpubsub.channel import BaseChannel
 from pgpubsub.db_functions import store_function_sql
 
@@ -211,7 +210,9 @@ class ListenerRun:
     def __enter__(self) -> ListenerRun:
         if self._capture is not None:
             raise RuntimeError("This run_listeners() block is already active.")
-        self._alias = self.using or conf.notifications_alias()
+        from pgpubsub.models import notifications_alias  # needs the app registry
+
+        self._alias = self.using or notifications_alias()
         capture = _begin(self._alias)
         try:
             with connections[self._alias].cursor() as cursor:
