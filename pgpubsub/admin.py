@@ -211,27 +211,39 @@ def delete_selected(
         raise PermissionDenied
     upto = request.POST.get(UPTO_FIELD)
     if request.POST.get("post") == "yes" and upto and upto.isascii() and upto.isdigit():
-        deleted, left = _delete_by_id(queryset.filter(pk__lte=int(upto)))
-        logger.info(
-            "%s deleted %d stored notifications in the admin (%d left to listeners)",
-            request.user,
-            deleted,
-            left,
-        )
-        text = ngettext(
-            "Successfully deleted %(count)d notification.",
-            "Successfully deleted %(count)d notifications.",
-            deleted,
-        ) % {"count": deleted}
-        if left:
-            text += " " + ngettext(
-                "%(count)d that a listener was processing was left to it.",
-                "%(count)d that listeners were processing were left to them.",
-                left,
-            ) % {"count": left}
-        model_admin.message_user(request, text, messages.SUCCESS)
-        return None
+        return _delete_confirmed(model_admin, request, queryset.filter(pk__lte=int(upto)))
+    return _confirmation_page(model_admin, request, queryset)
 
+
+def _delete_confirmed(
+    model_admin: NotificationAdmin, request: HttpRequest, queryset: QuerySet[Notification]
+) -> None:
+    """Delete the rows the confirmation page showed, and say how many went."""
+    deleted, left = _delete_by_id(queryset)
+    logger.info(
+        "%s deleted %d stored notifications in the admin (%d left to listeners)",
+        request.user,
+        deleted,
+        left,
+    )
+    text = ngettext(
+        "Successfully deleted %(count)d notification.",
+        "Successfully deleted %(count)d notifications.",
+        deleted,
+    ) % {"count": deleted}
+    if left:
+        text += " " + ngettext(
+            "%(count)d that a listener was processing was left to it.",
+            "%(count)d that listeners were processing were left to them.",
+            left,
+        ) % {"count": left}
+    model_admin.message_user(request, text, messages.SUCCESS)
+
+
+def _confirmation_page(
+    model_admin: NotificationAdmin, request: HttpRequest, queryset: QuerySet[Notification]
+) -> TemplateResponse | None:
+    """The page that asks before deleting: how many rows, of which channels."""
     count, upto_id, channels = _channel_summary(queryset)
     if not count:
         model_admin.message_user(
