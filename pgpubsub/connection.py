@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from django.db import connections
+from django.db.backends.postgresql import psycopg_any
 from django.db.utils import InterfaceError, OperationalError
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,14 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+# The notification type of the driver Django uses (psycopg 3 when both are installed), as
+# pgpubsub.compatibility exposes it.
+if psycopg_any.is_psycopg3:
+    from psycopg import Notify  # noqa: F401
+else:
+    from psycopg2.extensions import Notify  # noqa: F401
+
+
 def is_psycopg3(raw: Any) -> bool:
     return hasattr(raw, "pgconn")
 
@@ -115,6 +124,38 @@ class NotifyBuffer:
             self._raw.remove_notify_handler(self._received)
         except ValueError:
             pass
+
+
+class Received:
+    """The notifications a Django connection receives while it runs queries, in the mutable
+    list ``items`` that :meth:`poll` extends: psycopg 2's own ``connection.notifies``, or, for
+    psycopg 3, a :class:`NotifyBuffer`'s list."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self._buffer = NotifyBuffer(raw) if is_psycopg3(raw) else None
+
+    @property
+    def items(self) -> list[Any]:
+        return self.raw.notifies if self._buffer is None else self._buffer.items
+
+    @items.setter
+    def items(self, value: list[Any]) -> None:
+        if self._buffer is None:
+            self.raw.notifies = value
+        else:
+            self._buffer.items = value
+
+    def poll(self) -> None:
+        """Read what has arrived into ``items``, without a round trip."""
+        if self._buffer is None:
+            self.raw.poll()
+        else:
+            self._buffer.items.extend(drain(self.raw))
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            self._buffer.close()
 
 
 def drain(raw: Any, buffer: NotifyBuffer | None = None) -> list[Any]:

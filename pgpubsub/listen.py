@@ -10,7 +10,7 @@ from typing import Any
 from django.db import connections
 
 from pgpubsub import conf
-from pgpubsub.connection import NotifyBuffer, drain, is_psycopg3, quote_channel
+from pgpubsub.connection import Received, quote_channel
 from pgpubsub.models import notifications_alias
 from pgpubsub.processing import Processors
 from pgpubsub.runtime import Runtime, selected_channels
@@ -35,32 +35,21 @@ class ConnectionWrapper:
     def __init__(self, raw: Any) -> None:
         self.connection = raw
         self.assembler = Assembler()
-        # psycopg 3 hands notifications to a handler while the connection runs queries; the
-        # buffer's list plays the part of psycopg 2's ``connection.notifies``.
-        self._buffer = NotifyBuffer(raw) if is_psycopg3(raw) else None
+        self._received = Received(raw)
 
     @property
     def notifies(self) -> list[Any]:
-        if self._buffer is None:
-            return self.connection.notifies
-        return self._buffer.items
+        return self._received.items
 
     @notifies.setter
     def notifies(self, value: list[Any]) -> None:
-        if self._buffer is None:
-            self.connection.notifies = value
-        else:
-            self._buffer.items = value
+        self._received.items = value
 
     def poll(self) -> None:
-        if self._buffer is None:
-            self.connection.poll()
-        else:
-            self._buffer.items.extend(drain(self.connection))
+        self._received.poll()
 
     def stop(self) -> None:
-        if self._buffer is not None:
-            self._buffer.close()
+        self._received.close()
 
 
 def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:

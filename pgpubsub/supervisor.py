@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import connections
 
 from pgpubsub import conf
-from pgpubsub.runtime import Wakeup
+from pgpubsub.wakeup import Wakeup
 
 logger = logging.getLogger(__name__)
 
