@@ -163,7 +163,7 @@ class Runtime:
                 threads.append(
                     threading.Thread(
                         target=self._workers.work,
-                        args=(self._workers.processors(),),
+                        args=(self._workers.processors(self.using),),
                         name=f"pgpubsub-worker-{number}",
                     )
                 )

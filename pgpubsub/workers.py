@@ -22,7 +22,7 @@ from pgpubsub.channel import BaseChannel
 from pgpubsub.connection import close_if_unusable, is_connection_error, one_line, tidy_connections
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind
 from pgpubsub.losses import Losses
-from pgpubsub.models import Notification, database_for
+from pgpubsub.models import Notification
 from pgpubsub.processing import Processor, Processors
 from pgpubsub.scheduler import Scheduler
 from pgpubsub.stats import Stats
@@ -58,9 +58,10 @@ class Workers:
         self.in_flight = 0
         self._lock = threading.Lock()
 
-    def processors(self) -> Processors:
-        """A thread's processors (one per database, made as needed)."""
-        return Processors(self.stats, self.losses, self.stopping, self.scheduler.retry_in)
+    def processors(self, using: str) -> Processors:
+        """A thread's processors (one per database, made as needed; ``using``: the database of
+        the channels without one of their own, looked up once)."""
+        return Processors(self.stats, self.losses, self.stopping, self.scheduler.retry_in, using)
 
     def work(self, processors: Processors) -> None:
         last_used = time.monotonic()
@@ -87,13 +88,14 @@ class Workers:
             self.in_flight += 1
         continued = False
         part = self.sweeper.first_part(delivery)
+        processor = processors.of(delivery.channel)
         try:
             tidy_connections()
             if idle > IDLE_CHECK_AFTER:
                 # An idle connection may have been closed by the server or a proxy: find out
                 # now rather than by failing the delivery.
-                close_if_unusable(database_for(delivery.channel))
-            continued = self._run(processors.of(delivery.channel), part)
+                close_if_unusable(processor.using)
+            continued = self._run(processor, part)
         finally:
             with self._lock:
                 self.in_flight -= 1
