@@ -55,16 +55,23 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                 id="pgpubsub.E005",
             )
         )
-    try:
-        conf.health_max_backlog_age()
-    except ImproperlyConfigured as exc:
-        errors.append(
-            Error(
-                str(exc),
-                hint="Set PGPUBSUB_HEALTH_MAX_BACKLOG_AGE to a number of seconds, e.g. 300.",
-                id="pgpubsub.E010",
-            )
-        )
+    for read, hint, check_id in (
+        (
+            conf.health_max_backlog_age,
+            "Set PGPUBSUB_HEALTH_MAX_BACKLOG_AGE to a number of seconds, e.g. 300.",
+            "pgpubsub.E010",
+        ),
+        (
+            conf.health_token,
+            'Set PGPUBSUB_HEALTH_TOKEN to a long random string, e.g. os.environ["HEALTH_TOKEN"], '
+            "or None.",
+            "pgpubsub.E017",
+        ),
+    ):
+        try:
+            read()
+        except ImproperlyConfigured as exc:
+            errors.append(Error(str(exc), hint=hint, id=check_id))
     errors.extend(_check_listener_filter())
     errors.extend(_check_runtime_settings())
     return errors

@@ -112,6 +112,8 @@ def test_database_alias_with_an_engine_that_does_not_import():
         ({"PGPUBSUB_DATABASE": ["default"]}, "pgpubsub.E005"),
         ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": "300"}, "pgpubsub.E010"),
         ({"PGPUBSUB_HEALTH_MAX_BACKLOG_AGE": 0}, "pgpubsub.E010"),
+        ({"PGPUBSUB_HEALTH_TOKEN": 12345}, "pgpubsub.E017"),
+        ({"PGPUBSUB_HEALTH_TOKEN": b"secret"}, "pgpubsub.E017"),
         ({"PGPUBSUB_EMBEDDED": "yes"}, "pgpubsub.E011"),
         ({"PGPUBSUB_WORKERS": 0, "PGPUBSUB_EMBEDDED": True}, "pgpubsub.E011"),
         ({"PGPUBSUB_WORKERS": 2.5, "PGPUBSUB_EMBEDDED": True}, "pgpubsub.E011"),
