@@ -367,9 +367,23 @@ class Failures:
         if self.on_retry is not None:
             self.on_retry(channel_cls, delay)
 
-    def give_back_quietly(self, rows: list[store.StoredRow], claim: str) -> None:
-        """Give back rows of ``claim`` after their transaction ended without an outcome."""
-        ids = [row.pk for row in rows]
+    def claim_lost(
+        self, channel_cls: type[BaseChannel], row_ids: list[int], claim: str, error: BaseException
+    ) -> None:
+        """The connection broke while rows ``row_ids`` were being claimed: no listener ran, so no
+        loss is counted (the rows may not even have been claimed); those the claim holds, if it
+        committed, go back."""
+        self.give_back_quietly(row_ids, claim)
+        logger.warning(
+            "The database connection broke while processing %s; its stored notifications "
+            "stay stored for the catch-up",
+            channel_cls.name(),
+        )
+        self.stats.note_error(error)
+
+    def give_back_quietly(self, ids: list[int], claim: str) -> None:
+        """Give back rows ``ids`` of ``claim`` after their transaction ended without an
+        outcome."""
         try:
             held = store.record_lost(ids, claim, self.using)
         except Exception as exc:

@@ -154,7 +154,7 @@ class Processor:
             raise  # nothing claimed: the caller waits for migrate
         except Exception as error:
             if connection.lost(self.using, used):
-                self.failures.connection_lost(channel_cls, row_ids, claim, error)
+                self.failures.claim_lost(channel_cls, row_ids, claim, error)
                 return Outcome(lost=error)
             logger.error(
                 "Claiming stored notifications %s of %s failed; they stay stored",
@@ -188,7 +188,7 @@ class Processor:
         outcome = Outcome()
         for index, row in enumerate(suspects):
             if self._stop_wanted() or (before + outcome).lost is not None:
-                self.failures.give_back_quietly(suspects[index:], claim)
+                self.failures.give_back_quietly([row.pk for row in suspects[index:]], claim)
                 break
             solo = store.new_claim(solo=True)
             try:
@@ -199,11 +199,11 @@ class Processor:
             except Exception as error:
                 ids = [row.pk for row in suspects[index:]]
                 if connection.lost(self.using, batch.used):
-                    self.failures.connection_lost(batch.channel_cls, ids, claim, error)
+                    self.failures.claim_lost(batch.channel_cls, ids, claim, error)
                     return outcome + Outcome(lost=error)
                 logger.error("Claiming stored notification %s alone failed", row.pk, exc_info=error)
                 self.stats.failure(error)
-                self.failures.give_back_quietly(suspects[index:], claim)
+                self.failures.give_back_quietly([row.pk for row in suspects[index:]], claim)
                 break
             outcome += self._run_claimed(batch, [row], solo)
         return outcome
@@ -250,7 +250,7 @@ class Processor:
         except NotHeld:  # before any listener ran
             return self._run_claimed(batch, rows, claim, exact=True)
         except store.SchemaBehind:
-            self.failures.give_back_quietly(rows, claim)
+            self.failures.give_back_quietly([row.pk for row in rows], claim)
             raise
         except Exception as error:
             if committed:
@@ -265,7 +265,7 @@ class Processor:
         except BaseException:
             # SystemExit, KeyboardInterrupt, CancelledError...: the process is stopping, not
             # the message failing. Its rows go back, uncounted.
-            self.failures.give_back_quietly(rows, claim)
+            self.failures.give_back_quietly([row.pk for row in rows], claim)
             raise
         self._processed(batch.channel_cls, done)
         return Outcome(len(done))
@@ -296,7 +296,7 @@ class Processor:
                 exc_info=error,
             )
             self.stats.failure(error)
-            self.failures.give_back_quietly(rows, claim)
+            self.failures.give_back_quietly([row.pk for row in rows], claim)
             return Outcome()
         if len(rows) > 1:
             # The batch's commit failed: each message counts the failed attempt and runs

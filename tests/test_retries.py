@@ -484,3 +484,30 @@ def test_a_lost_connection_is_not_counted_as_an_attempt(runtimes, listener_runs)
     assert row.attempts == channels.Disconnecting.max_attempts
     assert row.last_error == "RuntimeError: cut fails after its connection was lost"
     assert runtime.status()["failed"] == 2
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "side"])
+def test_a_connection_lost_while_claiming_counts_no_loss():
+    """Losing the connection at the claim is neither an attempt nor a loss: no listener ran,
+    and the rows may not even have been claimed. A row whose listeners lost the connection
+    twice in a row is not charged a third time there."""
+    from pgpubsub.losses import Losses
+    from pgpubsub.processing import Processor
+
+    pgpubsub.notify(channels.Flaky, key="claimed-after-losses", failures=0)
+    row = Notification.objects.get()
+    losses = Losses()
+    losses.lost([row.pk])
+    losses.lost([row.pk])  # two losses in a row while its listeners ran
+    processor = Processor("default", losses=losses)
+    connection.ensure_connection()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    with connections["side"].cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+    assert processor.process_stored_rows(channels.Flaky, [row.pk]) == 0  # the claim failed
+    row.refresh_from_db()
+    assert (row.attempts, row.last_error, row.claimed_by, row.failed_at) == (0, None, None, None)
+    assert processor.process_stored_rows(channels.Flaky, [row.pk]) == 1  # on a new connection
+    assert flaky_attempts["claimed-after-losses"]
