@@ -120,9 +120,7 @@ class Sweeper:
             )
         return delivery
 
-    def run_page(
-        self, processor: Processor, delivery: Delivery
-    ) -> tuple[Outcome, bool]:
+    def run_page(self, processor: Processor, delivery: Delivery) -> tuple[Outcome, bool]:
         """Process a page of the channel's stored rows above ``delivery.after_id``: one batch
         here, the others handed to the pool as row deliveries (this thread runs those that
         find no room), then queue the next page. Returns the outcome of the batches run here,
@@ -139,7 +137,9 @@ class Sweeper:
         parts = batches(page)
         here = parts[:1]
         for batch in parts[1:]:
-            if not self._offer(tally, SweepPart(Kind.ROWS, channel, delivery.callbacks, row_ids=batch)):
+            if not self._offer(
+                tally, SweepPart(Kind.ROWS, channel, delivery.callbacks, row_ids=batch)
+            ):
                 here.append(batch)
         continued = False
         if full:
