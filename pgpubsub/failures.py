@@ -1,6 +1,7 @@
 """What happens when a message fails: its log lines, its ``message_failed`` signal, its count,
 and the failed attempt written on its stored row (:mod:`pgpubsub.retries` decides when it runs
-again, or that it is marked failed).
+again, or that it is marked failed). (About 400 lines: the failure paths of one message are
+read together; lost connections' own state is :mod:`pgpubsub.losses`.)
 
 Also the attempts no listener finished: those of a process that died (counted by the next claim
 of their rows) and those that lost their connection (:class:`Losses`).
@@ -316,6 +317,9 @@ class Failures:
         longer each time, and from ``LOSSES_PER_ATTEMPT`` in a row on, each loss counts as a
         failed attempt."""
         self._charge_losses(channel_cls, row_ids, claim)
+        self._broke(channel_cls, error)
+
+    def _broke(self, channel_cls: type[BaseChannel], error: BaseException) -> None:
         logger.warning(
             "The database connection broke while processing %s; its stored notifications "
             "stay stored for the catch-up",
@@ -374,12 +378,7 @@ class Failures:
         loss is counted (the rows may not even have been claimed); those the claim holds, if it
         committed, go back."""
         self.give_back_quietly(row_ids, claim)
-        logger.warning(
-            "The database connection broke while processing %s; its stored notifications "
-            "stay stored for the catch-up",
-            channel_cls.name(),
-        )
-        self.stats.note_error(error)
+        self._broke(channel_cls, error)
 
     def give_back_quietly(self, ids: list[int], claim: str) -> None:
         """Give back rows ``ids`` of ``claim`` after their transaction ended without an
