@@ -71,6 +71,11 @@ class BaseChannel:
     #: Lockable channels: seconds before a failed message's second attempt, doubling for each
     #: later one (None: ``PGPUBSUB_RETRY_DELAY``).
     retry_delay: ClassVar[float | None] = None
+    #: Lockable channels: storing a message also sends a NOTIFY in the writer's transaction
+    #: (None: ``PGPUBSUB_NOTIFY_ON_WRITE``). Without it, writers only store the row and the
+    #: elected watcher wakes the listeners (see docs/delivery.md). Takes effect when
+    #: ``migrate`` installs pgpubsub's SQL functions.
+    notify_on_write: ClassVar[bool | None] = None
     #: Lockable channels: the retry policy, in place of ``max_attempts`` and ``retry_delay``: a
     #: :class:`pgpubsub.retries.RetryStrategy`, any object with ``next_delay(attempt, error)``
     #: and ``max_attempts``, or the dotted path of one (None: the default policy).
@@ -99,6 +104,14 @@ class BaseChannel:
             cached = listen_name(cls.name())
             cls._pgpubsub_listen_name = cached
         return cached
+
+    @classmethod
+    def notifies_on_write(cls) -> bool:
+        """Storing this lockable channel's messages sends a NOTIFY in the writer's transaction
+        (its ``notify_on_write``, else ``PGPUBSUB_NOTIFY_ON_WRITE``)."""
+        if cls.notify_on_write is not None:
+            return cls.notify_on_write
+        return conf.notify_on_write()
 
     @classmethod
     def get(cls, name: str) -> tuple[type[BaseChannel], list[Callable]] | None:
@@ -164,6 +177,9 @@ def _check_options(cls: type[BaseChannel]) -> None:
         )
     if alias is not None and not alias.strip():
         raise ValueError(f"{cls.__name__}.database must be a database alias or None, not ''")
+    wake = cls.notify_on_write
+    if wake is not None and not isinstance(wake, bool):
+        raise TypeError(f"{cls.__name__}.notify_on_write must be True, False or None, not {wake!r}")
     retries.check(cls, load=False)
 
 

@@ -125,13 +125,17 @@ def _positive(name: str, default: float, kind: type = int) -> Any:
     return value
 
 
+def _bool(name: str, default: bool) -> bool:
+    value = _get(name, default)
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(f"{name} must be True or False, not {value!r}")
+    return value
+
+
 def embedded() -> bool:
     """``PGPUBSUB_EMBEDDED`` (default ``False``): run a Runtime inside each process that
     serves requests (runserver's serving process, every gunicorn worker, an ASGI server)."""
-    value = _get("PGPUBSUB_EMBEDDED", False)
-    if not isinstance(value, bool):
-        raise ImproperlyConfigured(f"PGPUBSUB_EMBEDDED must be True or False, not {value!r}")
-    return value
+    return _bool("PGPUBSUB_EMBEDDED", False)
 
 
 def workers() -> int:
@@ -162,12 +166,7 @@ def channels() -> list[str] | None:
 def recover_on_start() -> bool:
     """``PGPUBSUB_RECOVER_ON_START`` (default ``True``): an embedded Runtime first processes
     the lockable notifications already stored."""
-    value = _get("PGPUBSUB_RECOVER_ON_START", True)
-    if not isinstance(value, bool):
-        raise ImproperlyConfigured(
-            f"PGPUBSUB_RECOVER_ON_START must be True or False, not {value!r}"
-        )
-    return value
+    return _bool("PGPUBSUB_RECOVER_ON_START", True)
 
 
 def shutdown_timeout() -> float:
@@ -200,3 +199,26 @@ def sweep_interval() -> float:
     which claim the stored messages nobody is processing (a missed NOTIFY, a dead process's
     messages)."""
     return float(_positive("PGPUBSUB_SWEEP_INTERVAL", 30, float))
+
+
+def notify_on_write() -> bool:
+    """``PGPUBSUB_NOTIFY_ON_WRITE`` (default ``False``): storing a lockable message also sends a
+    NOTIFY in the writer's transaction (the lowest latency at low write rates, but every such
+    commit takes PostgreSQL's instance-wide NOTIFY lock). By default writers only store the
+    row and one elected Runtime wakes the others (see docs/delivery.md). A channel's
+    ``notify_on_write`` wins. Read when ``migrate`` installs pgpubsub's SQL functions."""
+    return _bool("PGPUBSUB_NOTIFY_ON_WRITE", False)
+
+
+def watch_interval() -> float:
+    """``PGPUBSUB_WATCH_INTERVAL`` (default ``0.5``): the longest pause, in seconds, between two
+    looks of the elected watcher for newly stored lockable messages; it looks every few
+    milliseconds while messages keep coming, and backs off to this when none do."""
+    return float(_positive("PGPUBSUB_WATCH_INTERVAL", 0.5, float))
+
+
+def idle_connection_timeout() -> float:
+    """``PGPUBSUB_IDLE_CONNECTION_TIMEOUT`` (default ``30``): seconds a Runtime's worker thread
+    keeps its database connections open without work; an idle Runtime holds only its LISTEN
+    session."""
+    return float(_positive("PGPUBSUB_IDLE_CONNECTION_TIMEOUT", 30, float))

@@ -5,17 +5,22 @@ bytes or more, so a longer message is sent as numbered chunks that listeners put
 a producer's write never fails because a message is large. The chunk format is
 :mod:`pgpubsub.wire`'s: the SQL below is built from its constants.
 
-``pgpubsub_store(channel, payload)`` stores a lockable message in ``pgpubsub_notification`` and
-NOTIFYs only the new row's id, whatever the message's size.
+``pgpubsub_store(channel, payload)`` stores a lockable message in ``pgpubsub_notification``. By
+default that is all: the writer's commit takes no NOTIFY lock, and the elected watcher
+(:mod:`pgpubsub.watcher`) tells the listeners that rows wait. For the channels that notify on
+write (``pgpubsub_notify_on_write(channel)``, see :meth:`BaseChannel.notifies_on_write`) it
+also NOTIFYs the new row's id, whatever the message's size.
 
-Both are (re)installed by migration 0007 and after every ``migrate``, so databases built without
-migrations (``--nomigrations`` test runs) have them too.
+They are (re)installed by migration 0007 and after every ``migrate``, so databases built without
+migrations (``--nomigrations`` test runs) have them too; which channels notify on write is read
+from the settings and the channel classes then.
 """
 
 from __future__ import annotations
 
 from django.db import connections
 
+from pgpubsub.channel import BaseChannel
 from pgpubsub.wire import (
     CHUNK_BYTES,
     CHUNK_MARK,
@@ -35,7 +40,7 @@ def _literal(text: str) -> str:
 _MARK, _SEP = _literal(CHUNK_MARK), _literal(CHUNK_SEPARATOR)
 _LAST, _MORE = _literal(LAST_CHUNK), _literal(MORE_CHUNKS)
 
-FUNCTIONS_SQL = f"""
+NOTIFY_FUNCTION_SQL = f"""
 CREATE OR REPLACE FUNCTION pgpubsub_notify(p_channel text, p_payload text) RETURNS void
 LANGUAGE plpgsql AS $pgpubsub$
 DECLARE
@@ -92,11 +97,49 @@ $pgpubsub$;
 """
 
 
-FUNCTIONS_SQL += store_function_sql("pgpubsub_store", "PERFORM pg_notify(p_channel, new_id::text);")
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+def notify_on_write_sql(channel: str) -> str:
+    """A boolean SQL expression: the channel named by the SQL text ``channel`` (a stored name)
+    notifies on write, as the settings and the channel classes defined now say."""
+    default = BaseChannel.notifies_on_write()
+    exceptions = sorted(
+        {
+            name
+            for cls in _subclasses(BaseChannel)
+            if cls.lock_notifications and cls.notifies_on_write() != default
+            for name in (cls.listen_safe_name(), cls.name())
+        }
+    )
+    names = "ARRAY[" + ", ".join(_literal(name) for name in exceptions) + "]::text[]"
+    return f"{channel} <> ALL({names})" if default else f"{channel} = ANY({names})"
+
+
+def functions_sql() -> str:
+    """The SQL that creates or replaces every publishing function."""
+    wake = notify_on_write_sql("p_channel")
+    return (
+        NOTIFY_FUNCTION_SQL
+        + f"""
+CREATE OR REPLACE FUNCTION pgpubsub_notify_on_write(p_channel text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $pgpubsub$ SELECT {wake} $pgpubsub$;
+"""
+        + store_function_sql(
+            "pgpubsub_store",
+            f"IF {wake} THEN PERFORM pg_notify(p_channel, new_id::text); END IF;",
+        )
+    )
+
 
 DROP_FUNCTIONS_SQL = """
 DROP FUNCTION IF EXISTS pgpubsub_notify(text, text);
 DROP FUNCTION IF EXISTS pgpubsub_store(text, jsonb);
+DROP FUNCTION IF EXISTS pgpubsub_notify_on_write(text);
 """
 
 
@@ -121,7 +164,7 @@ $pgpubsub$;
 def install_functions(using: str = "default") -> None:
     """Create or replace the publishing functions in database ``using``."""
     with connections[using].cursor() as cursor:
-        cursor.execute(FUNCTIONS_SQL)
+        cursor.execute(functions_sql())
 
 
 def install_defaults(using: str = "default") -> None:

@@ -4,9 +4,13 @@ One dedicated autocommit LISTEN connection per database the channels are on (usu
 built from ``PGPUBSUB_DATABASE`` (or ``PGPUBSUB_LISTEN_ALIASES``); callbacks never run on it.
 One wait covers everything: notifications, the Runtime's wake-up pipe (a stop request, a sweep
 wanted, a retry scheduled sooner), and the next thing due (a sweep, a retry, a probe, the
-keepalive). What arrives becomes deliveries in the bounded queue. A lost connection is
-reconnected with exponential back-off and jitter, and the lockable channels are then swept
-(their notifications may have been missed meanwhile).
+keepalive, the watcher's next look). What arrives becomes deliveries in the bounded queue. A
+lost connection is reconnected with exponential back-off and jitter, and the lockable channels
+with due rows are then swept (their notifications may have been missed meanwhile).
+
+The LISTEN connection also serves the cheap questions, so that an idle Runtime needs no other
+session: the watcher's election and looks (:mod:`pgpubsub.watcher`), and the scheduler's looks
+for lockable channels with due rows.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from collections.abc import Callable
 
 from django.db import connections
 
-from pgpubsub import conf
+from pgpubsub import conf, store
 from pgpubsub.channel import BaseChannel
 from pgpubsub.connection import ListenConnection, is_connection_error, one_line, wait_any
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, plan
 from pgpubsub.models import database_for
 from pgpubsub.probes import Probe, check_probes, take_probes
 from pgpubsub.scheduler import Scheduler
+from pgpubsub.watcher import Watcher
 from pgpubsub.wire import Assembler
 
 logger = logging.getLogger("pgpubsub.runtime")
@@ -65,6 +70,14 @@ class Listener:
             probe = self.probes.setdefault(alias, Probe(alias, database_for(channel), []))
             if channel.database not in probe.databases:
                 probe.databases.append(channel.database)
+        # The lockable channels by LISTEN alias and stored name, and the watcher of each
+        # database that has some.
+        self.stored: dict[str, dict[str, type[BaseChannel]]] = {}
+        for channel in self.channels:
+            if channel.lock_notifications:
+                by_name = self.stored.setdefault(conf.listen_alias(channel.database), {})
+                by_name.update(dict.fromkeys(store.stored_names(channel), channel))
+        self.watchers = {alias: Watcher(alias, conf.watch_interval()) for alias in self.stored}
         self.alias_of = {name: alias for alias in self.names for name in self.names[alias]}
         self.alias_of.update({probe.channel: alias for alias, probe in self.probes.items()})
         self.listening: dict[str, ListenConnection] = {}
@@ -105,7 +118,10 @@ class Listener:
             self._quiet_since + KEEPALIVE_INTERVAL,
             self.scheduler.tick(),
             *(probe.due() for probe in self.probes.values()),
+            *(watcher.due() for watcher in self.watchers.values()),
         )
+        if self.scheduler.take_look():
+            self._look()
         self.scheduler.take(self._offer_sweep)
         now = time.monotonic()
         received = wait_any(list(self.listening.values()), max(0.0, due - now), self.wakeup_fd)
@@ -120,9 +136,12 @@ class Listener:
             if now >= probe.retry_at:
                 probe.retry_at = float("inf")
                 if probe.reconnect:
-                    self.listening[alias].close()  # LISTEN and probe again, in _connect()
+                    self._close(alias)  # LISTEN and probe again, in _connect()
                 else:
                     probe.send()
+        for alias, watcher in self.watchers.items():
+            if now >= watcher.due() and self.listening[alias].connected:
+                watcher.tick(self.listening[alias].raw)
         if not received:
             self._keepalive()
             return
@@ -168,8 +187,8 @@ class Listener:
         self.connected = False
         self.error = exc
         self._missed = True
-        for conn in self.listening.values():
-            conn.close()
+        for alias in self.listening:
+            self._close(alias)
         for probe in self.probes.values():
             probe.forget()
         pause = min(MAX_RECONNECT_DELAY, self._delay) * random.uniform(0.5, 1.0)
@@ -188,6 +207,32 @@ class Listener:
         self._lost = True
         wait_any([], pause, self.wakeup_fd)  # the wake-up pipe ends the pause for a stop request
         self._delay *= 2
+
+    def _close(self, alias: str) -> None:
+        self.listening[alias].close()
+        watcher = self.watchers.get(alias)
+        if watcher is not None:
+            watcher.forget()  # the advisory lock went with the session
+
+    def _look(self) -> None:
+        """Sweep the lockable channels that have due rows: found with a look on each LISTEN
+        connection, so that an idle Runtime's workers open no connection for it."""
+        for alias, by_name in self.stored.items():
+            conn = self.listening[alias]
+            if not conn.connected:
+                self.scheduler.want_all()  # after the reconnection
+                continue
+            try:
+                with conn.raw.cursor() as cursor:
+                    found = store.due_names(cursor, list(by_name))
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise
+                # Most likely the table lacks pgpubsub's migrations: the workers find out and
+                # make the channels wait.
+                logger.debug("Looking for due rows failed (%s): sweeping", one_line(exc))
+                found = set(by_name)
+            self.scheduler.want_sweep({by_name[name] for name in found})
 
     def _ignore(self, channel_name: str, payload: str, reason: str) -> None:
         self.ignored += 1  # only the listener thread counts

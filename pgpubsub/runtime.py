@@ -308,6 +308,8 @@ class Runtime:
             "problems": [NOTIFICATIONS_NOT_RECEIVED] if failing else [],
             # A probe NOTIFY reached each LISTEN connection since it last LISTENed.
             "notifications_verified": bool(probes) and all(probe.verified for probe in probes),
+            # This Runtime is the elected watcher of a database (see pgpubsub.watcher).
+            "watching": bool(listener) and any(w.elected for w in listener.watchers.values()),
             "channels": [channel.name() for channel in self.channels],
             "workers": self.workers,
             "queue_size": self._queue.maxsize,

@@ -1,10 +1,15 @@
 """When a Runtime sweeps each lockable channel's stored rows.
 
-A channel is swept when a sweep is *wanted*: at start (``recover``), after a reconnection, when
-the queue had no room for a notification of it, when a failed message of it is due again (its
-retry), every ``PGPUBSUB_SWEEP_INTERVAL`` seconds (with jitter: the Runtimes of many processes
-do not sweep all at once), and once a database that lacked pgpubsub's migrations is tried
-again. A channel has at most one sweep running; a sweep wanted meanwhile starts after it.
+A channel is swept when a sweep is *wanted*: when a wake-up (the watcher's, or a request to
+process stored rows) arrives, when the queue had no room for a notification of it, when a
+failed message of it is due again (its retry), and once a database that lacked pgpubsub's
+migrations is tried again. A channel has at most one sweep running; a sweep wanted meanwhile
+starts after it.
+
+At start (``recover``), after a reconnection, and every ``PGPUBSUB_SWEEP_INTERVAL`` seconds
+(with jitter: the Runtimes of many processes do not look all at once) a *look* is wanted: the
+listener asks, on its own connection, which lockable channels have due rows, and only those
+are swept. An idle Runtime's workers need no connection for it.
 
 The listener thread calls :meth:`Scheduler.tick` and :meth:`Scheduler.take` in its loop, and
 waits at most until the time ``tick`` returns; workers tell when a retry is due and when a
@@ -71,6 +76,7 @@ class Scheduler:
         self._retries: list[tuple[float, int, Channel]] = []
         self._numbers = itertools.count()
         self.behind: dict[str, SchemaWait] = {}  # databases waiting for migrate, by alias
+        self.look_wanted = False  # the listener looks which channels have due rows
         self.next_sweep = clock() + self.sweep_pause() if self.lockable else float("inf")
 
     def sweep_pause(self) -> float:
@@ -85,8 +91,18 @@ class Scheduler:
         self.wake()  # the listener queues sweeps
 
     def want_all(self) -> None:
-        """Sweep every lockable channel (notifications may have been missed)."""
-        self.want_sweep(self.lockable)
+        """Sweep the lockable channels that have due rows (notifications may have been
+        missed): the listener looks which ones (:meth:`take_look`)."""
+        if self.lockable:
+            with self.lock:
+                self.look_wanted = True
+            self.wake()
+
+    def take_look(self) -> bool:
+        """A look is wanted (and now taken by the caller)."""
+        with self.lock:
+            wanted, self.look_wanted = self.look_wanted, False
+            return wanted
 
     def retry_in(self, channel: Channel, seconds: float) -> None:
         """A failed message of ``channel`` is due in ``seconds``: sweep the channel then."""
@@ -110,13 +126,13 @@ class Scheduler:
     # -- the listener's loop -----------------------------------------------------------------
 
     def tick(self, now: float | None = None) -> float:
-        """Make wanted what is due by ``now``: the periodic sweep, retries, databases to try
+        """Make wanted what is due by ``now``: the periodic look, retries, databases to try
         again. Returns when the next of them is due."""
         now = self.clock() if now is None else now
         due: set[Channel] = set()
         with self.lock:
             if now >= self.next_sweep:
-                due.update(self.lockable)
+                self.look_wanted = True
                 self.next_sweep = now + self.sweep_pause()
             while self._retries and self._retries[0][0] <= now:
                 due.add(heapq.heappop(self._retries)[2])

@@ -342,6 +342,25 @@ def give_back(row_ids: list[int], using: str) -> None:
             )
 
 
+#: ``_DUE`` in two branches, each with an index of its own.
+_DUE_BRANCHES = (
+    "failed_at IS NULL AND next_attempt_at IS NULL",
+    "failed_at IS NULL AND next_attempt_at IS NOT NULL AND next_attempt_at <= now()",
+)
+
+
+def due_names(cursor: Any, names: list[str]) -> set[str]:
+    """Of the stored ``names``, those with due rows: a look on ``cursor`` (any connection to
+    the table's database, e.g. a LISTEN connection), an index probe per name."""
+    if not names:
+        return set()
+    exists = " OR ".join(
+        f"EXISTS (SELECT 1 FROM {_TABLE} WHERE channel = name AND {due})" for due in _DUE_BRANCHES
+    )
+    cursor.execute(f"SELECT name FROM unnest(%s::text[]) AS name WHERE {exists}", [names])
+    return {row[0] for row in cursor.fetchall()}
+
+
 def pending_ids(
     channel_cls: type[BaseChannel], after_id: int, using: str, limit: int = BATCH_SIZE
 ) -> list[int]:
@@ -352,13 +371,9 @@ def pending_ids(
     the index of rows waiting for a retry; merged. Whatever the planner knows of the table, a
     page costs its own rows and the retries due, not the size of the backlog."""
     extra, params = _filter_sql(using)
-    branches = (
-        "failed_at IS NULL AND next_attempt_at IS NULL",
-        "failed_at IS NULL AND next_attempt_at IS NOT NULL AND next_attempt_at <= now()",
-    )
     sql, values = [], []
     for name in stored_names(channel_cls):
-        for due in branches:
+        for due in _DUE_BRANCHES:
             sql.append(
                 f"(SELECT id FROM {_TABLE} WHERE channel = %s AND {due} AND id > %s{extra} "
                 "ORDER BY id LIMIT %s)"

@@ -1,6 +1,8 @@
 """A Runtime's worker threads: each takes deliveries from the queue and runs them on its own
 Django connections (one :class:`~pgpubsub.processing.Processor` per database, made as needed).
 
+A worker opens its connections when work arrives and closes them once it had none for
+``PGPUBSUB_IDLE_CONNECTION_TIMEOUT`` seconds: an idle Runtime holds only its LISTEN session.
 A worker repairs what it can: a connection idle for a while is checked before use, a delivery
 whose connection broke is tried once more on a new one and then left to a sweep (its rows stay
 stored), and a database that lacks pgpubsub's migrations makes its lockable channels wait
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 from django.db import connections
 
-from pgpubsub import store
+from pgpubsub import conf, store
 from pgpubsub.channel import BaseChannel
 from pgpubsub.connection import close_if_unusable, is_connection_error, one_line, tidy_connections
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind
@@ -56,6 +58,7 @@ class Workers:
         self.losses = Losses()  # a row may come back to another worker
         self.sweeper = Sweeper(queue, scheduler, count, stopping)
         self.in_flight = 0
+        self.idle_timeout = conf.idle_connection_timeout()
         self._lock = threading.Lock()
 
     def processors(self, using: str) -> Processors:
@@ -65,10 +68,17 @@ class Workers:
 
     def work(self, processors: Processors) -> None:
         last_used = time.monotonic()
+        holding = False  # this thread may have connections open
         try:
             while not self.stopping.is_set():
-                delivery = self.queue.get(IDLE_WAIT)  # stop() closes the queue: no polling
+                wait = IDLE_WAIT
+                if holding:
+                    wait = min(wait, max(0.0, last_used + self.idle_timeout - time.monotonic()))
+                delivery = self.queue.get(wait)  # stop() closes the queue: no polling
                 if delivery is None:
+                    if holding and time.monotonic() - last_used >= self.idle_timeout:
+                        connections.close_all()  # reopened by the next delivery
+                        holding = False
                     continue
                 if self.stopping.is_set():  # taken just as the Runtime stops: not started
                     if delivery.kind is Kind.PLAIN:
@@ -80,6 +90,7 @@ class Workers:
                     break
                 self._take(processors, delivery, time.monotonic() - last_used)
                 last_used = time.monotonic()
+                holding = True
         finally:
             connections.close_all()  # this thread's connections
 
