@@ -120,6 +120,12 @@ def notify_on_write_sql(channel: str) -> str:
     return f"{channel} <> ALL({names})" if default else f"{channel} = ANY({names})"
 
 
+#: A session that sets it to ``on`` gets a NOTIFY with each lockable row it stores, whatever the
+#: channel: ``listen_to_channels()`` does, so that django-pgpubsub 1.x's synchronous API (and the
+#: tests written for it) receives its own writes' notifications as before.
+SESSION_SETTING = "pgpubsub.notify_on_write"
+
+
 def functions_sql() -> str:
     """The SQL that creates or replaces every publishing function."""
     wake = notify_on_write_sql("p_channel")
@@ -131,7 +137,8 @@ LANGUAGE sql IMMUTABLE AS $pgpubsub$ SELECT {wake} $pgpubsub$;
 """
         + store_function_sql(
             "pgpubsub_store",
-            f"IF {wake} THEN PERFORM pg_notify(p_channel, new_id::text); END IF;",
+            f"IF {wake} OR current_setting({_literal(SESSION_SETTING)}, true) = 'on' THEN "
+            "PERFORM pg_notify(p_channel, new_id::text); END IF;",
         )
     )
 

@@ -11,6 +11,7 @@ from django.db import connections
 
 from pgpubsub import conf
 from pgpubsub.connection import Received, quote_channel
+from pgpubsub.db_functions import SESSION_SETTING
 from pgpubsub.models import notifications_alias
 from pgpubsub.processing import Processors
 from pgpubsub.runtime import Runtime, selected_channels
@@ -50,11 +51,20 @@ class ConnectionWrapper:
 
     def stop(self) -> None:
         self._received.close()
+        try:
+            with self.connection.cursor() as cursor:
+                cursor.execute(f"RESET {SESSION_SETTING}")
+        except Exception:  # the connection may be gone or in a failed transaction
+            logger.debug("Could not reset %s", SESSION_SETTING, exc_info=True)
 
 
 def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
     """LISTEN to the selected channels (all with listeners by default) on this thread's Django
-    connection; notifications then arrive as that connection runs queries or polls."""
+    connection; notifications then arrive as that connection runs queries or polls.
+
+    Lockable messages this connection stores are then NOTIFYed by their writes, as in
+    django-pgpubsub 1.x, whatever ``PGPUBSUB_NOTIFY_ON_WRITE`` says (a session setting, until
+    ``stop()``); other sessions' writes reach it through the watcher of a running Runtime."""
     selected = selected_channels(channels)
     connection = connections[notifications_alias()]
     connection.ensure_connection()
@@ -63,6 +73,7 @@ def listen_to_channels(channels: list[Any] | None = None) -> ConnectionWrapper:
         for channel_cls in selected:
             logger.info("Listening on %s", channel_cls.name())
             cursor.execute(f"LISTEN {quote_channel(channel_cls.listen_safe_name())}")
+        cursor.execute(f"SET {SESSION_SETTING} = 'on'")
     return wrapper
 
 
