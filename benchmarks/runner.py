@@ -53,6 +53,11 @@ FULL = Sizes(
     noop_rows=10000,
     writers=(1, 4, 16),
     writer_seconds=3.0,
+    burst_writers=16,
+    burst_seconds=2.0,
+    watch_seconds=20.0,
+    settle_seconds=3.0,
+    idle_connection_timeout=5.0,
 )
 QUICK = Sizes(
     events=100,
@@ -66,6 +71,11 @@ QUICK = Sizes(
     noop_rows=200,
     writers=(1, 4, 16),
     writer_seconds=0.5,
+    burst_writers=16,
+    burst_seconds=0.5,
+    watch_seconds=2.0,
+    settle_seconds=1.0,
+    idle_connection_timeout=1.0,
 )
 NOTES = [
     "In django-pgpubsub 1.3.1, lockable channels published with `notify()` are never processed "
@@ -114,7 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"Small sizes for a smoke run (K={QUICK.events}, M={QUICK.messages}, "
         f"idle {QUICK.idle_seconds:g}s, paced {QUICK.paced_seconds:g}s, web windows "
         f"{QUICK.web_seconds:g}s, N={QUICK.noop_rows}, writers {QUICK.writer_seconds:g}s, "
-        "no backlog workload "
+        f"burst {QUICK.burst_seconds:g}s, watcher window {QUICK.watch_seconds:g}s, idle "
+        f"connection timeout {QUICK.idle_connection_timeout:g}s, no backlog workload "
         "unless --backlog is given).",
     )
     parser.add_argument("--events", type=int, help=f"K, Events per run (default {FULL.events}).")
@@ -164,6 +175,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{FULL.writer_seconds:g}).",
     )
     parser.add_argument(
+        "--burst-writers",
+        type=int,
+        help=f"Writer processes of the burst, workload 36 (default {FULL.burst_writers}).",
+    )
+    parser.add_argument(
+        "--burst-seconds",
+        type=float,
+        help="How long the burst's writers write at full speed, workload 36 "
+        f"(default {FULL.burst_seconds:g}).",
+    )
+    parser.add_argument(
+        "--watch-seconds",
+        type=float,
+        help="Idle window of the deployment of 4 Runtimes, workload 37 "
+        f"(default {FULL.watch_seconds:g}).",
+    )
+    parser.add_argument(
+        "--idle-connection-timeout",
+        type=float,
+        help="PGPUBSUB_IDLE_CONNECTION_TIMEOUT of the gunicorn workers of workload 38 "
+        f"(default {FULL.idle_connection_timeout:g}).",
+    )
+    parser.add_argument(
         "--only",
         help="Comma-separated workload numbers or names, e.g. 1,2,ceiling, or groups: "
         + ", ".join(GROUPS)
@@ -192,7 +226,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("events", "messages", "backlog", "noop_rows"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             parser.error(f"--{name.replace('_', '-')} must be at least 2")
-    for name in ("rate", "paced_seconds", "idle_seconds", "web_seconds", "writer_seconds"):
+    if args.burst_writers is not None and args.burst_writers < 1:
+        parser.error("--burst-writers must be at least 1")
+    for name in (
+        "rate",
+        "paced_seconds",
+        "idle_seconds",
+        "web_seconds",
+        "writer_seconds",
+        "burst_seconds",
+        "watch_seconds",
+        "idle_connection_timeout",
+    ):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     writers = None
@@ -220,6 +265,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         noop_rows=args.noop_rows or base.noop_rows,
         writers=writers or base.writers,
         writer_seconds=args.writer_seconds or base.writer_seconds,
+        burst_writers=args.burst_writers or base.burst_writers,
+        burst_seconds=args.burst_seconds or base.burst_seconds,
+        watch_seconds=args.watch_seconds or base.watch_seconds,
+        settle_seconds=base.settle_seconds,
+        idle_connection_timeout=args.idle_connection_timeout or base.idle_connection_timeout,
     )
     args.workloads = [w.sized(args.sizes) for w in args.workloads]
     args.skipped = [w for w in args.workloads if w.needs_backlog and not args.sizes.backlog]
@@ -383,6 +433,10 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
             "N (no-op rows)": args.sizes.noop_rows,
             "writers": ",".join(map(str, args.sizes.writers)),
             "writer seconds": args.sizes.writer_seconds,
+            "burst writers": args.sizes.burst_writers,
+            "burst seconds": args.sizes.burst_seconds,
+            "watcher window seconds": args.sizes.watch_seconds,
+            "idle connection timeout (38)": args.sizes.idle_connection_timeout,
             "repeat": args.repeat,
         },
         "engine": ENGINE_LINE,
@@ -507,8 +561,12 @@ def _writer_table(levels: tuple[int, ...]) -> tuple[tuple[str, ...], tuple]:
     rows = []
     for key, title in (
         ("plain", "(a) table without trigger"),
-        ("trigger", "(b) this checkout's lockable trigger channel (store + NOTIFY)"),
-        ("theirs", "(c) django-pgpubsub 1.3.1's lockable trigger channel"),
+        (
+            "trigger",
+            "(b) this checkout's lockable trigger channel, default (store only, the watcher wakes)",
+        ),
+        ("notify", "(b') the same with per-write NOTIFY (`PGPUBSUB_NOTIFY_ON_WRITE = True`)"),
+        ("theirs", "(c) django-pgpubsub 1.3.1's lockable trigger channel (store + NOTIFY)"),
         ("stored", "(d) hand-written trigger storing the row, no NOTIFY"),
     ):
         cells = []
@@ -619,7 +677,11 @@ def targets(args, sides: list[Side], rows: list[dict]) -> list[dict]:
         measured = f"{ratio:.2f} at {top} writers"
         extra = [
             f"{what} {value:.2f}"
-            for what, key in (("(c) 1.3.1", "theirs"), ("(d) store only", "stored"))
+            for what, key in (
+                ("(b') per-write NOTIFY", "notify"),
+                ("(c) 1.3.1", "theirs"),
+                ("(d) store only", "stored"),
+            )
             if (value := med("writers", f"{key}_ratio_c{top}")) is not None
         ]
         if extra:
@@ -634,7 +696,100 @@ def targets(args, sides: list[Side], rows: list[dict]) -> list[dict]:
         ratio is not None and top == 16 and ratio >= 0.7,
         "writers",
     )
+    issue15_targets(args, rows, add, med)
     return out
+
+
+def _runs(rows: list[dict], name: str) -> int:
+    """How many runs of this checkout produced metrics for workload ``name``."""
+    return max((len(row["ours_runs"]) for row in rows if row["name"] == name), default=0)
+
+
+def issue15_targets(args, rows: list[dict], add, med) -> None:
+    """The other targets of issue 15: latency of the NOTIFY-free mode (8, paced; 36, burst),
+    the watcher's idle cost (37) and the sessions of 8 idle embedded workers (38)."""
+    rate = args.sizes.rate
+    p50, p99 = med("latency", "trigger_p50_ms"), med("latency", "trigger_p99_ms")
+    measured = None
+    if p50 is not None and p99 is not None:
+        measured = f"p50 {p50:,.1f} ms, p99 {p99:,.1f} ms at R = {rate:g}/s (workload 8)"
+        now50, now99 = (
+            med("latency-on-write", "trigger_p50_ms"),
+            med("latency-on-write", "trigger_p99_ms"),
+        )
+        if now50 is not None and now99 is not None:
+            measured += f"; per-write NOTIFY (35): p50 {now50:,.1f} ms, p99 {now99:,.1f} ms"
+        if rate != 200:
+            measured += "; the target is at 200/s (`--rate 200`)"
+    add(
+        15,
+        "NOTIFY-free delivery latency at a paced 200 msgs/s: p50 ≤ 15 ms, p99 ≤ 50 ms (8)",
+        measured,
+        p50 is not None and p99 is not None and rate == 200 and p50 <= 15 and p99 <= 50,
+        "latency,latency-on-write",
+    )
+    done, wanted = _runs(rows, "burst"), args.repeat
+    measured = None
+    writers = args.sizes.burst_writers
+    if done or any(w.name == "burst" for w in args.workloads):
+        measured = f"every row exactly once in {done} of {wanted} runs"
+        if done:
+            measured += (
+                f"; {med('burst', 'rows'):,.0f} rows from {writers} writers in "
+                f"{args.sizes.burst_seconds:g} s ({med('burst', 'write_rate'):,.0f} commits/s), "
+                f"caught up {med('burst', 'catch_up_s'):,.2f} s after the last insert, "
+                f"p50 {med('burst', 'p50_ms'):,.0f} ms, p99 {med('burst', 'p99_ms'):,.0f} ms, "
+                f"{med('burst', 'wakeups'):,.0f} wake-ups (36)"
+            )
+        if writers != 16:
+            measured += "; the target is at 16 writers (`--burst-writers 16`)"
+    add(
+        15,
+        "under 16 writers at full speed, every row processed exactly once, a running `listen` "
+        "keeping up or catching up (36)",
+        measured,
+        bool(done) and done == wanted and writers == 16,
+        "burst",
+    )
+    queries, cpu = med("watcher-idle", "queries_per_s"), med("watcher-idle", "cpu_max_ms_per_s")
+    measured = None
+    if queries is not None and cpu is not None:
+        median_cpu = med("watcher-idle", "cpu_median_ms_per_s")
+        watcher = med("watcher-idle", "cpu_watcher_ms_per_s")
+        measured = (
+            f"{queries:,.1f} queries/s in total; CPU per Runtime: busiest {cpu:.2f} ms/s, "
+            f"median {median_cpu:.2f} ms/s, the watcher {watcher:.2f} ms/s (37)"
+        )
+    add(
+        15,
+        "watcher idle cost in a deployment of 4 Runtimes: ≤ 20 queries/s in total, ≤ 0.5 ms/s "
+        "CPU per Runtime (37)",
+        measured,
+        queries is not None and cpu is not None and queries <= 20 and cpu <= 0.5,
+        "watcher-idle",
+    )
+    start, idle = med("sessions-emb", "start_sessions"), med("sessions-emb", "idle_sessions")
+    measured = None
+    if start is not None and idle is not None:
+        worst = max(
+            value
+            for row in rows
+            if row["name"] == "sessions-emb" and row["key"] in ("start_sessions", "idle_sessions")
+            for value in row["ours_runs"]
+        )
+        busy = med("sessions-emb", "busy_sessions")
+        measured = (
+            f"{start:.0f} after start, {idle:.0f} once the idle timeout "
+            f"({args.sizes.idle_connection_timeout:g} s) passed after work (most in any run: "
+            f"{worst:.0f}); {busy:.0f} at most while processing (38)"
+        )
+    add(
+        15,
+        "8 idle embedded gunicorn workers hold ≤ 8 + 1 database sessions (38)",
+        measured,
+        start is not None and idle is not None and max(start, idle) <= 9,
+        "sessions-emb",
+    )
 
 
 def per_message_notes(args) -> list[str]:

@@ -46,6 +46,9 @@ PROBE_INTERVAL = 0.1
 TICK_CHANNEL = "benchapp.channels.Tick"
 TICK_LISTEN_NAME = "pgpubsub_" + hashlib.sha1(TICK_CHANNEL.encode()).hexdigest()[:5]
 
+#: The benchmark project's settings with ``PGPUBSUB_NOTIFY_ON_WRITE = True``.
+NOTIFY_ON_WRITE = {"BENCH_NOTIFY_ON_WRITE": "1"}
+
 INSERT_EVENT = (
     "INSERT INTO benchapp_event (key, sent_at) VALUES (%s, extract(epoch FROM clock_timestamp()))"
 )
@@ -68,6 +71,11 @@ class Sizes:
     noop_rows: int = 10000  # N: stored rows of the no-op drains and the raw drain (29-31)
     writers: tuple[int, ...] = (1, 4, 16)  # concurrent writer connections (34)
     writer_seconds: float = 3.0  # how long each writer measurement lasts (34)
+    burst_writers: int = 16  # writer processes of the burst (36)
+    burst_seconds: float = 2.0  # how long the burst's writers write at full speed (36)
+    watch_seconds: float = 20.0  # idle window of the 4 Runtimes (37)
+    settle_seconds: float = 3.0  # pause before the idle measurements of 37 and 38
+    idle_connection_timeout: float = 5.0  # PGPUBSUB_IDLE_CONNECTION_TIMEOUT of workload 38
 
     def wait_timeout(self, count: int) -> float:
         """Seconds to wait for ``count`` messages: generous for 1.3.1's ~100 rows/s."""
@@ -86,11 +94,16 @@ class Context:
     sizes: Sizes
     #: The sides prepared for this invocation, by name (workload 34 writes into both).
     sides: dict[str, Side] = dataclasses.field(default_factory=dict)
+    #: Template databases migrated with other settings (see ``notify_on_write_template``).
+    templates: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
     @contextlib.contextmanager
-    def fresh_database(self, side: Side) -> Iterator[tuple[str, object]]:
-        """A copy of the side's migrated template, with an autocommit connection; dropped after."""
-        dbname = self.databases.create(side.name, template=side.template_db)
+    def fresh_database(
+        self, side: Side, template: str | None = None
+    ) -> Iterator[tuple[str, object]]:
+        """A copy of the side's migrated template (or of ``template``), with an autocommit
+        connection; dropped after."""
+        dbname = self.databases.create(side.name, template=template or side.template_db)
         try:
             conn = self.server.connect(dbname)
             try:
@@ -99,6 +112,34 @@ class Context:
                 conn.close()
         finally:
             self.databases.drop(dbname)
+
+    def notify_on_write_template(self, side: Side) -> str:
+        """A copy of this checkout's migrated template where ``migrate`` ran again with
+        ``PGPUBSUB_NOTIFY_ON_WRITE = True`` (its post_migrate reinstalls the SQL functions with
+        the setting): every lockable row stored there is NOTIFYed by its writer. Made once per
+        invocation; checked with ``pgpubsub_notify_on_write()``."""
+        key = (side.name, "notify-on-write")
+        if key not in self.templates:
+            dbname = self.databases.create(f"{side.name}_now", template=side.template_db)
+            self.processes.run(
+                f"{side.name}-migrate-notify-on-write",
+                side.manage("migrate", "--noinput"),
+                side.project,
+                {**side.env(self.server, dbname, f"bench-{side.name}-setup"), **NOTIFY_ON_WRITE},
+                COMMAND_TIMEOUT,
+            )
+            conn = self.server.connect(dbname)
+            try:
+                wakes = scalar(conn, "SELECT pgpubsub_notify_on_write(%s)", [EVENT_LISTEN_NAME])
+            finally:
+                conn.close()
+            if not wakes:
+                raise BenchmarkError(
+                    "migrate with PGPUBSUB_NOTIFY_ON_WRITE = True left the Event channel "
+                    "without per-write NOTIFY"
+                )
+            self.templates[key] = dbname
+        return self.templates[key]
 
     @contextlib.contextmanager
     def listener(
@@ -954,17 +995,27 @@ $bench$;
 CREATE TRIGGER bench_store_only AFTER INSERT ON bench_stored
 FOR EACH ROW EXECUTE FUNCTION bench_store_only();
 """
-#: What each writer target INSERTs into, on which side's database.
+#: What each writer target INSERTs into, on which side's database (and, for (b'), which
+#: template: this checkout's migrated with ``PGPUBSUB_NOTIFY_ON_WRITE = True``).
 WRITER_TARGETS = (
     ("plain", "ours", "bench_plain"),  # (a)
-    ("trigger", "ours", "benchapp_event"),  # (b) this checkout's lockable trigger channel
+    ("trigger", "ours", "benchapp_event"),  # (b) this checkout's lockable trigger, default mode
+    ("notify", "ours", "benchapp_event"),  # (b') the same with per-write NOTIFY
     ("theirs", "theirs", "benchapp_event"),  # (c) django-pgpubsub 1.3.1's
     ("stored", "ours", "bench_stored"),  # (d) store only, no NOTIFY
 )
+#: The targets compared with (a).
+WRITER_RATIOS = ("trigger", "notify", "theirs", "stored")
 
 
 def commits(ctx: Context, dbname: str, table: str, connections: int, seconds: float) -> tuple:
     """(commits, seconds) of ``connections`` writers into ``table`` for ``seconds``."""
+    result = run_writers(ctx, dbname, table, connections, seconds)
+    return result["commits"], result["seconds"]
+
+
+def run_writers(ctx: Context, dbname: str, table: str, connections: int, seconds: float) -> dict:
+    """``writers.py``: ``connections`` processes INSERT into ``table`` for ``seconds``."""
     script = str(Path(__file__).resolve().parent / "writers.py")
     params = json.dumps(ctx.server.params(dbname))
     output = ctx.processes.run(
@@ -974,31 +1025,45 @@ def commits(ctx: Context, dbname: str, table: str, connections: int, seconds: fl
         None,
         COMMAND_TIMEOUT + seconds,
     )
-    result = json.loads(output.strip().splitlines()[-1])
-    return result["commits"], result["seconds"]
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _notifies_on_write(conn) -> bool:
+    """Whether the database's SQL functions NOTIFY with each Event row stored."""
+    return bool(scalar(conn, "SELECT pgpubsub_notify_on_write(%s)", [EVENT_LISTEN_NAME]))
 
 
 def writers(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
     """Commits/s of 1, 4, 16 (``Sizes.writers``) concurrent writers, one INSERT per
     transaction, for ``Sizes.writer_seconds`` each, into (a) a table without trigger, (b) the
-    model of this checkout's lockable trigger channel (store + NOTIFY), (c) the same model in a
-    database migrated by django-pgpubsub 1.3.1 (its trigger), (d) a table whose hand-written
-    trigger only stores the row; each on a fresh database, no listener running. The ratios to
-    (a) are taken within the run.
+    model of this checkout's lockable trigger channel in its default mode (the row stored, no
+    NOTIFY: the watcher wakes the listeners), (b') the same with per-write NOTIFY
+    (``PGPUBSUB_NOTIFY_ON_WRITE = True``), (c) the same model in a database migrated by
+    django-pgpubsub 1.3.1 (its trigger: store + NOTIFY), (d) a table whose hand-written trigger
+    only stores the row; each on a fresh database, no listener running. The ratios to (a) are
+    taken within the run.
 
-    Each target is measured in two halves, in the order a, b, c, d then d, c, b, a, so that
-    a load that rises or falls on a shared machine weighs on every target alike."""
+    Each target is measured in two halves, in the order a, b, b', c, d then d, c, b', b, a, so
+    that a load that rises or falls on a shared machine weighs on every target alike."""
     result: dict[str, float] = {}
     half = ctx.sizes.writer_seconds / 2
+    ours = ctx.sides["ours"]
+    templates = {"notify": ctx.notify_on_write_template(ours)}
     for connections in ctx.sizes.writers:
         targets = [t for t in WRITER_TARGETS if t[1] in ctx.sides]  # (c): not --skip-theirs
         with contextlib.ExitStack() as stack:
             databases = {}
             for key, side_name, _ in targets:
-                dbname, conn = stack.enter_context(ctx.fresh_database(ctx.sides[side_name]))
+                dbname, conn = stack.enter_context(
+                    ctx.fresh_database(ctx.sides[side_name], templates.get(key))
+                )
                 if side_name == "ours":
                     with conn.cursor() as cursor:
                         cursor.execute(WRITER_SCHEMA)
+                    if key in ("trigger", "notify") and _notifies_on_write(conn) != (
+                        key == "notify"
+                    ):
+                        raise BenchmarkError(f"the database of ({key}) is not in its mode")
                 databases[key] = dbname, conn
             done = {key: [0, 0.0] for key, _, _ in targets}
             for key, _, table in targets + targets[::-1]:
@@ -1007,13 +1072,13 @@ def writers(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
                 done[key][1] += seconds
             for key, side_name, table in targets:
                 result[f"{key}_c{connections}"] = done[key][0] / done[key][1]
-                if table == "benchapp_event":  # the trigger did store the rows
+                if table == "benchapp_event":  # the trigger did store every row
                     stored = scalar(databases[key][1], "SELECT count(*) FROM pgpubsub_notification")
                     if stored != done[key][0]:
                         raise BenchmarkError(
-                            f"{side_name}'s trigger stored {stored} rows of {done[key][0]}"
+                            f"{side_name}'s trigger ({key}) stored {stored} rows of {done[key][0]}"
                         )
-        for key in ("trigger", "theirs", "stored"):
+        for key in WRITER_RATIOS:
             if f"{key}_c{connections}" in result:
                 result[f"{key}_ratio_c{connections}"] = (
                     result[f"{key}_c{connections}"] / result[f"plain_c{connections}"]
@@ -1023,10 +1088,12 @@ def writers(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
 
 _WRITER_TITLES = {
     "plain": "(a) table without trigger",
-    "trigger": "(b) lockable trigger channel",
+    "trigger": "(b) lockable trigger channel, default (store only, watcher wakes)",
+    "notify": "(b') lockable trigger channel, per-write NOTIFY",
     "theirs": "(c) 1.3.1's lockable trigger channel",
     "stored": "(d) hand-written store-only trigger",
 }
+_WRITER_SHORT = {"trigger": "(b)", "notify": "(b')", "theirs": "(c)", "stored": "(d)"}
 
 
 def writer_metrics(sizes: Sizes) -> tuple[Metric, ...]:
@@ -1042,16 +1109,234 @@ def writer_metrics(sizes: Sizes) -> tuple[Metric, ...]:
                     "commits/s",
                 )
             )
-        for key in ("trigger", "theirs", "stored"):
+        for key in WRITER_RATIOS:
             metrics.append(
                 Metric(
                     f"{key}_ratio_c{connections}",
-                    f"{_WRITER_TITLES[key][:3]}/(a), {writers}",
+                    f"{_WRITER_SHORT[key]}/(a), {writers}",
                     "",
                     digits=2,
                 )
             )
     return tuple(metrics)
+
+
+# --- 35-38. delivery without NOTIFY in the writer's transaction (issue 15) -----------------------
+
+
+def paced_on_write(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """Workload 8's lockable trigger rows (paced, one per transaction), in a database whose SQL
+    functions NOTIFY with each stored row (``PGPUBSUB_NOTIFY_ON_WRITE = True``, the listener
+    run with it too): the latency of the per-write mode, beside workload 8's default mode."""
+    count, rate = ctx.sizes.paced_count, ctx.sizes.rate
+    with ctx.fresh_database(side, ctx.notify_on_write_template(side)) as (dbname, conn):
+        if not _notifies_on_write(conn):
+            raise BenchmarkError("the database's functions do not NOTIFY on write")
+        with ctx.listener(side, dbname, engine, env=NOTIFY_ON_WRITE) as listener:
+            wait_ready(conn, listener)
+            with conn.cursor() as cursor:
+                late = paced(count, rate, lambda n: cursor.execute(INSERT_EVENT, [f"event-{n}"]))
+            wait_effects(ctx, conn, side, count, listener)
+            check_exactly_once(conn, listener, count)
+            return {
+                **percentiles(conn, "benchapp_effect", "true", prefix="trigger_"),
+                "trigger_late_ms": late,  # not shown: how far behind its schedule it fell
+            }
+
+
+class WakeUps:
+    """A LISTEN session of the runner on the Event channel: counts the NOTIFYs sent to it (the
+    watcher's wake-ups, or the writers' per-write NOTIFYs)."""
+
+    def __init__(self, ctx: Context, dbname: str) -> None:
+        self.conn = ctx.server.connect(dbname)
+        with self.conn.cursor() as cursor:
+            cursor.execute(f"LISTEN {EVENT_LISTEN_NAME}")
+
+    def count(self) -> int:
+        """NOTIFYs received since the last call."""
+        self.conn.poll()
+        received = sum(1 for n in self.conn.notifies if n.channel == EVENT_LISTEN_NAME)
+        self.conn.notifies.clear()
+        return received
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def burst(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """A running ``listen`` (default mode: writers only store rows); ``Sizes.burst_writers``
+    writer processes (``writers.py``) INSERT Events at full speed for ``Sizes.burst_seconds``.
+    Every row processed exactly once; latency from each row's commit (``sent_at``, the
+    inserting statement's ``clock_timestamp()``) to its effect, the writers' rate, the time the
+    listener took to catch up after the last insert, and the wake-ups sent on the channel."""
+    with ctx.fresh_database(side) as (dbname, conn):
+        if _notifies_on_write(conn):
+            raise BenchmarkError("the database's functions NOTIFY on write (not the default)")
+        wakeups = WakeUps(ctx, dbname)
+        try:
+            with ctx.listener(side, dbname, engine) as listener:
+                wait_ready(conn, listener, engine.processes)
+                wakeups.count()  # none expected yet
+                written = run_writers(
+                    ctx, dbname, "benchapp_event", ctx.sizes.burst_writers, ctx.sizes.burst_seconds
+                )
+                events = written["commits"]
+                inserted, first_sent, last_sent = _one(
+                    conn, "SELECT count(*), min(sent_at), max(sent_at) FROM benchapp_event"
+                )
+                if inserted != events:
+                    raise BenchmarkError(f"the writers reported {events} rows, {inserted} exist")
+                wait_effects(ctx, conn, side, events, listener)
+                check_exactly_once(conn, listener, events)
+                last_done = scalar(conn, "SELECT max(done_at) FROM benchapp_effect")
+                woken = wakeups.count()
+        finally:
+            wakeups.close()
+        return {
+            "rows": float(events),
+            "write_rate": written["rate"],
+            "rate": events / (last_done - first_sent),
+            **percentiles(conn, "benchapp_effect", "true"),
+            "catch_up_s": max(0.0, last_done - last_sent),
+            "wakeups": float(woken),
+        }
+
+
+#: Runtimes (``manage.py listen`` processes) of the deployment of workload 37.
+DEPLOYMENT_RUNTIMES = 4
+#: What the elected watcher logs (pgpubsub.runtime, INFO).
+WATCHING = "for new stored notifications"
+
+
+def transactions(conn) -> int:
+    """Transactions committed and rolled back in the connection's database so far (each
+    autocommit statement is one), as the statistics collector counts them."""
+    return int(
+        scalar(
+            conn,
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+            "WHERE datname = current_database()",
+        )
+    )
+
+
+def watcher_idle(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """DEPLOYMENT_RUNTIMES ``listen`` processes on one database with a lockable channel, idle:
+    once each processed a probe, one logged that it watches, and ``Sizes.settle_seconds``
+    passed, over ``Sizes.watch_seconds``: the database's queries per second (transactions of
+    ``pg_stat_database``, less the runner's own) and each process's CPU."""
+    runtimes = DEPLOYMENT_RUNTIMES
+    with ctx.fresh_database(side) as (dbname, conn):
+        with contextlib.ExitStack() as stack:
+            listeners = [
+                stack.enter_context(ctx.listener(side, dbname, engine)) for _ in range(runtimes)
+            ]
+            wait_ready(conn, listeners[0], runtimes)
+
+            def watching() -> list[Process]:
+                return [p for p in listeners if WATCHING in p.log_path.read_text(errors="replace")]
+
+            wait_for(watching, READY_TIMEOUT, "a Runtime to log that it watches", listeners)
+            time.sleep(ctx.sizes.settle_seconds)  # start-up sweeps and probes are over
+            before = {p.pid: p.cpu_sample() for p in listeners}
+            counted = transactions(conn)
+            clock = time.perf_counter()
+            time.sleep(ctx.sizes.watch_seconds)  # the measurement window itself
+            # The runner's own transaction in the window: the first reading (the second one
+            # reads before it commits).
+            queries = transactions(conn) - counted - 1
+            window = time.perf_counter() - clock
+            after = {p.pid: p.cpu_sample() for p in listeners}
+            for process in listeners:
+                if not process.alive():
+                    raise BenchmarkError(f"{process.name} exited:\n{process.log_tail()}")
+            cpu = {
+                pid: sample.seconds_until(after[pid])[0] * 1000.0 / window
+                for pid, sample in before.items()
+            }
+            watchers = watching()
+    return {
+        "queries_per_s": queries / window,
+        "cpu_max_ms_per_s": max(cpu.values()),
+        "cpu_median_ms_per_s": statistics.median(cpu.values()),
+        "cpu_watcher_ms_per_s": cpu[watchers[0].pid],
+        "cpu_total_ms_per_s": sum(cpu.values()),
+        "watchers": float(len(watchers)),
+    }
+
+
+#: gunicorn workers of workload 38, each with an embedded Runtime.
+SESSION_WEB_WORKERS = 8
+
+
+def client_sessions(conn) -> int:
+    """Client sessions on the connection's database, but for the connection's own."""
+    return int(
+        scalar(
+            conn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+    )
+
+
+def embedded_sessions(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
+    """Database sessions of ``engine.processes`` idle gunicorn workers with an embedded Runtime
+    (``PGPUBSUB_IDLE_CONNECTION_TIMEOUT`` = ``Sizes.idle_connection_timeout``): once every
+    worker loaded the application and ``Sizes.settle_seconds`` passed (before any message);
+    the most seen while they process K Events inserted one per transaction (every row exactly
+    once); and once the idle timeout and 2 s more passed after the last effect."""
+    count, events = engine.processes, ctx.sizes.events
+    timeout = ctx.sizes.idle_connection_timeout
+    with ctx.fresh_database(side) as (dbname, conn):
+        ready_dir = Path(tempfile.mkdtemp(prefix="ready-", dir=side.project))
+        env = {"BENCH_READY_DIR": str(ready_dir), "BENCH_IDLE_CONNECTION_TIMEOUT": f"{timeout:g}"}
+        web = engine.start_web(ctx.processes, ctx.server, side, dbname, True, env)
+        try:
+
+            def loaded() -> list[int] | None:
+                workers = sorted(p for p in web.children() if (ready_dir / str(p)).exists())
+                return workers if len(workers) == count else None
+
+            workers = wait_for(
+                loaded, READY_TIMEOUT, f"{count} gunicorn workers to load the application", [web]
+            )
+            time.sleep(ctx.sizes.settle_seconds)
+            at_start = client_sessions(conn)
+            wait_ready(conn, web, count)  # every worker's Runtime LISTENs (a probe each)
+            with conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT DISTINCT split_part(key, '-', 3)::int FROM benchapp_item "
+                    "WHERE key LIKE 'probe-%'"
+                )
+                listening = sorted(row[0] for row in cursor.fetchall())
+            if listening != workers:
+                raise BenchmarkError(f"probes processed by {listening}, not the workers {workers}")
+            busiest = client_sessions(conn)
+            with conn.cursor() as cursor:
+                for n in range(events):
+                    cursor.execute(INSERT_EVENT, [f"event-{n}"])
+
+            def processed() -> bool:
+                nonlocal busiest
+                busiest = max(busiest, client_sessions(conn))
+                return scalar(conn, "SELECT count(*) FROM benchapp_effect") >= events
+
+            wait_for(processed, ctx.sizes.wait_timeout(events), f"{events} effects", [web])
+            check_exactly_once(conn, web, events)
+            time.sleep(timeout + 2.0)
+            after_work = client_sessions(conn)
+            if sorted(web.children()) != workers:
+                raise BenchmarkError(f"the gunicorn workers changed:\n{web.log_tail()}")
+            return {
+                "start_sessions": float(at_start),
+                "busy_sessions": float(busiest),
+                "idle_sessions": float(after_work),
+                "threads_used": threads_used(conn),
+            }
+        finally:
+            ctx.processes.stop(web)
 
 
 # --- the list -----------------------------------------------------------------------------------
@@ -1355,6 +1640,68 @@ WORKLOADS: tuple[Workload, ...] = (
         listens=False,
         metrics_for=writer_metrics,
     ),
+    # Delivery without NOTIFY in the writer's transaction: latency, idle cost, sessions (15).
+    Workload(
+        35,
+        "latency-on-write",
+        "workload 8's lockable trigger rows with per-write NOTIFY (`PGPUBSUB_NOTIFY_ON_WRITE = "
+        "True`; workload 8 runs the default mode, where the watcher wakes the listeners)",
+        (
+            Metric("trigger_p50_ms", "lockable trigger p50, per-write NOTIFY", "ms", False, 1),
+            Metric("trigger_p99_ms", "lockable trigger p99, per-write NOTIFY", "ms", False, 1),
+        ),
+        paced_on_write,
+        ours_only=True,
+    ),
+    Workload(
+        36,
+        "burst",
+        "burst: writer processes INSERT Events at full speed for a few seconds while `listen` "
+        "runs (default mode: the writers only store the rows)",
+        (
+            Metric("rows", "rows written", ""),
+            Metric("write_rate", "the writers' commits/s", "commits/s"),
+            Metric("rate", "throughput, first insert to last effect", "rows/s"),
+            P50,
+            P99,
+            Metric("catch_up_s", "last insert to last effect", "s", False, 2),
+            Metric("wakeups", "wake-ups (NOTIFYs on the channel)", "", False),
+        ),
+        burst,
+        ours_only=True,
+    ),
+    Workload(
+        37,
+        "watcher-idle",
+        f"idle deployment of {DEPLOYMENT_RUNTIMES} `listen` processes on one database with a "
+        "lockable channel (one elected watcher)",
+        (
+            Metric(
+                "queries_per_s", "queries/s against the database, all Runtimes", "per s", False, 1
+            ),
+            Metric("cpu_max_ms_per_s", "CPU of the busiest Runtime", "ms/s", False, 2),
+            Metric("cpu_median_ms_per_s", "CPU per Runtime, median", "ms/s", False, 2),
+            Metric("cpu_watcher_ms_per_s", "CPU of the watcher", "ms/s", False, 2),
+            Metric("watchers", "Runtimes that logged they watch", "", False),
+        ),
+        watcher_idle,
+        ours_only=True,
+    ),
+    Workload(
+        38,
+        "sessions-emb",
+        f"database sessions of {SESSION_WEB_WORKERS} idle gunicorn workers with an embedded "
+        f"Runtime ({EMBEDDED_THREADS} worker threads each, `PGPUBSUB_IDLE_CONNECTION_TIMEOUT` "
+        "set for the benchmark, see the sizes)",
+        (
+            Metric("start_sessions", "sessions after start, before any message", "", False),
+            Metric("busy_sessions", "most sessions while processing K rows", "", False),
+            Metric("idle_sessions", "sessions once the idle timeout passed after work", "", False),
+        ),
+        embedded_sessions,
+        Engine(embedded=True, processes=SESSION_WEB_WORKERS, threads=EMBEDDED_THREADS),
+        ours_only=True,
+    ),
 )
 
 #: Names that select several workloads in ``--only``.
@@ -1362,7 +1709,7 @@ GROUPS = {
     # listen with 1, 2 processes and 1, 2, 4 threads, on workloads 1, 2 and 7
     "scaling": ("drain", "one-per-tx", "bulk", "drain-2p", "one-per-tx-2p")
     + tuple(w.name for w in WORKLOADS if 13 <= w.number <= 22),
-    "embedded": tuple(w.name for w in WORKLOADS if w.engine.embedded),
+    "embedded": tuple(w.name for w in WORKLOADS if w.engine.embedded and w.number <= 28),
     # embedded vs listen with --threads 1 and 2 on the example workloads
     # the per-message cost of issue 16: the no-op drains and their ceilings, plain at full speed
     "per-message": (
@@ -1374,6 +1721,8 @@ GROUPS = {
         "orm-loop",
         "ping",
     ),
+    # issue 15: writers in each mode, latency of each mode, burst, idle watcher, sessions
+    "issue15": ("latency", "writers", "latency-on-write", "burst", "watcher-idle", "sessions-emb"),
     "compare": (
         "one-per-tx",
         "bulk",

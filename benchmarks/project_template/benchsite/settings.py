@@ -32,6 +32,12 @@ DATABASES = {
 PGPUBSUB_EMBEDDED = os.environ.get("BENCH_EMBEDDED") == "1"
 if os.environ.get("BENCH_PGPUBSUB_WORKERS"):
     PGPUBSUB_WORKERS = int(os.environ["BENCH_PGPUBSUB_WORKERS"])
+# Issue 15's workloads: per-write NOTIFY (baked into the SQL functions by ``migrate``) and the
+# worker threads' idle connection timeout.
+if os.environ.get("BENCH_NOTIFY_ON_WRITE"):
+    PGPUBSUB_NOTIFY_ON_WRITE = os.environ["BENCH_NOTIFY_ON_WRITE"] == "1"
+if os.environ.get("BENCH_IDLE_CONNECTION_TIMEOUT"):
+    PGPUBSUB_IDLE_CONNECTION_TIMEOUT = float(os.environ["BENCH_IDLE_CONNECTION_TIMEOUT"])
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "benchsite.urls"
 MIDDLEWARE = []
