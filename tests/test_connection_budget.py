@@ -128,7 +128,7 @@ class Counts:
 
 def start_listen(processes, env: dict[str, str]) -> ServerProcess:
     """``listen`` with THREADS worker threads and the start-up recovery, on two lockable
-    channels; returns it once its Runtime listens and holds its LISTEN session only."""
+    channels; returns it once its Runtime says (in its log) that it listens and watches."""
     listener = processes.start(
         *("--threads", str(THREADS), "--recover", "--channels", SLOW_JOB, AUTHOR_TRIGGER),
         ready=None,
