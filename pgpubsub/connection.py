@@ -189,6 +189,11 @@ def drain(raw: Any, buffer: NotifyBuffer | None = None) -> list[Any]:
         )
 
 
+#: Starts every statement a Runtime sends on its LISTEN session besides LISTEN itself (the
+#: watcher's, the looks for due rows), so that ``pg_stat_activity`` tells that session apart.
+LISTENER_TAG = "/* pgpubsub listener */ "
+
+
 class ListenConnection:
     """A dedicated autocommit connection that LISTENs on channels and waits for notifications."""
 

@@ -51,7 +51,7 @@ from django.db import DatabaseError, connections
 
 from pgpubsub import conf
 from pgpubsub.channel import BaseChannel, listen_name
-from pgpubsub.connection import UNDEFINED_COLUMN, UNDEFINED_TABLE, sqlstate
+from pgpubsub.connection import LISTENER_TAG, UNDEFINED_COLUMN, UNDEFINED_TABLE, sqlstate
 from pgpubsub.exceptions import PgpubsubError
 from pgpubsub.models import Notification, notifications_alias
 
@@ -357,7 +357,9 @@ def due_names(cursor: Any, names: list[str]) -> set[str]:
     exists = " OR ".join(
         f"EXISTS (SELECT 1 FROM {_TABLE} WHERE channel = name AND {due})" for due in _DUE_BRANCHES
     )
-    cursor.execute(f"SELECT name FROM unnest(%s::text[]) AS name WHERE {exists}", [names])
+    cursor.execute(
+        f"{LISTENER_TAG}SELECT name FROM unnest(%s::text[]) AS name WHERE {exists}", [names]
+    )
     return {row[0] for row in cursor.fetchall()}
 
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pgpubsub import store, wire
-from pgpubsub.connection import is_connection_error, one_line, sqlstate
+from pgpubsub.connection import LISTENER_TAG, is_connection_error, one_line, sqlstate
 
 logger = logging.getLogger("pgpubsub.runtime")
 
@@ -59,7 +59,7 @@ FAILED_LOOK_PAUSE = 30.0
 
 _TABLE = "pgpubsub_notification"
 
-_LOOK = f"""
+_LOOK = f"""{LISTENER_TAG}
 SELECT channel, {{flag}}, count(*) FILTER (WHERE id > %(mark)s), max(id),
        array_agg(id) FILTER (WHERE id <= %(mark)s)
 FROM {_TABLE} WHERE id > %(mark)s OR id = ANY(%(gaps)s::bigint[])
@@ -128,7 +128,7 @@ class Watcher:
         self.next_at = self.clock() + self.interval
 
     def _elect(self, cursor: Any, now: float) -> bool:
-        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", LOCK_KEY)
+        cursor.execute(f"{LISTENER_TAG}SELECT pg_try_advisory_lock(%s, %s)", LOCK_KEY)
         if not cursor.fetchone()[0]:
             self.next_at = now + ELECTION_INTERVAL * random.uniform(0.5, 1.0)
             return False
@@ -178,7 +178,9 @@ class Watcher:
 
     def _missing(self, cursor: Any, mark: int, top: int, now: float) -> None:
         """Remember the ids above ``mark`` up to ``top`` that no committed row has (yet)."""
-        cursor.execute(f"SELECT id FROM {_TABLE} WHERE id > %s AND id <= %s", [mark, top])
+        cursor.execute(
+            f"{LISTENER_TAG}SELECT id FROM {_TABLE} WHERE id > %s AND id <= %s", [mark, top]
+        )
         present = {row[0] for row in cursor.fetchall()}
         low = max(mark + 1, top - MAX_GAPS * 4)  # a huge hole (rows deleted): its newest ids
         for row_id in range(low, top + 1):
@@ -191,7 +193,8 @@ class Watcher:
     def _wake(self, cursor: Any, names: list[str]) -> None:
         """One NOTIFY per channel, in one transaction of the watcher's own."""
         cursor.execute(
-            "SELECT pg_notify(name, %s) FROM unnest(%s::text[]) AS name", [wire.RECOVER, names]
+            f"{LISTENER_TAG}SELECT pg_notify(name, %s) FROM unnest(%s::text[]) AS name",
+            [wire.RECOVER, names],
         )
         self.wakeups += len(names)
 

@@ -26,6 +26,8 @@ from urllib.parse import quote, urlencode
 
 from django.db import connection
 
+from pgpubsub.connection import LISTENER_TAG
+
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "tests" / "manage.py"
 
@@ -92,15 +94,18 @@ def outputs(processes: Iterable[ServerProcess]) -> str:
 
 def backends(application_name: str, listening: bool = False) -> list[tuple[int, str]]:
     """(backend pid, last query) of the sessions of the test database opened under
-    ``application_name``; with ``listening``, only those whose last statement was a LISTEN."""
+    ``application_name``; with ``listening``, only LISTEN sessions (whose last statement was a
+    LISTEN, or one of the statements a Runtime sends on its LISTEN session)."""
+    params: list = [application_name]
     sql = (
         "SELECT pid, query FROM pg_stat_activity "
         "WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()"
     )
     if listening:
-        sql += " AND query ILIKE 'LISTEN%%'"
+        sql += " AND (query ILIKE 'LISTEN%%' OR query LIKE %s)"
+        params.append(LISTENER_TAG + "%")
     with connection.cursor() as cursor:
-        cursor.execute(sql, [application_name])
+        cursor.execute(sql, params)
         return list(cursor.fetchall())
 
 
