@@ -168,13 +168,30 @@ class Watcher:
                 top = max(top, highest)
             if (new or late) and not notifies:
                 found.append(store.wire_name(stored))
-        if not first and top - mark > present:
+        if first and not rows:
+            top = self._sequence_position(cursor)  # ids missing below it are no news
+        elif not first and top - mark > present:
             self._missing(cursor, mark, top, now)
         self.watermark = top
         for row_id, since in list(self.gaps.items()):
             if now - since > GAP_TIMEOUT:
                 del self.gaps[row_id]
         return sorted(set(found))
+
+    @staticmethod
+    def _sequence_position(cursor: Any) -> int:
+        """The last id the table's sequence gave (0 when unknown): where an empty table's
+        watermark starts."""
+        try:
+            cursor.execute(
+                f"{LISTENER_TAG}SELECT pg_sequence_last_value("
+                f"pg_get_serial_sequence('{_TABLE}', 'id')::regclass)"
+            )
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise
+            return 0  # e.g. no privilege on the sequence: a few ids more to look for, once
+        return cursor.fetchone()[0] or 0
 
     def _missing(self, cursor: Any, mark: int, top: int, now: float) -> None:
         """Remember the ids above ``mark`` up to ``top`` that no committed row has (yet)."""
