@@ -37,9 +37,13 @@ def read_page(
     return store.pending_ids(channel, after_id, processor.using, limit=limit)
 
 
-def batches(page: list[int]) -> list[list[int]]:
-    """``page`` cut into the batches claimed and committed together."""
-    return [page[i : i + store.BATCH_SIZE] for i in range(0, len(page), store.BATCH_SIZE)]
+def batches(page: list[int], workers: int = 1) -> list[list[int]]:
+    """``page`` cut into the batches claimed and committed together: of at most
+    ``store.BATCH_SIZE`` rows, and at least as many as ``workers`` (while there are rows), so
+    that a short page of slow messages keeps every worker busy too."""
+    count = max(-(-len(page) // store.BATCH_SIZE), min(workers, len(page)))
+    size = -(-len(page) // count) if count else 0
+    return [page[i : i + size] for i in range(0, len(page), size)] if page else []
 
 
 def sweep_all(processor: Processor, channel: type[BaseChannel]) -> int:
@@ -99,6 +103,7 @@ class Sweeper:
     ) -> None:
         self.queue = queue
         self.scheduler = scheduler
+        self.workers = workers
         self.page_size = store.BATCH_SIZE * workers
         self.stopping = stopping
         self._lock = threading.Lock()
@@ -134,7 +139,7 @@ class Sweeper:
         full = len(page) == self.page_size  # there may be more
         # Counted before the next page can be read (by another worker), so pages add up in order.
         self.count(tally, read=len(page), last_id=page[-1], reading=full)
-        parts = batches(page)
+        parts = batches(page, self.workers)
         here = parts[:1]
         for batch in parts[1:]:
             if not self._offer(
