@@ -681,9 +681,13 @@ def web_overhead(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
 def paced_latency(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
     """A producer at ``Sizes.rate`` messages/s for ``Sizes.paced_seconds``: first lockable
     trigger rows, one per transaction (the runner's INSERTs), then plain ``notify()`` (the
-    side's driver); end-to-end latency of each."""
+    side's driver); end-to-end latency of each. This checkout runs in its default mode (the
+    writers only store the rows, the watcher wakes the listener; workload 35: per-write
+    NOTIFY)."""
     count, rate = ctx.sizes.paced_count, ctx.sizes.rate
     with ctx.fresh_database(side) as (dbname, conn):
+        if side.name == "ours" and _notifies_on_write(conn):
+            raise BenchmarkError("the database's functions NOTIFY on write (not the default)")
         with ctx.listener(side, dbname, engine) as listener:
             wait_ready(conn, listener)
             with conn.cursor() as cursor:
@@ -1240,6 +1244,7 @@ def watcher_idle(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
             wait_for(watching, READY_TIMEOUT, "a Runtime to log that it watches", listeners)
             time.sleep(ctx.sizes.settle_seconds)  # start-up sweeps and probes are over
             before = {p.pid: p.cpu_sample() for p in listeners}
+            switches = {p.pid: voluntary_switches(p.tree()) for p in listeners}
             counted = transactions(conn)
             clock = time.perf_counter()
             time.sleep(ctx.sizes.watch_seconds)  # the measurement window itself
@@ -1248,6 +1253,9 @@ def watcher_idle(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
             queries = transactions(conn) - counted - 1
             window = time.perf_counter() - clock
             after = {p.pid: p.cpu_sample() for p in listeners}
+            woke = {
+                p.pid: (voluntary_switches(p.tree()) - switches[p.pid]) / window for p in listeners
+            }
             for process in listeners:
                 if not process.alive():
                     raise BenchmarkError(f"{process.name} exited:\n{process.log_tail()}")
@@ -1263,6 +1271,8 @@ def watcher_idle(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
         "cpu_watcher_ms_per_s": cpu[watchers[0].pid],
         "cpu_total_ms_per_s": sum(cpu.values()),
         "watchers": float(len(watchers)),
+        "wakeups_watcher_per_s": woke[watchers[0].pid],
+        "wakeups_median_per_s": statistics.median(woke.values()),
     }
 
 
@@ -1682,6 +1692,8 @@ WORKLOADS: tuple[Workload, ...] = (
             Metric("cpu_max_ms_per_s", "CPU of the busiest Runtime", "ms/s", False, 2),
             Metric("cpu_median_ms_per_s", "CPU per Runtime, median", "ms/s", False, 2),
             Metric("cpu_watcher_ms_per_s", "CPU of the watcher", "ms/s", False, 2),
+            Metric("wakeups_watcher_per_s", "wake-ups of the watcher's threads", "per s", False, 1),
+            Metric("wakeups_median_per_s", "wake-ups per Runtime, median", "per s", False, 1),
             Metric("watchers", "Runtimes that logged they watch", "", False),
         ),
         watcher_idle,

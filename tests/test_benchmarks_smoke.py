@@ -18,7 +18,8 @@ from benchmarks.workloads import EMBEDDED, GROUPS, WORKLOADS, Workload, select
 ROOT = Path(__file__).resolve().parent.parent
 #: The workloads of ``listen`` with one thread (1-12), and the newer ones: ``--threads`` and
 #: ``--processes`` scaling and the embedded Runtime under gunicorn (13-28), the library's cost
-#: per message against hand-written loops and the writers' commits/s (29-34).
+#: per message against hand-written loops and the writers' commits/s (29-34), and delivery
+#: without NOTIFY in the writer's transaction: latency, burst, idle watcher, sessions (35-38).
 BASE = [w for w in WORKLOADS if w.number <= 12]
 SCALING_AND_EMBEDDED = [w for w in WORKLOADS if 12 < w.number <= 28]
 #: The options of the quick run (sizes as small as they go while every workload still measures).
@@ -45,6 +46,14 @@ QUICK_OPTIONS = [
     "1,2",
     "--writer-seconds",
     "0.3",
+    "--burst-writers",
+    "4",
+    "--burst-seconds",
+    "0.3",
+    "--watch-seconds",
+    "1",
+    "--idle-connection-timeout",
+    "1",
 ]
 
 
@@ -187,7 +196,7 @@ def test_quick_run_measures_the_cost_per_message_and_the_writers(quick_run):
     """Workloads 29-34 (issues 15 and 16): the no-op drains beside the raw drain of the same
     rows, the ORM loop, plain messages to a no-op listener, the writers' commits/s; and each
     target printed beside its measurement."""
-    sized = [w for w in parse_args(QUICK_OPTIONS).workloads if w.number > 28]
+    sized = [w for w in parse_args(QUICK_OPTIONS).workloads if 28 < w.number <= 34]
     assert [w.name for w in sized] == [
         "noop-drain",
         "trigger-noop-drain",
@@ -210,12 +219,12 @@ def test_quick_run_measures_the_cost_per_message_and_the_writers(quick_run):
     ):
         assert rows[name, key]["median"] > 0, (name, key, rows)
     assert 0 < rows["ping", "p50_ms"]["median"] <= rows["ping", "p99_ms"]["median"] < 60_000
-    # Writers: (a), (b) and (d) at 1 and 2 connections, and (b), (d) as shares of (a); (c)
-    # needs django-pgpubsub 1.3.1 (--skip-theirs).
+    # Writers: (a), (b), (b') and (d) at 1 and 2 connections, and (b), (b'), (d) as shares of
+    # (a); (c) needs django-pgpubsub 1.3.1 (--skip-theirs).
     for n in (1, 2):
-        for key in ("plain", "trigger", "stored"):
+        for key in ("plain", "trigger", "notify", "stored"):
             assert rows["writers", f"{key}_c{n}"]["median"] > 0, rows
-        for key in ("trigger", "stored"):
+        for key in ("trigger", "notify", "stored"):
             ratio = rows["writers", f"{key}_ratio_c{n}"]["median"]
             assert 0 < ratio < 10, rows
         assert rows["writers", f"theirs_c{n}"] is None
@@ -237,6 +246,49 @@ def test_quick_run_measures_the_cost_per_message_and_the_writers(quick_run):
     assert "No-op drains as a share of the raw drain" in summary, summary
     assert report["sizes"]["N (no-op rows)"] == 50 and report["sizes"]["writers"] == "1,2"
     assert report["sides"]["ours"]["driver"] in ("psycopg2", "psycopg 3")
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_measures_delivery_without_notify_on_write(quick_run):
+    """Workloads 35-38 (issue 15): paced latency with per-write NOTIFY, a burst of writers
+    while `listen` runs (every row exactly once), the idle cost of a deployment of 4 Runtimes
+    with its elected watcher, the sessions of 8 idle embedded gunicorn workers; each target of
+    issue 15 printed beside its measurement."""
+    sized = [w for w in parse_args(QUICK_OPTIONS).workloads if w.number > 34]
+    assert [w.name for w in sized] == ["latency-on-write", "burst", "watcher-idle", "sessions-emb"]
+    assert_table_rows(quick_run.stdout, sized)
+    assert "38. sessions-emb [ours] with gunicorn, 8 sync workers" in quick_run.stderr
+    report = quick_run.report
+    rows = {
+        (row["name"], row["key"]): row["ours"]["median"] for row in report["rows"] if row["ours"]
+    }
+    assert (
+        0
+        < rows["latency-on-write", "trigger_p50_ms"]
+        <= rows["latency-on-write", "trigger_p99_ms"]
+        < 60_000
+    ), rows
+    # The burst: rows written by 4 writers, every one processed (the run checks exactly once),
+    # and the listeners woken by the watcher (the writers sent no NOTIFY).
+    assert rows["burst", "rows"] > 0 and rows["burst", "write_rate"] > 0, rows
+    assert 0 < rows["burst", "p50_ms"] <= rows["burst", "p99_ms"], rows
+    assert rows["burst", "wakeups"] >= 1, rows
+    # One of the 4 Runtimes watches; the others only listen.
+    assert rows["watcher-idle", "watchers"] == 1, rows
+    assert rows["watcher-idle", "queries_per_s"] > 0, rows
+    assert (
+        0 <= rows["watcher-idle", "cpu_median_ms_per_s"] <= rows["watcher-idle", "cpu_max_ms_per_s"]
+    ), rows
+    # Each of the 8 web workers holds at least its LISTEN session.
+    for key in ("start_sessions", "busy_sessions", "idle_sessions"):
+        assert rows["sessions-emb", key] >= 8, (key, rows)
+    assert rows["sessions-emb", "busy_sessions"] >= rows["sessions-emb", "idle_sessions"], rows
+    issue15 = [t["target"] for t in report["targets"] if t["issue"] == 15]
+    assert len(issue15) == 5, issue15
+    assert all(t["verdict"] in ("met", "not met") for t in report["targets"] if t["issue"] == 15)
+    assert "- issue 15: watcher idle cost in a deployment of 4 Runtimes" in quick_run.stdout
+    assert "(b') the same with per-write NOTIFY" in quick_run.stdout
+    assert report["sizes"]["idle connection timeout (38)"] == 1
 
 
 @pytest.mark.timeout(300)
@@ -312,7 +364,8 @@ def test_groups_select_workloads():
     assert {w.number for w in select("scaling")} == {1, 2, 7, 9, 10} | set(range(13, 23))
     assert [w.number for w in select("2,compare")] == [2, 4, 7, 16, 19, 23, 25, 26, 27]
     assert [w.number for w in select("per-message")] == [1, 4, 29, 30, 31, 32, 33]
-    assert set(GROUPS) == {"scaling", "embedded", "compare", "per-message"}
+    assert [w.number for w in select("issue15")] == [8, 34, 35, 36, 37, 38]
+    assert set(GROUPS) == {"scaling", "embedded", "compare", "per-message", "issue15"}
 
 
 def test_quick_run_skips_the_backlog_workloads_without_a_size():
@@ -339,6 +392,8 @@ def test_quick_run_skips_the_backlog_workloads_without_a_size():
         (["--backlog", "1"], "--backlog must be at least 2"),
         (["--writers", "1,0"], "--writers must be a comma-separated list of positive numbers"),
         (["--noop-rows", "1"], "--noop-rows must be at least 2"),
+        (["--burst-writers", "0"], "--burst-writers must be at least 1"),
+        (["--watch-seconds", "0"], "--watch-seconds must be positive"),
     ],
 )
 def test_rejects_bad_options(args, message):

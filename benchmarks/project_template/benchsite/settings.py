@@ -36,6 +36,8 @@ if os.environ.get("BENCH_PGPUBSUB_WORKERS"):
 # worker threads' idle connection timeout.
 if os.environ.get("BENCH_NOTIFY_ON_WRITE"):
     PGPUBSUB_NOTIFY_ON_WRITE = os.environ["BENCH_NOTIFY_ON_WRITE"] == "1"
+if os.environ.get("BENCH_WATCH_INTERVAL"):  # from the runner's environment, for experiments
+    PGPUBSUB_WATCH_INTERVAL = float(os.environ["BENCH_WATCH_INTERVAL"])
 if os.environ.get("BENCH_IDLE_CONNECTION_TIMEOUT"):
     PGPUBSUB_IDLE_CONNECTION_TIMEOUT = float(os.environ["BENCH_IDLE_CONNECTION_TIMEOUT"])
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
