@@ -17,6 +17,7 @@ from django.db import DatabaseError, connections
 
 from pgpubsub import conf
 from pgpubsub.channel import TriggerChannel, registry
+from pgpubsub.db_functions import notify_on_write_body
 
 #: The tag of every pgpubsub system check (``manage.py check --tag pgpubsub``).
 TAG = "pgpubsub"
@@ -166,7 +167,30 @@ def _check_database(alias: str, app_configs: Sequence[AppConfig] | None) -> list
                     id="pgpubsub.E008",
                 )
             )
+        elif not _wakes_as_configured(alias):
+            messages.append(
+                Warning(
+                    f"pgpubsub's SQL functions in database {alias!r} do not match "
+                    "PGPUBSUB_NOTIFY_ON_WRITE and the channels' notify_on_write: writers send "
+                    "a NOTIFY per stored row where these say not to, or the other way round "
+                    "(nothing is lost either way: the watcher and the sweeps find the rows).",
+                    hint="Run `manage.py migrate`: pgpubsub installs its functions, as the "
+                    "settings say, after every migrate.",
+                    id="pgpubsub.W006",
+                )
+            )
     return messages
+
+
+def _wakes_as_configured(alias: str) -> bool:
+    """The installed ``pgpubsub_notify_on_write()`` says what the settings and channels say now."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)",
+            ["pgpubsub_notify_on_write(text)"],
+        )
+        row = cursor.fetchone()
+    return row is not None and row[0] == notify_on_write_body()
 
 
 def _missing_functions(alias: str) -> list[str]:

@@ -126,6 +126,12 @@ def notify_on_write_sql(channel: str) -> str:
 SESSION_SETTING = "pgpubsub.notify_on_write"
 
 
+def notify_on_write_body() -> str:
+    """The body of ``pgpubsub_notify_on_write(p_channel)``, as the settings say now (the
+    system check pgpubsub.W006 compares it with the installed one)."""
+    return f"SELECT {notify_on_write_sql('p_channel')}"
+
+
 def functions_sql() -> str:
     """The SQL that creates or replaces every publishing function."""
     wake = notify_on_write_sql("p_channel")
@@ -133,7 +139,7 @@ def functions_sql() -> str:
         NOTIFY_FUNCTION_SQL
         + f"""
 CREATE OR REPLACE FUNCTION pgpubsub_notify_on_write(p_channel text) RETURNS boolean
-LANGUAGE sql IMMUTABLE AS $pgpubsub$ SELECT {wake} $pgpubsub$;
+LANGUAGE sql IMMUTABLE AS $pgpubsub${notify_on_write_body()}$pgpubsub$;
 """
         + store_function_sql(
             "pgpubsub_store",

@@ -362,6 +362,30 @@ def test_missing_sql_function_is_an_error():
         call_command("check", "--database", "default", stdout=io.StringIO())
 
 
+@pytest.mark.django_db(transaction=True)
+def test_functions_installed_under_other_notify_on_write_settings_are_a_warning():
+    from pgpubsub.db_functions import install_functions
+
+    assert pgpubsub_messages(databases=["default"]) == []
+    with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
+        (message,) = pgpubsub_messages(databases=["default"])
+        assert message.id == "pgpubsub.W006"
+        assert "migrate" in message.hint
+        install_functions("default")  # what migrate does
+        try:
+            assert pgpubsub_messages(databases=["default"]) == []
+        finally:
+            with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=False):
+                install_functions("default")
+    assert pgpubsub_messages(databases=["default"]) == []
+    # Functions of a version without per-channel choice are reported too.
+    execute("DROP FUNCTION pgpubsub_notify_on_write(text)")
+    try:
+        assert ids(databases=["default"]) == ["pgpubsub.W006"]
+    finally:
+        install_functions("default")
+
+
 @pytest.mark.django_db
 def test_database_that_migrate_is_about_to_update_is_not_reported():
     # `migrate` runs these checks before migrating: what it is about to install must not stop it.
