@@ -822,12 +822,28 @@ def per_message_notes(args) -> list[str]:
             "one INSERT, one commit) insert into a fresh database for "
             f"{args.sizes.writer_seconds:g} s per target and number of writers, no listener "
             "running: (a) a copy of the Event table without trigger, (b) Event with this "
-            "checkout's lockable trigger channel, (c) Event in a database migrated by "
+            "checkout's lockable trigger channel in its default mode (the row stored, no "
+            "NOTIFY), (b') the same with `PGPUBSUB_NOTIFY_ON_WRITE = True`, (c) Event in a "
+            "database migrated by "
             "django-pgpubsub 1.3.1, (d) a copy of Event whose hand-written trigger stores the "
             "same payload into `pgpubsub_notification` without NOTIFY. The ratios to (a) are "
             "taken within each run, then their median. The writers are Python processes on the "
             "same cores as the server: their own CPU keeps the absolute rates below what a C "
             "client (pgbench) reaches."
+        )
+    if names & {"latency-on-write", "burst", "watcher-idle", "sessions-emb"}:
+        notes.append(
+            "Workloads 35-38 (issue 15, this checkout only): 35 is workload 8's paced trigger "
+            "rows with per-write NOTIFY (workload 8 runs the default mode: the watcher wakes "
+            f"the listener); 36: {args.sizes.burst_writers} writer processes for "
+            f"{args.sizes.burst_seconds:g} s while `listen` runs, latency from each row's "
+            "commit to its effect (it includes the backlog), every row exactly once, wake-ups "
+            "= NOTIFYs on the channel seen by a LISTEN session of the runner; 37: 4 idle "
+            f"`listen` processes over {args.sizes.watch_seconds:g} s, queries/s = transactions "
+            "of the database in `pg_stat_database` less the runner's own; 38: 8 gunicorn "
+            "workers with `PGPUBSUB_EMBEDDED = True`, `PGPUBSUB_IDLE_CONNECTION_TIMEOUT = "
+            f"{args.sizes.idle_connection_timeout:g}`, client sessions of `pg_stat_activity` on "
+            "the database but the runner's."
         )
     return notes
 
