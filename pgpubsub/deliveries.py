@@ -69,11 +69,12 @@ def plan(
                 deliveries.append(Delivery(Kind.PLAIN, channel, callbacks, payload=payload))
             continue
         row_id = wire.row_id(payload)
-        if row_id is None:
+        if row_id is None or payload == wire.WAKE:
             batch = None
-            if payload == wire.RECOVER or payload.startswith("{"):
-                # The recovery request, or a whole payload from a trigger of an older version
-                # (which stored the row too): the table has the messages.
+            if payload in (wire.RECOVER, wire.WAKE) or payload.startswith("{"):
+                # The recovery request, the watcher's wake-up, or a whole payload from a
+                # trigger of an older version (which stored the row too): the table has the
+                # messages.
                 deliveries.append(Delivery(Kind.SWEEP, channel, callbacks))
             else:
                 _ignore(ignored, channel_name, payload, "not a stored notification id")

@@ -4,8 +4,8 @@ writer's transaction.
 PostgreSQL serialises the commits of every transaction that sent a NOTIFY (one instance-wide
 lock, so that notifications queue in commit order). So by default a writer only stores the row
 (``pgpubsub_store``), and one Runtime in the whole deployment per database, the *watcher*, tells
-the listeners: it looks for rows above the highest id it has seen, and sends one NOTIFY (the
-empty payload: "sweep this channel") per channel that has new rows, in its own transaction.
+the listeners: it looks for rows above the highest id it has seen, and sends one NOTIFY
+(``wire.WAKE``: "sweep this channel") per channel that has new rows, in its own transaction.
 Every Runtime LISTENs for those wake-ups and claims the rows as usual.
 
 - **Election.** Each Runtime with lockable channels tries, on its LISTEN session, to take a
@@ -49,7 +49,7 @@ LOCK_KEY = (0x70677073, 1)
 MIN_INTERVAL = 0.005
 #: Seconds between two tries of a Runtime that does not watch to become the watcher (with
 #: jitter: between half of it and all of it).
-ELECTION_INTERVAL = 2.0
+ELECTION_INTERVAL = 5.0
 #: Seconds a missing id below the watermark is looked for before the sweeps are left with it.
 GAP_TIMEOUT = 10.0
 #: The most missing ids looked for at once (the newest are kept).
@@ -211,7 +211,7 @@ class Watcher:
         """One NOTIFY per channel, in one transaction of the watcher's own."""
         cursor.execute(
             f"{LISTENER_TAG}SELECT pg_notify(name, %s) FROM unnest(%s::text[]) AS name",
-            [wire.RECOVER, names],
+            [wire.WAKE, names],
         )
         self.wakeups += len(names)
 

@@ -2,7 +2,8 @@
 
 - plain channel: the message's JSON text; a message of ``NOTIFY_LIMIT`` bytes or more is sent
   as chunks instead (see below);
-- lockable channel: the decimal id of the stored ``pgpubsub_notification`` row;
+- lockable channel: the decimal id of the stored ``pgpubsub_notification`` row (a writer that
+  notifies on write), or ``0``, the watcher's wake-up: rows were stored, sweep the channel;
 - any channel: the empty payload, a request to process every stored row of the channel
   (``process_stored_notifications()``).
 
@@ -30,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 #: The payload that asks listeners to process all stored rows of a channel.
 RECOVER = ""
+#: The watcher's wake-up (:mod:`pgpubsub.watcher`): rows of the channel were stored, sweep it.
+#: Not the empty payload: django-pgpubsub 1.x listeners (during a rolling upgrade) read that as
+#: "process every stored row", retrying and failed ones included; a row id that no row has
+#: (ids start at 1) they only fail to lock, and so do earlier versions of this one.
+WAKE = "0"
 
 #: NOTIFY refuses payloads of this many bytes or more (a compiled-in PostgreSQL limit).
 NOTIFY_LIMIT = 8000

@@ -65,3 +65,24 @@ def runtimes():
         runtime.stop(10)
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("pgpubsub-")]
     timings.clear()
+
+
+@pytest.fixture(params=["watcher", "notify on write"])
+def write_mode(request, django_db_setup, django_db_blocker):
+    """Runs a test in both ways lockable writers can wake the listeners: the default (writers
+    only store; the elected watcher wakes them) and ``PGPUBSUB_NOTIFY_ON_WRITE = True`` (a
+    NOTIFY per stored row, installed in the database for the test's duration)."""
+    from django.test import override_settings
+
+    from pgpubsub.db_functions import install_functions
+
+    if request.param == "watcher":
+        yield request.param
+        return
+    with django_db_blocker.unblock():
+        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
+            install_functions("default")
+        try:
+            yield request.param
+        finally:
+            install_functions("default")

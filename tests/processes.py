@@ -92,6 +92,12 @@ def outputs(processes: Iterable[ServerProcess]) -> str:
     )
 
 
+#: A WHERE condition on ``pg_stat_activity``: a Runtime's LISTEN session (its last statement
+#: was a LISTEN, or one of the statements a Runtime sends on that session); for a query with
+#: parameters (``%`` doubled).
+LISTEN_SESSION = f"(query ILIKE 'LISTEN%%' OR query LIKE '{LISTENER_TAG}%%')"
+
+
 def backends(application_name: str, listening: bool = False) -> list[tuple[int, str]]:
     """(backend pid, last query) of the sessions of the test database opened under
     ``application_name``; with ``listening``, only LISTEN sessions (whose last statement was a
@@ -102,8 +108,7 @@ def backends(application_name: str, listening: bool = False) -> list[tuple[int, 
         "WHERE datname = current_database() AND application_name = %s AND pid <> pg_backend_pid()"
     )
     if listening:
-        sql += " AND (query ILIKE 'LISTEN%%' OR query LIKE %s)"
-        params.append(LISTENER_TAG + "%")
+        sql += f" AND {LISTEN_SESSION}"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return list(cursor.fetchall())

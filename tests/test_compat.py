@@ -9,6 +9,7 @@ from django.core.management import call_command, get_commands, load_command_clas
 import pgpubsub
 from pgpubsub import listen as listen_module
 from pgpubsub.models import Notification
+from tests.processes import LISTEN_SESSION
 from tests.testapp import channels
 from tests.testapp.models import Effect
 
@@ -169,7 +170,7 @@ def _listening_backends():
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%%'"
+            f"AND pid <> pg_backend_pid() AND {LISTEN_SESSION}"
         )
         return cursor.fetchone()[0]
 

@@ -17,7 +17,7 @@ import pgpubsub
 from pgpubsub.channel import Channel, registry
 from pgpubsub.models import Notification
 from pgpubsub.runtime import Runtime
-from tests.processes import wait_for
+from tests.processes import LISTEN_SESSION, wait_for
 from tests.testapp import channels
 from tests.testapp.models import Effect
 
@@ -191,7 +191,7 @@ def listening_sessions(application_name: str) -> list[str]:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT datname FROM pg_stat_activity WHERE application_name = %s "
-            "AND query ILIKE 'LISTEN%%'",
+            f"AND {LISTEN_SESSION}",
             [application_name],
         )
         return [row[0] for row in cursor.fetchall()]

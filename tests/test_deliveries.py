@@ -274,12 +274,16 @@ def test_plan_turns_a_recovery_request_into_a_sweep_of_a_lockable_channel():
             (named(channels.Job), "2"),
             # a whole payload, as triggers of older versions sent (they stored the row too)
             (named(channels.Job), '{"kwargs": {"key": "old"}}'),
+            (named(channels.Job), "3"),
+            (named(channels.Job), wire.WAKE),  # the watcher's wake-up
         ]
     )
     assert described(deliveries) == [
         (Kind.ROWS, "Job", "", [1]),
         (Kind.SWEEP, "Job"),
         (Kind.ROWS, "Job", "", [2]),
+        (Kind.SWEEP, "Job"),
+        (Kind.ROWS, "Job", "", [3]),
         (Kind.SWEEP, "Job"),
     ]
 

@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 
 from pgpubsub.testing.postgres import django_database
-from tests.processes import free_port
+from tests.processes import LISTEN_SESSION, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "example" / "manage.py"
@@ -192,7 +192,7 @@ def listening_sessions(database_url: str) -> list[str]:
         for (name,) in query(
             database_url,
             "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
-            "AND query ILIKE 'LISTEN%%' AND pid <> pg_backend_pid()",
+            f"AND {LISTEN_SESSION} AND pid <> pg_backend_pid()",
         )
     ]
 

@@ -19,7 +19,7 @@ import pytest
 
 from pgpubsub.listening import MAX_RECONNECT_DELAY
 from pgpubsub.models import Notification
-from tests.processes import MANAGE, ServerProcess, outputs, wait_for
+from tests.processes import LISTEN_SESSION, MANAGE, ServerProcess, outputs, wait_for
 from tests.servers import ThrowawayServer
 from tests.test_embedded import (
     EMBEDDED,
@@ -72,7 +72,7 @@ class OutageProcess(ServerProcess):
             "WHERE datname = %s AND application_name = %s AND pid <> pg_backend_pid()"
         )
         if listening:
-            sql += " AND query ILIKE 'LISTEN%%'"
+            sql += f" AND {LISTEN_SESSION}"
         try:
             conn = self.server.connect()
         except psycopg2.OperationalError:  # a stopped server has no sessions

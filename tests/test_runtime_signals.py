@@ -12,7 +12,7 @@ import pytest
 from django.db import connection
 
 from pgpubsub.wakeup import Wakeup
-from tests.processes import wait_for
+from tests.processes import LISTEN_SESSION, wait_for
 from tests.testapp import channels
 
 
@@ -74,7 +74,7 @@ def test_a_lost_listening_connection_is_logged_on_one_line(runtimes, caplog):
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
-            "current_database() AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%%'"
+            f"current_database() AND pid <> pg_backend_pid() AND {LISTEN_SESSION}"
         )
         assert cursor.fetchall() == [(True,)]
     wait_for(lambda: runtime.status()["reconnects"] == 1, 30, lambda: str(runtime.status()))

@@ -49,6 +49,7 @@ from benchmarks.harness import (
     wait_for as harness_wait_for,
 )
 from benchmarks.runner import DEFAULT_VENV_DIR
+from pgpubsub.connection import LISTENER_TAG
 from pgpubsub.testing.postgres import database_url
 from tests.processes import live_processes
 
@@ -70,6 +71,8 @@ BURST = 2000
 #: What 1.3.1's worker logs for a NOTIFY whose stored row it cannot find: after the migration,
 #: lockable NOTIFYs carry a row id, which it looks for as a payload.
 NO_LOCK = "Could not obtain a lock on notification"
+#: What 1.3.1 logs when a NOTIFY asks it to process every stored row of a channel.
+RECOVERING = "Processing all notifications for channel"
 #: What 1.3.1's worker logs once it LISTENs (its LISTEN is in a transaction, so the session's
 #: last query is a COMMIT, not the LISTEN).
 OLD_LISTENING = "Listening for notifications..."
@@ -423,7 +426,10 @@ def test_rolling_upgrade_from_a_running_1_3_1(project, old_venv):
         # backlog (each skips the rows the other holds); new rows are ours alone.
         ours = project.start(sys.executable, "ours-listen", "listen", "--recover")
         wait_for(
-            lambda: any(q.upper().startswith("LISTEN") for _, q in sessions(conn, "ours-listen")),
+            lambda: any(
+                q.upper().startswith("LISTEN") or q.startswith(LISTENER_TAG)
+                for _, q in sessions(conn, "ours-listen")
+            ),
             "our listen to LISTEN",
             [ours, old],
         )
@@ -450,9 +456,15 @@ def test_rolling_upgrade_from_a_running_1_3_1(project, old_venv):
             "a note processed by both 1.3.1 and us",
             [ours, old],
         )
-        # Lockable NOTIFYs of the new triggers carry a row id, which 1.3.1 looks for as a
-        # payload: it finds nothing, says so, and leaves the row to us.
-        assert NO_LOCK in old.log_path.read_text()
+        # The new triggers only store their rows; our watcher's wake-up ("0", a row id no row
+        # has) is what 1.3.1 hears: it looks for it as a payload, finds nothing, says so, and
+        # leaves the rows to us. It never takes a wake-up for a request to process every
+        # stored row (1.3.1's reading of the empty payload), which would run rows of ours
+        # that wait for a retry.
+        wait_for(
+            lambda: NO_LOCK in old.log_path.read_text(), "1.3.1 to hear a wake-up", [ours, old]
+        )
+        assert RECOVERING not in old.log_path.read_text()
 
         # Step 4: 1.3.1's listen is stopped the documented way, its whole process group.
         old_group = group_members(old.pid)

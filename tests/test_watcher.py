@@ -20,6 +20,7 @@ from django.db import connection, transaction
 from django.test import override_settings
 
 import pgpubsub
+from pgpubsub import wire
 from pgpubsub.connection import ListenConnection, wait_any
 from pgpubsub.db_functions import install_functions
 from pgpubsub.models import Notification
@@ -203,14 +204,14 @@ def test_one_listen_process_watches_and_stored_rows_are_processed_promptly_once(
     )
     assert watcher_of(listeners) is watcher
     # The writers sent no NOTIFY: every one heard is a wake-up ("sweep this channel", the
-    # empty payload) from the watcher's session.
+    # wake-up payload) from the watcher's session.
     wait_for(
         lambda: ear.on(channels.Job) and ear.on(channels.AuthorTrigger),
         PROMPT,
         lambda: f"a wake-up on each channel, heard {ear.heard}",
     )
     heard = ear.on(channels.Job) + ear.on(channels.AuthorTrigger)
-    assert {(payload, sender) for payload, sender in heard} == {("", watcher_pid)}, heard
+    assert {(payload, sender) for payload, sender in heard} == {(wire.WAKE, watcher_pid)}, heard
 
 
 @pytest.mark.timeout(120)
@@ -304,7 +305,7 @@ def test_a_bulk_insert_wakes_the_listeners_once_or_a_few_times(processes, ear):
     assert_processed_once({"LockedDocumentTrigger": keys}, listeners)
     wakeups = wait_for(lambda: ear.on(channel), PROMPT, "a wake-up")
     assert 1 <= len(wakeups) <= 10, f"{len(wakeups)} NOTIFYs on the channel"
-    assert {payload for payload, _ in wakeups} == {""}, wakeups[:10]
+    assert {payload for payload, _ in wakeups} == {wire.WAKE}, wakeups[:10]
 
 
 @contextlib.contextmanager
