@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import pgpubsub
+from pgpubsub.connection import LISTENER_TAG
 from pgpubsub.models import Notification
 from tests.processes import POLL_INTERVAL, ROOT, ServerProcess, free_port, outputs, wait_for
 from tests.test_embedded import create_authors, effects, stored, wait_children
@@ -163,7 +164,8 @@ def done(keys: set[str], authors: list[int]) -> bool:
 
 def is_due_look(query: str) -> bool:
     """The statement of a sweep's look for channels with due rows (store.due_names)."""
-    return query.lstrip().startswith("SELECT name FROM unnest(") and "EXISTS" in query
+    statement = query.removeprefix(LISTENER_TAG).lstrip()
+    return statement.startswith("SELECT name FROM unnest(") and "EXISTS" in statement
 
 
 @pytest.mark.timeout(90)

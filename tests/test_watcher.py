@@ -167,7 +167,7 @@ class Ear:
 def heard_from(ear: Ear, channel_cls, sender: int) -> None:
     """Wait until ``ear`` has heard a wake-up of ``channel_cls`` from backend ``sender``."""
     wait_for(
-        lambda: ("", sender) in ear.on(channel_cls),
+        lambda: (wire.WAKE, sender) in ear.on(channel_cls),
         PROMPT,
         lambda: f"a wake-up from session {sender}, heard {ear.on(channel_cls)}",
     )
