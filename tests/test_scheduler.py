@@ -59,15 +59,28 @@ def taken(sched: Scheduler, room: int = 100) -> list:
     return started
 
 
-def test_every_lockable_channel_is_swept_each_interval_with_jitter(clock, wakes):
+def test_a_look_for_due_rows_is_wanted_each_interval_with_jitter(clock, wakes):
     sched = scheduler(clock, wakes)
     first = sched.tick()
     assert clock.now + 8.0 <= first <= clock.now + 10.0  # 0.8 to 1 interval
-    assert taken(sched) == []
+    assert not sched.take_look()
     clock.now = first
     following = sched.tick()
-    assert set(taken(sched)) == {A, B}
+    assert sched.take_look()  # the listener looks which channels have due rows
+    assert not sched.take_look()  # once
+    assert taken(sched) == []  # and sweeps only those
     assert clock.now + 8.0 <= following <= clock.now + 10.0
+
+
+def test_wanting_every_channel_swept_asks_for_a_look_and_wakes_the_listener(clock, wakes):
+    sched = scheduler(clock, wakes)
+    sched.want_all()
+    assert wakes == [clock.now]
+    assert sched.take_look()
+    assert taken(sched) == []
+    assert not sched.take_look()
+    scheduler(clock, wakes, lockable=()).want_all()  # nothing lockable: nothing to look for
+    assert wakes == [clock.now]
 
 
 def test_without_lockable_channels_nothing_is_ever_due(clock, wakes):
@@ -76,6 +89,7 @@ def test_without_lockable_channels_nothing_is_ever_due(clock, wakes):
     clock.now += 10_000
     sched.tick()
     assert taken(sched) == []
+    assert not sched.take_look()
 
 
 def test_a_wanted_sweep_wakes_the_listener_and_starts_once(clock, wakes):
@@ -96,7 +110,7 @@ def test_a_wanted_sweep_wakes_the_listener_and_starts_once(clock, wakes):
 
 def test_sweeps_without_room_stay_wanted(clock, wakes):
     sched = scheduler(clock, wakes)
-    sched.want_all()
+    sched.want_sweep([A, B])
     assert len(taken(sched, room=1)) == 1
     assert sched.waiting()
     assert len(taken(sched, room=1)) == 1
