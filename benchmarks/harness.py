@@ -3,6 +3,8 @@ sides (this checkout and django-pgpubsub 1.3.1) and the engine that processes no
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import json
 import os
@@ -215,19 +217,49 @@ def wait_for(
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def process_cpu_ns(pid: int) -> int | None:
+    """CPU time of process ``pid`` in nanoseconds: its CPU-time clock
+    (``clock_getcpuclockid(3)`` + ``clock_gettime(2)``), the scheduler's run time of all its
+    threads, including those that already ended. None if the process is gone or the clock
+    cannot be read."""
+    clock = ctypes.c_int()
+    if _libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+        return None
+    spec = _Timespec()
+    if _libc.clock_gettime(clock, ctypes.byref(spec)) != 0:
+        return None
+    return spec.tv_sec * 1_000_000_000 + spec.tv_nsec
+
+
 @dataclass(frozen=True)
 class CpuSample:
-    """CPU time of a process tree at one instant, two ways: per thread, in nanoseconds, from
-    ``/proc/<pid>/task/<tid>/schedstat`` (the scheduler's exact run time), and for the whole
-    tree in clock ticks (utime + stime of ``/proc/<pid>/stat``, 10 ms each on most kernels)."""
+    """CPU time of a process tree at one instant, three ways: per process, in nanoseconds, from
+    its CPU-time clock (threads that ended included); per thread, in nanoseconds, from
+    ``/proc/<pid>/task/<tid>/schedstat``; and for the whole tree in clock ticks (utime + stime
+    of ``/proc/<pid>/stat``, 10 ms each on most kernels)."""
 
     threads: dict[tuple[int, int], int]  # (pid, tid) -> nanoseconds on a CPU
     ticks: int
+    processes: dict[int, int] = field(default_factory=dict)  # pid -> nanoseconds (CPU clock)
 
     def seconds_until(self, later: CpuSample) -> tuple[float, str]:
         """CPU seconds used between this sample and ``later``, and the resolution it was
-        measured with. Per-thread nanoseconds unless a thread ended in between (its time is
-        then gone from the per-thread sum) or the kernel lacks schedstat: clock ticks then."""
+        measured with: "ns" from the processes' CPU clocks when every process of this sample is
+        still there (a process that started in between counts from its start), else from the
+        per-thread schedstat sum unless a thread ended in between (its time is then gone from
+        the sum), else "tick": clock ticks."""
+        if self.processes and later.processes and self.processes.keys() <= later.processes.keys():
+            nanoseconds = sum(
+                runtime - self.processes.get(pid, 0) for pid, runtime in later.processes.items()
+            )
+            return nanoseconds / 1e9, "ns"
         if self.threads and later.threads and self.threads.keys() <= later.threads.keys():
             nanoseconds = sum(
                 runtime - self.threads.get(key, 0) for key, runtime in later.threads.items()
@@ -252,6 +284,7 @@ def cpu_sample(pids: Iterable[int]) -> CpuSample:
     """The CPU time used so far by the processes ``pids`` (see ``CpuSample``); a process that
     is gone counts nothing."""
     threads: dict[tuple[int, int], int] = {}
+    processes: dict[int, int] = {}
     ticks = 0
     for pid in pids:
         try:
@@ -259,6 +292,8 @@ def cpu_sample(pids: Iterable[int]) -> CpuSample:
         except OSError:
             continue
         ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        if (runtime := process_cpu_ns(pid)) is not None:
+            processes[pid] = runtime
         try:
             tids = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
         except OSError:
@@ -269,7 +304,7 @@ def cpu_sample(pids: Iterable[int]) -> CpuSample:
             except (OSError, IndexError):
                 continue
             threads[(pid, tid)] = int(runtime)
-    return CpuSample(threads, ticks)
+    return CpuSample(threads, ticks, processes)
 
 
 def _status(pid: int, field: str) -> int:

@@ -37,6 +37,8 @@ from benchmarks.workloads import (
     Sizes,
     Workload,
     select,
+    writer_client,
+    writer_seconds,
 )
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
@@ -55,7 +57,7 @@ FULL = Sizes(
     writer_seconds=3.0,
     burst_writers=16,
     burst_seconds=2.0,
-    watch_seconds=20.0,
+    watch_seconds=30.0,
     settle_seconds=3.0,
     idle_connection_timeout=5.0,
 )
@@ -433,6 +435,7 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
             "N (no-op rows)": args.sizes.noop_rows,
             "writers": ",".join(map(str, args.sizes.writers)),
             "writer seconds": args.sizes.writer_seconds,
+            "writers' client (34, 36)": writer_client(),
             "burst writers": args.sizes.burst_writers,
             "burst seconds": args.sizes.burst_seconds,
             "watcher window seconds": args.sizes.watch_seconds,
@@ -452,7 +455,7 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
         + engine_notes(args)
         + idle_notes(args, results)
         + web_notes(args, results)
-        + per_message_notes(args),
+        + per_message_notes(args, results),
         "errors": [e for w in args.workloads for e in results[w.name]["errors"]],
     }
 
@@ -736,7 +739,7 @@ def issue15_targets(args, rows: list[dict], add, med) -> None:
         if done:
             measured += (
                 f"; {med('burst', 'rows'):,.0f} rows from {writers} writers in "
-                f"{args.sizes.burst_seconds:g} s ({med('burst', 'write_rate'):,.0f} commits/s), "
+                f"{writer_seconds(args.sizes.burst_seconds):g} s ({med('burst', 'write_rate'):,.0f} commits/s), "
                 f"caught up {med('burst', 'catch_up_s'):,.2f} s after the last insert, "
                 f"p50 {med('burst', 'p50_ms'):,.0f} ms, p99 {med('burst', 'p99_ms'):,.0f} ms, "
                 f"{med('burst', 'wakeups'):,.0f} wake-ups (36)"
@@ -792,7 +795,19 @@ def issue15_targets(args, rows: list[dict], add, med) -> None:
     )
 
 
-def per_message_notes(args) -> list[str]:
+def _watcher_cpu_exact(results: dict | None) -> str:
+    """Whether every run of workload 37 read every Runtime's CPU time in nanoseconds."""
+    runs = (results or {}).get("watcher-idle", {}).get("ours", [])
+    if runs and not all(run.get("cpu_in_ns") for run in runs):
+        tick_ms = 1000.0 / CLOCK_TICKS
+        return (
+            f"in some runs, clock ticks of {tick_ms:g} ms instead: a process ended, or its "
+            "clock was unreadable"
+        )
+    return "well below the 0.01 ms/s shown"
+
+
+def per_message_notes(args, results: dict | None = None) -> list[str]:
     """How workloads 29-34 measure."""
     names = {w.name for w in args.workloads}
     notes = []
@@ -817,30 +832,49 @@ def per_message_notes(args) -> list[str]:
         )
     if "writers" in names:
         levels = ", ".join(map(str, args.sizes.writers))
+        half = writer_seconds(args.sizes.writer_seconds / 2)
+        if "pgbench" in writer_client():
+            client = (
+                f"`pgbench -n -c N -j N -T {half:g} -f <one INSERT>` (a C client: N connections, "
+                "a thread each, autocommit, the simple query protocol as Django sends its "
+                "statements; its tps without the initial connection time; `-T` takes whole "
+                "seconds, so each half lasts at least 1 s)"
+            )
+        else:
+            client = (
+                "Python writer processes (writers.py: psycopg2, a connection each, autocommit; "
+                "pgbench is not on the PATH). They run on the same cores as the server: their "
+                "own CPU keeps the absolute rates, and the store-only trigger's ratio, below "
+                "what pgbench reaches"
+            )
         notes.append(
-            f"Workload 34: {levels} writer processes (psycopg2, a connection each, autocommit: "
-            "one INSERT, one commit) insert into a fresh database for "
-            f"{args.sizes.writer_seconds:g} s per target and number of writers, no listener "
-            "running: (a) a copy of the Event table without trigger, (b) Event with this "
+            f"Workload 34: {levels} concurrent writers, one INSERT per transaction, by {client}, "
+            "into a fresh database per target, no listener running, in two halves of "
+            f"{half:g} s per target and number of writers (a, b, b', c, d, then d, c, b', b, a): "
+            "(a) a copy of the Event table without trigger, (b) Event with this "
             "checkout's lockable trigger channel in its default mode (the row stored, no "
             "NOTIFY), (b') the same with `PGPUBSUB_NOTIFY_ON_WRITE = True`, (c) Event in a "
             "database migrated by "
             "django-pgpubsub 1.3.1, (d) a copy of Event whose hand-written trigger stores the "
-            "same payload into `pgpubsub_notification` without NOTIFY. The ratios to (a) are "
-            "taken within each run, then their median. The writers are Python processes on the "
-            "same cores as the server: their own CPU keeps the absolute rates below what a C "
-            "client (pgbench) reaches."
+            "same payload into `pgpubsub_notification` without NOTIFY. Every row the triggers "
+            "received is checked to be stored (the writers' transactions = rows of "
+            "`pgpubsub_notification`). The ratios to (a) are taken within each run, then their "
+            "median."
         )
     if names & {"latency-on-write", "burst", "watcher-idle", "sessions-emb"}:
         notes.append(
             "Workloads 35-38 (issue 15, this checkout only): 35 is workload 8's paced trigger "
             "rows with per-write NOTIFY (workload 8 runs the default mode: the watcher wakes "
-            f"the listener); 36: {args.sizes.burst_writers} writer processes for "
-            f"{args.sizes.burst_seconds:g} s while `listen` runs, latency from each row's "
+            f"the listener); 36: {args.sizes.burst_writers} writers (workload 34's client) for "
+            f"{writer_seconds(args.sizes.burst_seconds):g} s while `listen` runs, latency from each row's "
             "commit to its effect (it includes the backlog), every row exactly once, wake-ups "
             "= NOTIFYs on the channel seen by a LISTEN session of the runner; 37: 4 idle "
             f"`listen` processes over {args.sizes.watch_seconds:g} s, queries/s = transactions "
-            "of the database in `pg_stat_database` less the runner's own; 38: 8 gunicorn "
+            "of the database in `pg_stat_database` less the runner's own, CPU of each process "
+            "in nanoseconds from its CPU-time clock (`clock_getcpuclockid`: every thread's run "
+            "time, those that ended included; "
+            f"{_watcher_cpu_exact(results)}); "
+            "38: 8 gunicorn "
             "workers with `PGPUBSUB_EMBEDDED = True`, `PGPUBSUB_IDLE_CONNECTION_TIMEOUT = "
             f"{args.sizes.idle_connection_timeout:g}`, client sessions of `pg_stat_activity` on "
             "the database but the runner's."

@@ -9,6 +9,10 @@ import hashlib
 import http.client
 import itertools
 import json
+import math
+import os
+import re
+import shutil
 import socket
 import statistics
 import sys
@@ -1018,8 +1022,47 @@ def commits(ctx: Context, dbname: str, table: str, connections: int, seconds: fl
     return result["commits"], result["seconds"]
 
 
+def pgbench() -> str | None:
+    """The pgbench on the PATH, if any: the writers of workloads 34 and 36 then."""
+    return shutil.which("pgbench")
+
+
+def writer_client() -> str:
+    """Which client the writers of workloads 34 and 36 are, for the report."""
+    if pgbench():
+        return "pgbench (simple query protocol, `-c N -j N`)"
+    return "Python processes (writers.py, psycopg2)"
+
+
+def writer_seconds(seconds: float) -> float:
+    """How long the writers actually write when asked for ``seconds``: pgbench's ``-T`` takes
+    whole seconds (at least 1), writers.py any duration."""
+    return float(max(1, math.ceil(seconds - 1e-9))) if pgbench() else seconds
+
+
+#: The writers' transaction: one INSERT, as writers.py does it (``sent_at``: the time of the
+#: inserting statement, which workload 36 measures its latencies from).
+WRITER_INSERT = (
+    "INSERT INTO {table} (key, sent_at) VALUES ('w', extract(epoch FROM clock_timestamp()))"
+)
+
+
+def _conninfo(params: dict) -> str:
+    """A libpq connection string of ``params`` but the password (given in PGPASSWORD)."""
+
+    def quoted(value) -> str:
+        text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+        return f"'{text}'"
+
+    return " ".join(f"{key}={quoted(value)}" for key, value in params.items() if key != "password")
+
+
 def run_writers(ctx: Context, dbname: str, table: str, connections: int, seconds: float) -> dict:
-    """``writers.py``: ``connections`` processes INSERT into ``table`` for ``seconds``."""
+    """``connections`` writers INSERT into ``table`` for ``seconds`` (see ``writer_seconds``),
+    one row per transaction: pgbench when it is on the PATH, else ``writers.py``.
+    ``{"commits", "seconds", "rate"}``."""
+    if pgbench():
+        return run_pgbench(ctx, dbname, table, connections, seconds)
     script = str(Path(__file__).resolve().parent / "writers.py")
     params = json.dumps(ctx.server.params(dbname))
     output = ctx.processes.run(
@@ -1030,6 +1073,54 @@ def run_writers(ctx: Context, dbname: str, table: str, connections: int, seconds
         COMMAND_TIMEOUT + seconds,
     )
     return json.loads(output.strip().splitlines()[-1])
+
+
+def run_pgbench(ctx: Context, dbname: str, table: str, connections: int, seconds: float) -> dict:
+    """``pgbench -n -c N -j N -T S -f <script>``: N connections (one thread each), each running
+    the one-INSERT transaction in a loop, in autocommit, for S whole seconds. The simple query
+    protocol (pgbench's default), as Django and writers.py send their statements: ``-M
+    prepared`` would spare every target the parsing and planning of each INSERT, which a Django
+    application does not. The rate is pgbench's tps without the initial connection time, over
+    the transactions it processed (each one commit)."""
+    duration = int(writer_seconds(seconds))
+    script = ctx.processes.logs / f"pgbench-{table}.sql"
+    script.write_text(WRITER_INSERT.format(table=table) + ";\n")
+    params = ctx.server.params(dbname)
+    env = dict(os.environ)
+    if params.get("password"):
+        env["PGPASSWORD"] = str(params["password"])
+    output = ctx.processes.run(
+        f"pgbench-{table}-{connections}",
+        [
+            *[pgbench() or "pgbench", "-n", "-c", str(connections), "-j", str(connections)],
+            *["-T", str(duration), "-f", str(script), _conninfo(params)],
+        ],
+        Path.cwd(),
+        env,
+        COMMAND_TIMEOUT + duration,
+    )
+    return parse_pgbench(output)
+
+
+def parse_pgbench(output: str) -> dict:
+    """``{"commits", "seconds", "rate"}`` of pgbench's report: the transactions it processed,
+    and its tps without the initial connection time (older versions: "excluding connections
+    establishing"; else the only tps line)."""
+    processed = re.search(r"^number of transactions actually processed: (\d+)", output, re.M)
+    failed = re.search(r"^number of failed transactions: (\d+)", output, re.M)
+    rates = re.findall(r"^tps = ([\d.]+)(?: \((.*)\))?", output, re.M)
+    if processed is None or not rates:
+        raise BenchmarkError(f"pgbench printed no transaction count or tps:\n{output[-2000:]}")
+    if failed is not None and int(failed.group(1)):
+        raise BenchmarkError(f"pgbench: {failed.group(1)} transactions failed:\n{output[-2000:]}")
+    without = [
+        rate
+        for rate, how in rates
+        if "without initial connection" in how or "excluding connections" in how
+    ]
+    rate = float(without[0] if without else rates[-1][0])
+    count = int(processed.group(1))
+    return {"commits": count, "seconds": count / rate if rate else 0.0, "rate": rate}
 
 
 def _notifies_on_write(conn) -> bool:
@@ -1259,10 +1350,8 @@ def watcher_idle(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
             for process in listeners:
                 if not process.alive():
                     raise BenchmarkError(f"{process.name} exited:\n{process.log_tail()}")
-            cpu = {
-                pid: sample.seconds_until(after[pid])[0] * 1000.0 / window
-                for pid, sample in before.items()
-            }
+            used = {pid: sample.seconds_until(after[pid]) for pid, sample in before.items()}
+            cpu = {pid: seconds * 1000.0 / window for pid, (seconds, _) in used.items()}
             watchers = watching()
     return {
         "queries_per_s": queries / window,
@@ -1273,6 +1362,8 @@ def watcher_idle(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
         "watchers": float(len(watchers)),
         "wakeups_watcher_per_s": woke[watchers[0].pid],
         "wakeups_median_per_s": statistics.median(woke.values()),
+        # Not shown in the table: 1.0 when every Runtime's CPU time was read in nanoseconds.
+        "cpu_in_ns": 1.0 if all(how == "ns" for _, how in used.values()) else 0.0,
     }
 
 
