@@ -1035,9 +1035,9 @@ def web_notes(args, results: dict) -> list[str]:
         return []
     window = args.sizes.web_seconds
     if all(run["cpu_in_ns"] for run in runs):
-        exact = "in nanoseconds per thread (schedstat)"
+        exact = "in nanoseconds, from each process's CPU-time clock"
     else:
-        exact = "partly in clock ticks (a thread ended, or no schedstat)"
+        exact = "partly in clock ticks (a process or thread ended, or no clock)"
     return [
         f"Workload 28 starts gunicorn ({EMBEDDED_WEB_WORKERS} sync workers) with "
         "`PGPUBSUB_EMBEDDED = False`, then `True` (the order alternates from run to run; "
@@ -1079,9 +1079,10 @@ def idle_notes(args, results: dict) -> list[str]:
     window = args.sizes.idle_seconds
     if all(run["cpu_in_ns"] for run in runs):
         return [
-            f"Idle CPU is read per thread from `/proc/<pid>/task/<tid>/schedstat` (the "
-            f"scheduler's run time in nanoseconds) for the whole process tree at the start and end "
-            f"of a {window:g} s window: well below the 0.01 ms/s shown."
+            "Idle CPU is read from each process's CPU-time clock (`clock_getcpuclockid`: the "
+            "scheduler's run time of all its threads in nanoseconds, those that ended included) "
+            f"for the whole process tree at the start and end of a {window:g} s window: well "
+            "below the 0.01 ms/s shown."
         ]
     tick_ms = 1000.0 / CLOCK_TICKS
     return [
