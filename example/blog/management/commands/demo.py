@@ -28,6 +28,7 @@ from django.db.models import Count, Max
 
 from blog.channels import AuthorTriggerChannel
 from blog.models import Author, Post
+from pgpubsub.connection import LISTENER_TAG
 from pgpubsub.models import Notification
 
 MANAGE = Path(__file__).resolve().parents[3] / "manage.py"
@@ -311,15 +312,18 @@ class WebServer:
     # -- the database's view ---------------------------------------------------------------
 
     def sessions(self, listening: bool = False) -> int:
-        """The server's sessions in PostgreSQL; with ``listening``, those that LISTEN."""
+        """The server's sessions in PostgreSQL; with ``listening``, those that LISTEN (their
+        last statement is the LISTEN, or one that pgpubsub sends on its LISTEN session)."""
         sql = (
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND application_name = %s"
         )
+        params = [self.application_name]
         if listening:
-            sql += " AND state = 'idle' AND query ILIKE 'LISTEN%%'"
+            sql += " AND state = 'idle' AND (query ILIKE 'LISTEN%%' OR query LIKE %s)"
+            params.append(LISTENER_TAG + "%")
         with connection.cursor() as cursor:
-            cursor.execute(sql, [self.application_name])
+            cursor.execute(sql, params)
             return cursor.fetchone()[0]
 
     def wait_for_no_sessions(self) -> int:
