@@ -14,8 +14,9 @@ Every Runtime LISTENs for those wake-ups and claims the rows as usual.
   connection, another Runtime takes it at its next try (every ``ELECTION_INTERVAL`` seconds).
 - **Looks.** One query per look, on the LISTEN session: new rows by channel, above the
   watermark (an index range on the primary key: nothing to read when nothing is new). Looks
-  follow each other every ``MIN_INTERVAL`` seconds while rows keep coming and back off,
-  doubling, to ``PGPUBSUB_WATCH_INTERVAL`` when none do.
+  follow each other every ``MIN_INTERVAL`` seconds while rows keep coming (and for
+  ``ACTIVE_WINDOW`` seconds after the last, so that a writer's pause costs the next row no
+  latency) and back off, doubling, to ``PGPUBSUB_WATCH_INTERVAL`` when none do.
 - **Rows that commit late.** Ids are taken when a row is inserted, not when it commits: a row
   of a long transaction can become visible below the watermark. The ids missing below the
   watermark (*gaps*: a transaction still open, one rolled back, a row already processed) are
@@ -47,6 +48,8 @@ logger = logging.getLogger("pgpubsub.runtime")
 LOCK_KEY = (0x70677073, 1)
 #: Seconds between two looks while new rows keep coming.
 MIN_INTERVAL = 0.005
+#: Seconds after the last look that found rows during which looks stay ``MIN_INTERVAL`` apart.
+ACTIVE_WINDOW = 1.0
 #: Seconds between two tries of a Runtime that does not watch to become the watcher (with
 #: jitter: between half of it and all of it).
 ELECTION_INTERVAL = 5.0
@@ -87,6 +90,7 @@ class Watcher:
         self.elected = False
         self.next_at = clock()  # try as soon as the session is up
         self.interval = MIN_INTERVAL
+        self.found_at = float("-inf")  # when a look last found rows
         self.watermark: int | None = None  # the highest id seen (None: no look yet)
         self.gaps: dict[int, float] = {}  # ids missing below the watermark: when first missed
         self.looks = 0
@@ -124,7 +128,12 @@ class Watcher:
             self._look_failed(exc)
             return
         self._failing = None
-        self.interval = MIN_INTERVAL if found else min(self.max_interval, self.interval * 2)
+        if found:
+            self.found_at = now
+        if now - self.found_at < ACTIVE_WINDOW:
+            self.interval = MIN_INTERVAL
+        else:
+            self.interval = min(self.max_interval, self.interval * 2)
         self.next_at = self.clock() + self.interval
 
     def _elect(self, cursor: Any, now: float) -> bool:
