@@ -77,7 +77,9 @@ class Notification(models.Model):
     payload = models.JSONField()
     # Nullable because the column was added to a table that already had rows.
     created_at = models.DateTimeField(auto_now_add=True, null=True)
-    # References django_migrations.id through a constraint made in migration 0003.
+    # The id of the payload app's latest row of django_migrations (set by the insert trigger).
+    # Migration 0003 made it a foreign key; 0011 dropped the constraint (its check locked a row
+    # in every store).
     db_version = models.IntegerField(null=True)
     # What went wrong so far (see pgpubsub.retries). The database gives ``attempts`` its default
     # too: the SQL functions that store rows name only ``channel`` and ``payload``.
