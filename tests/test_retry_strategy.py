@@ -186,6 +186,8 @@ class NoLimit:
         ({"max_concurrency": "1"}, ValueError, "Retried.max_concurrency must be a positive int"),
         ({"database": 1}, TypeError, r"Retried.database must be a database alias \(a str\)"),
         ({"database": " "}, ValueError, "Retried.database must be a database alias or None"),
+        ({"notify_on_write": 1}, TypeError, "Retried.notify_on_write must be True, False or No"),
+        ({"notify_on_write": "yes"}, TypeError, "Retried.notify_on_write must be True, False"),
     ],
 )
 def test_bad_channel_options_fail_when_the_class_is_defined(options, error, message):
@@ -296,3 +298,11 @@ def test_a_custom_policy_decides_per_error_in_a_runtime(runtimes, picky, caplog)
     logged = [r.getMessage() for r in caplog.records if "picky declined" in str(r.exc_info)]
     assert any("(attempt 1 of 3): marked failed" in message for message in logged), logged
     assert not Effect.objects.filter(key__in=["declined", "always-busy"]).exists()
+
+
+def test_notify_on_write_of_a_channel_wins_over_the_setting(settings):
+    assert channel().notifies_on_write() is False  # the default: the watcher wakes listeners
+    assert channel(notify_on_write=True).notifies_on_write() is True
+    settings.PGPUBSUB_NOTIFY_ON_WRITE = True
+    assert channel().notifies_on_write() is True
+    assert channel(notify_on_write=False).notifies_on_write() is False
