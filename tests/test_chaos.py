@@ -27,7 +27,7 @@ from django.db.models import Count
 
 import pgpubsub
 from pgpubsub.models import Notification
-from tests.processes import ServerProcess, outputs, wait_for
+from tests.processes import LISTEN_SESSION, ServerProcess, outputs, wait_for
 from tests.test_embedded import GUNICORN_WORKERS, gunicorn
 from tests.testapp import channels
 from tests.testapp.models import Effect, Marker
@@ -101,13 +101,12 @@ class Terminator(threading.Thread):
             while not self.stopping.wait(self.choices.uniform(0, 2 * KILL_EVERY)):
                 with connection.cursor() as cursor:
                     cursor.execute(
-                        "SELECT pid, query FROM pg_stat_activity "
+                        f"SELECT pid, {LISTEN_SESSION} FROM pg_stat_activity "
                         "WHERE datname = current_database() AND application_name = ANY(%s)",
                         [list(self.names)],
                     )
                     by_kind: dict[str, list[int]] = {"listen": [], "worker": []}
-                    for pid, query in cursor.fetchall():
-                        listening = query.upper().startswith("LISTEN")
+                    for pid, listening in cursor.fetchall():
                         by_kind["listen" if listening else "worker"].append(pid)
                     turn = sum(self.killed.values()) % self.LISTEN_EVERY == 0
                     wanted = ("listen", "worker") if turn else ("worker", "listen")
