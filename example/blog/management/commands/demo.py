@@ -320,7 +320,7 @@ class WebServer:
         )
         params = [self.application_name]
         if listening:
-            sql += " AND state = 'idle' AND (query ILIKE 'LISTEN%%' OR query LIKE %s)"
+            sql += " AND (query ILIKE 'LISTEN%%' OR query LIKE %s)"
             params.append(LISTENER_TAG + "%")
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
