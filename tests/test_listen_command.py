@@ -1,15 +1,20 @@
 """Acceptance tests of ``manage.py listen``: real processes, signals, the test database."""
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
+from django.test import override_settings
 
 import pgpubsub
+from pgpubsub.connection import ListenConnection
+from pgpubsub.db_functions import install_functions
 from pgpubsub.models import Notification
 from tests.processes import (
     ListenProcess,
@@ -58,6 +63,41 @@ def wait_processed(prefix: str, count: int, watch, timeout: float = 30.0) -> Non
 def assert_no_traceback(*processes: ListenProcess) -> None:
     for process in processes:
         assert "Traceback" not in process.output(), outputs([process])
+
+
+#: The watcher's session advisory lock, ``pg_try_advisory_lock(int, int)``: "pgps" and 1.
+WATCHER_LOCK = [0x70677073, 1]
+#: Sweeps so rare that none is due while a test runs.
+NO_SWEEPS = {"PGPUBSUB_TEST_SWEEP_INTERVAL": "300"}
+
+
+@contextlib.contextmanager
+def no_watcher() -> Iterator[None]:
+    """The watcher's lock, held by a session of the test's own while in the block: no listen
+    process can watch, so rows stored without a NOTIFY are found only by sweeps."""
+    session = ListenConnection("default")
+    session.connect()
+    try:
+        with session.raw.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", WATCHER_LOCK)
+            assert cursor.fetchone()[0], "the watcher's lock is held already"
+        yield
+    finally:
+        session.close()
+
+
+@pytest.fixture
+def notify_on_write(django_db_setup, django_db_blocker):
+    """``PGPUBSUB_NOTIFY_ON_WRITE = True`` installed in the database for the test's duration
+    (a NOTIFY with its id per stored lockable row, from the writer's transaction); the test
+    settings' functions after."""
+    with django_db_blocker.unblock():
+        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
+            install_functions("default")
+        try:
+            yield
+        finally:
+            install_functions("default")
 
 
 @pytest.mark.timeout(60)
@@ -147,30 +187,39 @@ def test_recover_processes_what_was_stored_while_nobody_listened(processes):
 
 @pytest.mark.timeout(60)
 def test_process_stored_notifications_wakes_a_running_listener(processes):
-    listener = processes.start()
-    # Rows stored without any NOTIFY, as if their notification had been lost.
-    for number in range(5):
-        Notification.objects.create(
-            channel=channels.Job.listen_safe_name(),
-            payload={"kwargs": {"key": f"silent-{number}", "text": ""}},
+    # With no watcher (the test holds its lock) and no sweep due, rows stored without any
+    # NOTIFY stay stored, as if every listener had missed their notification.
+    with no_watcher():
+        listener = processes.start(env=NO_SWEEPS)
+        for number in range(5):
+            Notification.objects.create(
+                channel=channels.Job.listen_safe_name(),
+                payload={"kwargs": {"key": f"silent-{number}", "text": ""}},
+            )
+        # A plain message sent after them is processed: the listener runs, the rows stay.
+        post = Post.objects.create(content="marker")
+        pgpubsub.notify(channels.PostReads, model_id=post.pk, model_type="post")
+        wait_for(
+            lambda: Post.objects.get(pk=post.pk).read_count == 1,
+            30,
+            "the marker message to be processed",
+            watch=[listener],
         )
-    # A notified job is processed by claiming its own row only: the silent rows stay stored
-    # (its periodic sweep, every PGPUBSUB_SWEEP_INTERVAL = 30 s, is not due in this window).
-    pgpubsub.notify(channels.Job, key="marker")
-    wait_for(lambda: effects("marker") == 1, 30, "the marker job to be processed", watch=[listener])
-    assert stored(channels.Job) == 5
+        assert stored(channels.Job) == 5
 
-    pgpubsub.process_stored_notifications()
-    wait_processed("silent-", 5, [listener])
+        pgpubsub.process_stored_notifications()
+        wait_processed("silent-", 5, [listener])
     assert_no_traceback(listener)
 
 
 @pytest.mark.timeout(60)
 def test_channels_option_selects_what_is_processed(processes):
-    listener = processes.start("--channels", "tests.testapp.channels.Job")
-    [(_, query)] = listener.backends(listening=True)
-    assert channels.Job.listen_safe_name() in query
-    assert channels.AuthorTrigger.listen_safe_name() not in query
+    listener = processes.start("--loglevel", "info", "--channels", "tests.testapp.channels.Job")
+    wait_for(
+        lambda: "Listening on" in listener.output(), 30, "the 'Listening on' line", watch=[listener]
+    )
+    [listening] = [line for line in listener.output().splitlines() if "Listening on" in line]
+    assert listening.endswith(f"Listening on {channels.Job.name()}"), listening
 
     Author.objects.create(name="unprocessed")
     send_jobs("only-job-", 5)
@@ -270,11 +319,8 @@ def test_the_processing_connection_is_kept_between_batches(processes):
     assert processing_sessions(listener) == first and len(first) == 1
 
 
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize("conn_max_age", ["0", "600"])
-def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(processes, conn_max_age):
-    """The processing session outlives a message; when it dies, the message that finds it
-    dead is not counted as a listener failure and left behind."""
+def start_and_kill_the_processing_session(processes, conn_max_age: str) -> ListenProcess:
+    """A listen process whose processing session, opened for a first job, was terminated."""
     listener = processes.start(env={"PGPUBSUB_TEST_CONN_MAX_AGE": conn_max_age})
     send_jobs("warm-", 1)
     wait_processed("warm-", 1, [listener])
@@ -283,6 +329,47 @@ def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(proce
     assert len(processing) == 1, listener.backends()
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", processing)
+    return listener
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("conn_max_age", ["0", "600"])
+def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(processes, conn_max_age):
+    """The processing session outlives a message; when it dies, the stored job that finds it
+    dead (woken by the watcher) is not counted as a listener failure and left behind, and the
+    messages after it, plain and lockable, are processed on a new connection."""
+    listener = start_and_kill_the_processing_session(processes, conn_max_age)
+
+    pgpubsub.notify(channels.Job, key="met-dead", text="work")
+    wait_processed("met-dead", 1, [listener])
+    assert "The database connection broke while processing tests.testapp.channels.Job" in (
+        listener.output()
+    ), outputs([listener])
+
+    post = Post.objects.create(content="read me")
+    pgpubsub.notify(channels.PostReads, model_id=post.pk, model_type="post")
+    send_jobs("next-", 5)
+    wait_processed("next-", 5, [listener])
+    wait_for(
+        lambda: Post.objects.get(pk=post.pk).read_count == 1,
+        30,
+        "the plain message to be processed",
+        watch=[listener],
+    )
+    assert effects("met-dead") == 1
+    assert "failed on" not in listener.output(), outputs([listener])
+    assert listener.alive
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("conn_max_age", ["0", "600"])
+def test_a_plain_message_after_a_lockable_one_that_met_a_dead_connection_is_processed(
+    processes, notify_on_write, conn_max_age
+):
+    """With a NOTIFY per stored row, one transaction's lockable message and plain message
+    reach the listener together, in that order: the lockable one finds the processing
+    session dead and stays stored (then caught up), and the plain one is not lost."""
+    listener = start_and_kill_the_processing_session(processes, conn_max_age)
 
     post = Post.objects.create(content="read me")
     with transaction.atomic():  # one batch: a lockable message, then a plain one
@@ -291,8 +378,11 @@ def test_a_lost_processing_connection_is_replaced_and_nothing_stays_stored(proce
     send_jobs("next-", 5)
     wait_processed("next-", 5, [listener])
     assert effects("in-batch") == 1  # kept stored when its connection broke, then caught up
+    assert "The database connection broke while processing tests.testapp.channels.Job" in (
+        listener.output()
+    ), outputs([listener])
     # The plain message after the lockable one that met the dead connection was not lost.
-    assert Post.objects.get(pk=post.pk).read_count == 1
+    assert Post.objects.get(pk=post.pk).read_count == 1, outputs([listener])
     assert "failed on stored notification" not in listener.output(), outputs([listener])
     assert listener.alive
 

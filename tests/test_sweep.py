@@ -1,15 +1,19 @@
-"""The periodic sweep finds stored messages whose NOTIFY nobody got; sweeps of many Runtimes
-never process a row twice; messages published by listeners are processed like any other;
+"""While no Runtime can be the watcher, the periodic sweep finds stored messages whose NOTIFY
+nobody got, and until it is due they wait; with a watcher they are processed without a sweep;
+sweeps of many Runtimes never process a row twice; messages published by listeners are processed like any other;
 a failing plain listener is logged and counted and the Runtime goes on."""
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 from django.db import connection
 from django.test import override_settings
 
 import pgpubsub
+from pgpubsub.connection import ListenConnection
 from pgpubsub.listen import process_notifications
 from pgpubsub.models import Notification
 from pgpubsub.runtime import Runtime
@@ -36,24 +40,79 @@ def job_effects() -> int:
     return Effect.objects.filter(channel="Job").count()
 
 
+#: The watcher's session advisory lock, ``pg_try_advisory_lock(int, int)``: "pgps" and 1.
+WATCHER_LOCK = [0x70677073, 1]
+
+
+@contextlib.contextmanager
+def no_watcher() -> Iterator[None]:
+    """The watcher's lock, held by a session of the test's own while in the block: no Runtime
+    can watch, so stored rows are found only by sweeps (or a NOTIFY with their id)."""
+    session = ListenConnection("default")
+    session.connect()
+    try:
+        with session.raw.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", WATCHER_LOCK)
+            assert cursor.fetchone()[0], "the watcher's lock is held already"
+        yield
+    finally:
+        session.close()
+
+
+@pytest.fixture
+def notify_on_write(django_db_setup, django_db_blocker):
+    """``PGPUBSUB_NOTIFY_ON_WRITE = True`` installed in the database for the test's duration
+    (a NOTIFY per stored lockable row, from the writer's transaction); the test settings'
+    functions after."""
+    from pgpubsub.db_functions import install_functions
+
+    with django_db_blocker.unblock():
+        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
+            install_functions("default")
+        try:
+            yield
+        finally:
+            install_functions("default")
+
+
 @override_settings(PGPUBSUB_SWEEP_INTERVAL=0.5)
 def test_the_periodic_sweep_processes_rows_whose_notify_was_missed(runtimes):
-    runtime = runtimes(channels=[channels.Job], workers=2)  # no recover: only sweeps find them
-    store_silently(50, "missed-")
+    with no_watcher():
+        runtime = runtimes(channels=[channels.Job], workers=2)  # no recover: only sweeps
+        store_silently(50, "missed-")
 
-    wait_for(lambda: job_effects() == 50, 30, "the sweep to process the rows")
-    assert not Notification.objects.exists()
-    assert runtime.status()["processed"] == 50
+        wait_for(lambda: job_effects() == 50, 30, "the sweep to process the rows")
+        assert not Notification.objects.exists()
+        status = runtime.status()
+        assert status["processed"] == 50 and not status["watching"]
 
 
-def test_without_a_sweep_due_a_missed_row_waits(runtimes):
-    # The counterpart: with the default interval (30 s) the row is still there a while later,
-    # when a message published after it has been processed.
-    runtimes(channels=[channels.Job], workers=1)
-    store_silently(1, "waiting-")
-    pgpubsub.notify(channels.Job, key="published")
-    wait_for(lambda: Effect.objects.filter(key="published").exists(), 30, "the published one")
-    assert Notification.objects.count() == 1
+def test_without_a_sweep_due_a_missed_row_waits(runtimes, notify_on_write):
+    # The counterpart: with no watcher and the default interval (30 s) the row is still there
+    # a while later, when a message published after it (its NOTIFY sent on write, with its
+    # row's id) has been processed.
+    with no_watcher():
+        runtimes(channels=[channels.Job], workers=1)
+        store_silently(1, "waiting-")
+        pgpubsub.notify(channels.Job, key="published")
+        wait_for(lambda: Effect.objects.filter(key="published").exists(), 30, "the published one")
+        assert Notification.objects.count() == 1
+        assert not Effect.objects.filter(key__startswith="waiting-").exists()
+
+
+@override_settings(PGPUBSUB_SWEEP_INTERVAL=300)
+def test_with_a_watcher_a_missed_row_is_processed_without_a_sweep(runtimes):
+    # Rows stored without a NOTIFY (the default for lockable writers now) are found by the
+    # watcher within a second or so, long before a sweep is due.
+    runtime = runtimes(channels=[channels.Job], workers=1)
+    wait_for(lambda: runtime.status()["watching"], 30, "the Runtime to become the watcher")
+    store_silently(3, "watched-")
+    wait_for(
+        lambda: job_effects() == 3 and not Notification.objects.exists(),
+        10,
+        lambda: f"3 rows processed by the watcher's wake-up; {job_effects()} effects",
+    )
+    assert runtime.status()["processed"] == 3
 
 
 @override_settings(PGPUBSUB_SWEEP_INTERVAL=0.2)
