@@ -113,7 +113,7 @@ def _check_runtime_settings() -> list:
         ("PGPUBSUB_RETRY_MAX_DELAY", conf.retry_max_delay, "300"),
         ("PGPUBSUB_SWEEP_INTERVAL", conf.sweep_interval, "30"),
         ("PGPUBSUB_NOTIFY_ON_WRITE", conf.notify_on_write, "False"),
-        ("PGPUBSUB_WATCH_INTERVAL", conf.watch_interval, "1"),
+        ("PGPUBSUB_WATCH_INTERVAL", conf.watch_interval, "1.5"),
         ("PGPUBSUB_IDLE_CONNECTION_TIMEOUT", conf.idle_connection_timeout, "30"),
     ):
         try:

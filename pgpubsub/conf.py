@@ -211,10 +211,10 @@ def notify_on_write() -> bool:
 
 
 def watch_interval() -> float:
-    """``PGPUBSUB_WATCH_INTERVAL`` (default ``1``): the longest pause, in seconds, between two
+    """``PGPUBSUB_WATCH_INTERVAL`` (default ``1.5``): the longest pause, in seconds, between two
     looks of the elected watcher for newly stored lockable messages; it looks every few
     milliseconds while messages keep coming, and backs off to this when none do."""
-    return float(_positive("PGPUBSUB_WATCH_INTERVAL", 1, float))
+    return float(_positive("PGPUBSUB_WATCH_INTERVAL", 1.5, float))
 
 
 def idle_connection_timeout() -> float:
