@@ -118,7 +118,7 @@ class Listener:
             self._quiet_since + KEEPALIVE_INTERVAL,
             self.scheduler.tick(),
             *(probe.due() for probe in self.probes.values()),
-            *(watcher.due() for watcher in self.watchers.values()),
+            *(self.watchers[alias].due() for alias in self._may_watch()),
         )
         if self.scheduler.take_look():
             self._look()
@@ -139,9 +139,9 @@ class Listener:
                     self._close(alias)  # LISTEN and probe again, in _connect()
                 else:
                     probe.send()
-        for alias, watcher in self.watchers.items():
-            if now >= watcher.due() and self.listening[alias].connected:
-                watcher.tick(self.listening[alias].raw)
+        for alias in self._may_watch():
+            if now >= self.watchers[alias].due():
+                self.watchers[alias].tick(self.listening[alias].raw)
         if not received:
             self._keepalive()
             return
@@ -207,6 +207,17 @@ class Listener:
         self._lost = True
         wait_any([], pause, self.wakeup_fd)  # the wake-up pipe ends the pause for a stop request
         self._delay *= 2
+
+    def _may_watch(self) -> list[str]:
+        """The aliases whose watcher may try or look now: its LISTEN connection is up and a
+        probe proved that notifications reach it. A session behind transaction pooling never
+        qualifies: an advisory lock taken there would stay on a server connection that other
+        clients get, and keep every Runtime from watching."""
+        return [
+            alias
+            for alias in self.watchers
+            if self.listening[alias].connected and self.probes[alias].verified
+        ]
 
     def _close(self, alias: str) -> None:
         self.listening[alias].close()

@@ -13,6 +13,7 @@ import pgpubsub
 from pgpubsub.listen import process_notifications
 from pgpubsub.probes import PROBE_TIMEOUT
 from pgpubsub.runtime import Runtime
+from pgpubsub.watcher import LOCK_KEY
 from tests.pgbouncer import PgBouncer, executable, rerouted
 from tests.processes import free_port, outputs, wait_for
 from tests.test_health_view import request_json, session_cookie
@@ -121,6 +122,10 @@ def test_a_runtime_listening_through_transaction_pooling_reports_it_and_recovers
             assert record.levelname == "ERROR"
             assert "alias 'side'" in record.getMessage()
             assert "PGPUBSUB_DATABASE" in record.getMessage()
+            # A session whose notifications do not arrive never becomes the watcher: its
+            # advisory lock would stay on a server connection that other clients get.
+            assert status["watching"] is False
+            assert watcher_locks() == 0
 
             pgbouncer_transaction.reload(pool_mode="session")
             wait_for(
@@ -136,8 +141,25 @@ def test_a_runtime_listening_through_transaction_pooling_reports_it_and_recovers
             pgpubsub.notify(channels.Message, key="after", text="fixed")
             wait_for(lambda: ("Message", {"key": "after", "text": "fixed"}) in received, 20, "it")
             assert status["ignored"] == 0
+            # And now it watches: a lockable message is woken and processed.
+            wait_for(lambda: runtime.status()["watching"], 20, "the Runtime to watch")
+            assert watcher_locks() == 1
+            pgpubsub.notify(channels.Job, key="after-watching")
+            wait_for(lambda: Effect.objects.filter(key="after-watching").exists(), 20, "the job")
         finally:
             assert runtime.stop(10)
+
+
+def watcher_locks() -> int:
+    """Sessions of the test database holding the watcher's advisory lock."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
+            "AND d.datname = current_database()",
+            list(LOCK_KEY),
+        )
+        return cursor.fetchone()[0]
 
 
 def gunicorn(processes, database_url: str, **env: str):
