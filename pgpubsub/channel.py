@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from django.db import models
 
-from pgpubsub import conf, retries
+from pgpubsub import channel_options, conf
 from pgpubsub.codec import Codec, codec_for
 from pgpubsub.context import set_notification_context  # 1.3.1 exported it from here
 from pgpubsub.exceptions import ChannelNotFound, InvalidChannel, InvalidPayload
@@ -86,7 +86,7 @@ class BaseChannel:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_options(cls)
+        channel_options.check(cls)
 
     def __post_init__(self) -> None:
         self.callbacks: list[Callable] = []
@@ -159,28 +159,6 @@ class BaseChannel:
         kwargs = self.signature
         for callback in self.callbacks:
             callback(**kwargs)
-
-
-def _check_options(cls: type[BaseChannel]) -> None:
-    """Refuse, when the class is defined, a channel option pgpubsub cannot use (rather than in
-    a worker, once a message fails). Whether ``database`` is an alias of ``DATABASES`` waits
-    for the system checks: the settings may not be loaded yet."""
-    limit = cls.max_concurrency
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(
-            f"{cls.__name__}.max_concurrency must be a positive int or None, not {limit!r}"
-        )
-    alias = cls.database
-    if alias is not None and not isinstance(alias, str):
-        raise TypeError(
-            f"{cls.__name__}.database must be a database alias (a str) or None, not {alias!r}"
-        )
-    if alias is not None and not alias.strip():
-        raise ValueError(f"{cls.__name__}.database must be a database alias or None, not ''")
-    wake = cls.notify_on_write
-    if wake is not None and not isinstance(wake, bool):
-        raise TypeError(f"{cls.__name__}.notify_on_write must be True, False or None, not {wake!r}")
-    retries.check(cls, load=False)
 
 
 def _resolve_hints(cls: type) -> dict[str, Any] | None:

@@ -155,30 +155,38 @@ def _check_database(alias: str, app_configs: Sequence[AppConfig] | None) -> list
                 )
             )
     if uses_database and not pending:
-        missing = _missing_functions(alias)
-        if missing:
-            messages.append(
-                Error(
-                    f"The SQL function(s) {', '.join(missing)} are missing from database "
-                    f"{alias!r} (or not on its search_path): every pgpubsub trigger and "
-                    "notify() fails there.",
-                    hint="Run `manage.py migrate`; pgpubsub creates the functions after every "
-                    "migrate (add --skip-checks if this error stops it).",
-                    id="pgpubsub.E008",
-                )
+        messages += _function_messages(alias)
+    return messages
+
+
+def _function_messages(alias: str) -> list:
+    """E008 for missing SQL functions, else W006 for functions installed under other
+    settings."""
+    messages = []
+    missing = _missing_functions(alias)
+    if missing:
+        messages.append(
+            Error(
+                f"The SQL function(s) {', '.join(missing)} are missing from database "
+                f"{alias!r} (or not on its search_path): every pgpubsub trigger and "
+                "notify() fails there.",
+                hint="Run `manage.py migrate`; pgpubsub creates the functions after every "
+                "migrate (add --skip-checks if this error stops it).",
+                id="pgpubsub.E008",
             )
-        elif not _wakes_as_configured(alias):
-            messages.append(
-                Warning(
-                    f"pgpubsub's SQL functions in database {alias!r} do not match "
-                    "PGPUBSUB_NOTIFY_ON_WRITE and the channels' notify_on_write: writers send "
-                    "a NOTIFY per stored row where these say not to, or the other way round "
-                    "(nothing is lost either way: the watcher and the sweeps find the rows).",
-                    hint="Run `manage.py migrate`: pgpubsub installs its functions, as the "
-                    "settings say, after every migrate.",
-                    id="pgpubsub.W006",
-                )
+        )
+    elif not _wakes_as_configured(alias):
+        messages.append(
+            Warning(
+                f"pgpubsub's SQL functions in database {alias!r} do not match "
+                "PGPUBSUB_NOTIFY_ON_WRITE and the channels' notify_on_write: writers send "
+                "a NOTIFY per stored row where these say not to, or the other way round "
+                "(nothing is lost either way: the watcher and the sweeps find the rows).",
+                hint="Run `manage.py migrate`: pgpubsub installs its functions, as the "
+                "settings say, after every migrate.",
+                id="pgpubsub.W006",
             )
+        )
     return messages
 
 
