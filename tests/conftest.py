@@ -67,22 +67,36 @@ def runtimes():
     timings.clear()
 
 
+def _notifying_on_write(django_db_blocker):
+    """``PGPUBSUB_NOTIFY_ON_WRITE = True`` installed in the database while in the block; the
+    test settings' functions after."""
+    from django.test import override_settings
+
+    from pgpubsub.db_functions import install_functions
+
+    with django_db_blocker.unblock():
+        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
+            install_functions("default")
+        try:
+            yield
+        finally:
+            install_functions("default")
+
+
+@pytest.fixture
+def notify_on_write(django_db_setup, django_db_blocker):
+    """Writers of lockable channels send a NOTIFY with each stored row's id, from their
+    transaction (``PGPUBSUB_NOTIFY_ON_WRITE = True``), for the test's duration."""
+    yield from _notifying_on_write(django_db_blocker)
+
+
 @pytest.fixture(params=["watcher", "notify on write"])
 def write_mode(request, django_db_setup, django_db_blocker):
     """Runs a test in both ways lockable writers can wake the listeners: the default (writers
     only store; the elected watcher wakes them) and ``PGPUBSUB_NOTIFY_ON_WRITE = True`` (a
     NOTIFY per stored row, installed in the database for the test's duration)."""
-    from django.test import override_settings
-
-    from pgpubsub.db_functions import install_functions
-
     if request.param == "watcher":
         yield request.param
         return
-    with django_db_blocker.unblock():
-        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
-            install_functions("default")
-        try:
-            yield request.param
-        finally:
-            install_functions("default")
+    for _ in _notifying_on_write(django_db_blocker):
+        yield request.param

@@ -8,6 +8,7 @@ the test can find every database session it opened, including those of the child
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -19,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -334,3 +335,22 @@ class ListenProcesses:
     def stop_all(self) -> None:
         for process in self.started:
             process.stop()
+
+
+@contextlib.contextmanager
+def no_watcher() -> Iterator[None]:
+    """The watcher's advisory lock, held by a session of the test's own while in the block: no
+    Runtime can watch, so rows stored without a NOTIFY are found only by sweeps (or a NOTIFY
+    with their id, or a request to process them)."""
+    from pgpubsub.connection import ListenConnection
+    from pgpubsub.watcher import LOCK_KEY
+
+    session = ListenConnection("default")
+    session.connect()
+    try:
+        with session.raw.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", list(LOCK_KEY))
+            assert cursor.fetchone()[0], "the watcher's lock is held already"
+        yield
+    finally:
+        session.close()

@@ -4,7 +4,6 @@ thousands of rows stored, as after an outage."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import html
 import http.cookiejar
@@ -17,7 +16,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -30,7 +28,7 @@ import pgpubsub
 from pgpubsub.channel import Channel
 from pgpubsub.connection import ListenConnection, wait_any
 from pgpubsub.models import Notification
-from tests.processes import ROOT, ListenProcesses, wait_for
+from tests.processes import ROOT, ListenProcesses, no_watcher, wait_for
 from tests.testapp import channels
 from tests.testapp.models import Author, Effect
 
@@ -272,25 +270,8 @@ def test_retry_now_sends_each_selected_rows_notify(browser, listen_connection):
     assert Notification.objects.count() == 5  # the rows stay until a listener processes them
 
 
-#: The watcher's session advisory lock, ``pg_try_advisory_lock(int, int)``: "pgps" and 1.
-WATCHER_LOCK = (0x70677073, 1)
 #: Sweeps so rare that a row a listener processes within ``TIMEOUT`` was not swept.
 NO_SWEEPS = {"PGPUBSUB_TEST_SWEEP_INTERVAL": "300"}
-
-
-@contextlib.contextmanager
-def no_watcher() -> Iterator[None]:
-    """No Runtime can become the watcher while in the block (a session of the test's own holds
-    the watcher's lock): stored rows wake nobody, only sweeps would find them."""
-    session = ListenConnection("default")
-    session.connect()
-    try:
-        with session.raw.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", list(WATCHER_LOCK))
-            assert cursor.fetchone()[0], "another session holds the watcher's lock"
-        yield
-    finally:
-        session.close()
 
 
 def test_retry_now_has_a_running_listener_process_the_rows(browser, processes):

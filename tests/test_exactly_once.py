@@ -70,24 +70,6 @@ def test_two_listen_processes_share_the_work(processes):
         assert "Traceback" not in listener.output(), logs
 
 
-@pytest.fixture
-def notify_on_write(django_db_setup, django_db_blocker):
-    """``PGPUBSUB_NOTIFY_ON_WRITE = True`` installed in the database for the test's duration
-    (a NOTIFY per stored lockable row, from the writer's transaction); the test settings'
-    functions after."""
-    from django.test import override_settings
-
-    from pgpubsub.db_functions import install_functions
-
-    with django_db_blocker.unblock():
-        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
-            install_functions("default")
-        try:
-            yield
-        finally:
-            install_functions("default")
-
-
 @pytest.mark.timeout(90)
 def test_threads_with_their_own_connections(notify_on_write, caplog):
     """django-pgpubsub 1.x's synchronous API (``listen_to_channels()`` and

@@ -1,24 +1,20 @@
 """Acceptance tests of ``manage.py listen``: real processes, signals, the test database."""
 
-import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
-from django.test import override_settings
 
 import pgpubsub
-from pgpubsub.connection import ListenConnection
-from pgpubsub.db_functions import install_functions
 from pgpubsub.models import Notification
 from tests.processes import (
     ListenProcess,
     backends,
+    no_watcher,
     outputs,
     pid_alive,
     wait_for,
@@ -65,39 +61,8 @@ def assert_no_traceback(*processes: ListenProcess) -> None:
         assert "Traceback" not in process.output(), outputs([process])
 
 
-#: The watcher's session advisory lock, ``pg_try_advisory_lock(int, int)``: "pgps" and 1.
-WATCHER_LOCK = [0x70677073, 1]
 #: Sweeps so rare that none is due while a test runs.
 NO_SWEEPS = {"PGPUBSUB_TEST_SWEEP_INTERVAL": "300"}
-
-
-@contextlib.contextmanager
-def no_watcher() -> Iterator[None]:
-    """The watcher's lock, held by a session of the test's own while in the block: no listen
-    process can watch, so rows stored without a NOTIFY are found only by sweeps."""
-    session = ListenConnection("default")
-    session.connect()
-    try:
-        with session.raw.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", WATCHER_LOCK)
-            assert cursor.fetchone()[0], "the watcher's lock is held already"
-        yield
-    finally:
-        session.close()
-
-
-@pytest.fixture
-def notify_on_write(django_db_setup, django_db_blocker):
-    """``PGPUBSUB_NOTIFY_ON_WRITE = True`` installed in the database for the test's duration
-    (a NOTIFY with its id per stored lockable row, from the writer's transaction); the test
-    settings' functions after."""
-    with django_db_blocker.unblock():
-        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
-            install_functions("default")
-        try:
-            yield
-        finally:
-            install_functions("default")
 
 
 @pytest.mark.timeout(60)

@@ -3,21 +3,18 @@ nobody got, and until it is due they wait; with a watcher they are processed wit
 sweeps of many Runtimes never process a row twice; messages published by listeners are processed like any other;
 a failing plain listener is logged and counted and the Runtime goes on."""
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 from django.db import connection
 from django.test import override_settings
 
 import pgpubsub
-from pgpubsub.connection import ListenConnection
 from pgpubsub.listen import process_notifications
 from pgpubsub.models import Notification
 from pgpubsub.runtime import Runtime
-from tests.processes import wait_for
+from tests.processes import no_watcher, wait_for
 from tests.testapp import channels
 from tests.testapp.listeners import received
 from tests.testapp.models import Effect
@@ -38,41 +35,6 @@ def store_silently(count: int, prefix: str) -> None:
 
 def job_effects() -> int:
     return Effect.objects.filter(channel="Job").count()
-
-
-#: The watcher's session advisory lock, ``pg_try_advisory_lock(int, int)``: "pgps" and 1.
-WATCHER_LOCK = [0x70677073, 1]
-
-
-@contextlib.contextmanager
-def no_watcher() -> Iterator[None]:
-    """The watcher's lock, held by a session of the test's own while in the block: no Runtime
-    can watch, so stored rows are found only by sweeps (or a NOTIFY with their id)."""
-    session = ListenConnection("default")
-    session.connect()
-    try:
-        with session.raw.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", WATCHER_LOCK)
-            assert cursor.fetchone()[0], "the watcher's lock is held already"
-        yield
-    finally:
-        session.close()
-
-
-@pytest.fixture
-def notify_on_write(django_db_setup, django_db_blocker):
-    """``PGPUBSUB_NOTIFY_ON_WRITE = True`` installed in the database for the test's duration
-    (a NOTIFY per stored lockable row, from the writer's transaction); the test settings'
-    functions after."""
-    from pgpubsub.db_functions import install_functions
-
-    with django_db_blocker.unblock():
-        with override_settings(PGPUBSUB_NOTIFY_ON_WRITE=True):
-            install_functions("default")
-        try:
-            yield
-        finally:
-            install_functions("default")
 
 
 @override_settings(PGPUBSUB_SWEEP_INTERVAL=0.5)
