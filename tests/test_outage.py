@@ -152,6 +152,12 @@ class Database:
     def effects(self) -> list[tuple[str, int]]:
         return self._query(f"SELECT key, pid FROM {EFFECTS} ORDER BY key")
 
+    def claimed(self) -> int:
+        """Stored rows that a listener has claimed (it is processing them, or was)."""
+        return self._query(f"SELECT count(*) FROM {NOTIFICATIONS} WHERE claimed_by IS NOT NULL")[0][
+            0
+        ]
+
     def stored(self) -> int:
         return self._query(f"SELECT count(*) FROM {NOTIFICATIONS}")[0][0]
 
@@ -195,13 +201,15 @@ def test_lockable_messages_survive_a_database_outage(server, started):
     db = Database(server)
     try:
         # Before: slow messages, so that some are running and others still stored (their
-        # notifications already received, perhaps queued) when the server goes away.
+        # wake-up already received, perhaps queued) when the server goes away. Messages run in
+        # batches whose effects commit together: wait until some are being processed (their
+        # rows claimed) or done, not for effects alone.
         db.produce(
             channels.SlowJob,
             [{"key": f"before-{n}", "seconds": SLOW_SECONDS} for n in range(BEFORE)],
         )
         wait_for(
-            lambda: len(db.effects()) >= THREADS,
+            lambda: db.claimed() + len(db.effects()) >= THREADS,
             30,
             lambda: f"the first messages processed, have {len(db.effects())}",
             watch=everyone,
