@@ -40,6 +40,7 @@ from typing import Any
 
 from pgpubsub import store, wire
 from pgpubsub.connection import LISTENER_TAG, is_connection_error, one_line, sqlstate
+from pgpubsub.models import Notification
 
 logger = logging.getLogger("pgpubsub.runtime")
 
@@ -60,7 +61,7 @@ MAX_GAPS = 1000
 #: Seconds before a look that failed for another reason than the connection is tried again.
 FAILED_LOOK_PAUSE = 30.0
 
-_TABLE = "pgpubsub_notification"
+_TABLE = Notification._meta.db_table
 
 _LOOK = f"""{LISTENER_TAG}
 SELECT channel, {{flag}}, count(*) FILTER (WHERE id > %(mark)s), max(id),
@@ -93,8 +94,6 @@ class Watcher:
         self.found_at = float("-inf")  # when a look last found rows
         self.watermark: int | None = None  # the highest id seen (None: no look yet)
         self.gaps: dict[int, float] = {}  # ids missing below the watermark: when first missed
-        self.looks = 0
-        self.wakeups = 0  # NOTIFYs sent
         self._flag = _FLAG
         self._failing: str | None = None  # what made the last look fail, said once
 
@@ -165,7 +164,6 @@ class Watcher:
             self._flag = _NO_FLAG  # functions installed by an older version: no such function
             cursor.execute(_LOOK.format(flag=self._flag), {"mark": mark, "gaps": gaps})
         rows = cursor.fetchall()
-        self.looks += 1
         found = []
         present = 0
         top = mark
@@ -222,7 +220,6 @@ class Watcher:
             f"{LISTENER_TAG}SELECT pg_notify(name, %s) FROM unnest(%s::text[]) AS name",
             [wire.WAKE, names],
         )
-        self.wakeups += len(names)
 
     def _look_failed(self, exc: Exception) -> None:
         """Not the connection: most likely pgpubsub's table is missing or behind (``migrate``
