@@ -322,7 +322,15 @@ def test_the_row_a_data_migration_stored_is_processed_by_listen(project, tmp_pat
             60,
             "the listener to welcome the account the data migration created",
         )
-        assert execute(project.database_url, "SELECT count(*) FROM pgpubsub_notification") == [(0,)]
+        # The listener wrote the file before its transaction, which deletes the row, commits.
+        wait_for(
+            lambda: (
+                execute(project.database_url, "SELECT count(*) FROM pgpubsub_notification")
+                == [(0,)]
+            ),
+            30,
+            "the processed row to be deleted",
+        )
     finally:
         listener.send_signal(signal.SIGTERM)
         try:
