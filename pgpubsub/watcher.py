@@ -65,7 +65,7 @@ _TABLE = Notification._meta.db_table
 
 _LOOK = f"""{LISTENER_TAG}
 SELECT channel, {{flag}}, count(*) FILTER (WHERE id > %(mark)s), max(id),
-       array_agg(id) FILTER (WHERE id <= %(mark)s)
+       array_agg(id) FILTER (WHERE id <= %(mark)s), min(id)
 FROM {_TABLE} WHERE id > %(mark)s OR id = ANY(%(gaps)s::bigint[])
 GROUP BY channel
 """
@@ -167,14 +167,14 @@ class Watcher:
         found = []
         present = 0
         top = mark
-        for stored, notifies, new, highest, late in rows:
+        for stored, notifies, new, highest, late, lowest in rows:
             for row_id in late or ():
                 self.gaps.pop(row_id, None)
             present += new
             if new:
                 top = max(top, highest)
             if (new or late) and not notifies:
-                found.append(store.wire_name(stored))
+                found.append((lowest, store.wire_name(stored)))
         if first and not rows:
             top = self._sequence_position(cursor)  # ids missing below it are no news
         elif not first and top - mark > present:
@@ -183,7 +183,9 @@ class Watcher:
         for row_id, since in list(self.gaps.items()):
             if now - since > GAP_TIMEOUT:
                 del self.gaps[row_id]
-        return sorted(set(found))
+        # In the order their first rows were stored: a Runtime with one worker thread sweeps
+        # the channels of one look in that order.
+        return list(dict.fromkeys(name for _, name in sorted(found)))
 
     @staticmethod
     def _sequence_position(cursor: Any) -> int:
