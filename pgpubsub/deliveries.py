@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from pgpubsub import store, wire
+from pgpubsub import batch_size, wire
 from pgpubsub.channel import BaseChannel
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def plan(
     """Deliveries for whole notifications ``(channel name, payload)``, in arrival order.
 
     Consecutive stored-row notifications of one lockable channel share a delivery (up to
-    ``store.BATCH_SIZE``). Notifications that lead nowhere (a channel without listeners here,
+    ``batch_size.size()``). Notifications that lead nowhere (a channel without listeners here,
     a lockable channel's payload that is neither a row id nor a request to sweep) are logged,
     told to ``ignored(channel name, payload, reason)`` if given, and dropped.
     """
@@ -79,7 +79,11 @@ def plan(
             else:
                 _ignore(ignored, channel_name, payload, "not a stored notification id")
             continue
-        if batch is None or batch.channel is not channel or len(batch.row_ids) >= store.BATCH_SIZE:
+        if (
+            batch is None
+            or batch.channel is not channel
+            or len(batch.row_ids) >= batch_size.size(channel)
+        ):
             batch = Delivery(Kind.ROWS, channel, callbacks)
             deliveries.append(batch)
         batch.row_ids.append(row_id)
