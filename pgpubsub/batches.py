@@ -1,13 +1,21 @@
 """Inside the transaction of one claimed batch: each message in a savepoint of its own, then one
 statement that acknowledges (deletes) those that succeeded.
 
-The rows are locked in the round trip that opens the first savepoint; a savepoint that
-succeeded is not released (the commit ends it); a message's deferred constraints are checked in
-the statement that opens the next message's savepoint (the last one's, in the acknowledging
-one): a message costs its listeners' queries and one round trip more. A message that fails is
-rolled back to its savepoint, alone, and its failed attempt is written in the same transaction,
-while the row is still locked. When the processor is asked to stop, the rows not started yet
-are given back, uncounted.
+The rows are locked first (one round trip). A message's savepoint is opened only when its
+listeners touch the database: just before their first statement (seen through Django's
+``execute_wrapper``), or, after a message that did, in the round trip that checks that
+message's deferred constraints (a violation raises there, while its savepoint can still undo
+it; the last one's are checked with the acknowledging statement). A savepoint that succeeded is
+not released (the commit ends it). So a message whose listeners do not use the database costs no
+round trip, and one whose listeners do costs one more than their own statements.
+
+A message that fails is rolled back to its savepoint, alone (one that never opened a savepoint
+wrote nothing: only its ``on_commit()`` functions go), and its failed attempt is written in the
+same transaction, while the row is still locked. Statements a listener sends on the driver's
+connection directly, past Django's cursors, are not seen: they are undone with the message
+only if the listener used a Django cursor first. When the processor is asked to stop, the rows
+not started yet are given back, uncounted. Each batch's time goes to
+:func:`pgpubsub.batch_size.measured`.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Any, NamedTuple
 from django.db import DatabaseError, connections
 from django.db.transaction import TransactionManagementError
 
-from pgpubsub import connection, store
+from pgpubsub import batch_size, connection, store
 from pgpubsub.channel import BaseChannel
 from pgpubsub.failures import Failures
 
@@ -71,6 +79,9 @@ class Batch:
         self.stopping = stopping
         self.used = used
         self.started = False  # a listener started: then the attempt happened
+        self._opening: str | None = None  # the running message's savepoint, not open yet
+        self._used = False  # the running message's listeners sent a statement
+        self._unchecked: _Ran | None = None  # the last to use the database, not checked yet
 
     def _stop_wanted(self) -> bool:
         return self.stopping is not None and self.stopping.is_set()
@@ -81,29 +92,23 @@ class Batch:
         of the others are recorded in the same transaction, and the rows not run because the
         processor stops are given back."""
         db = connections[self.using]
+        if hold is not None:
+            execute_holding(db, hold)
         if not rows or self._stop_wanted():
-            if hold is not None:
-                execute_holding(db, hold)
             store.give_back([row.pk for row in rows], self.using)
             return []
         succeeded: list[Done] = []
-        unchecked: _Ran | None = None  # the last message that succeeded, not checked yet
         unrun: list[store.StoredRow] = []
-        for index, row in enumerate(rows):
-            if index and self._stop_wanted():
-                unrun = rows[index:]
-                break
-            savepoint = f"pgpubsub_{index}"
-            opening = f'SAVEPOINT "{savepoint}"'
-            if unchecked is not None:
-                if not self._check_deferred(unchecked, succeeded, opening):
-                    execute(db, opening)
-            elif hold is not None:
-                execute_holding(db, f"{hold}; {opening}")
-                hold = None
-            else:
-                execute(db, opening)
-            unchecked = self._run_one(db, row, savepoint, succeeded)
+        self._unchecked = None
+        started = time.perf_counter()
+        with db.execute_wrapper(self._before_statement):
+            for index, row in enumerate(rows):
+                if index and self._stop_wanted():
+                    unrun = rows[index:]
+                    break
+                self._run_one(db, row, f"pgpubsub_{index}", succeeded)
+        batch_size.measured(self.channel_cls, time.perf_counter() - started, len(rows) - len(unrun))
+        unchecked, self._unchecked = self._unchecked, None
         acknowledged = unchecked is not None and self._check_deferred(
             unchecked, succeeded, store.acknowledge_sql([done.row_id for done in succeeded])
         )
@@ -113,30 +118,56 @@ class Batch:
         store.give_back([row.pk for row in unrun], self.using)
         return succeeded
 
+    def _before_statement(
+        self, statement: Callable, sql: Any, params: Any, many: bool, context: Any
+    ) -> Any:
+        """Django's execute wrapper while the batch runs: the running message uses the
+        database, so its savepoint opens first, if it is not open yet."""
+        self._used = True
+        if self._opening is not None:
+            execute(connections[self.using], f'SAVEPOINT "{self._opening}"')
+            self._opening = None
+        return statement(sql, params, many, context)
+
     def _run_one(
         self, db: Any, row: store.StoredRow, savepoint: str, succeeded: list[Done]
-    ) -> _Ran | None:
-        """Run one row in its savepoint; what undoing it needs if it succeeded."""
+    ) -> None:
+        """Run one row; its savepoint opens with its first statement, or now if the previous
+        message's deferred constraints are to be checked anyway."""
         started = time.perf_counter()
         hooks = len(db.run_on_commit)
         read = False
         self.started = True
+        opened = False
+        if self._unchecked is not None:
+            ran, self._unchecked = self._unchecked, None
+            opened = self._check_deferred(ran, succeeded, f'SAVEPOINT "{savepoint}"')
+        self._opening = None if opened else savepoint
+        self._used = False
         try:
             message = self.channel_cls.build_from_payload(row.payload, self.callbacks)
             read = True
             message.execute_callbacks()
             check_not_doomed(db)
         except Exception as error:
+            opened = self._opening is None
+            self._opening = None
             if connection.lost(self.using, self.used):
                 raise
-            undo(db, savepoint, hooks)
+            if opened:
+                undo(db, savepoint, hooks)
+            else:  # it wrote nothing: only its on_commit() functions go
+                db.needs_rollback = False
+                del db.run_on_commit[hooks:]
             self.failures.attempt_failed(self.channel_cls, row, error, started, read)
-            return None
+            return
+        self._opening = None
         # The message's on_commit() functions run after the commit, where one that fails
         # would skip the others': it is logged instead.
         robust_hooks(db, hooks)
         succeeded.append(Done(row.pk, time.perf_counter() - started, row.attempts + 1))
-        return _Ran(row, started, hooks, savepoint)
+        if self._used:  # its deferred constraints are checked with the next statement of ours
+            self._unchecked = _Ran(row, started, hooks, savepoint)
 
     def _check_deferred(self, ran: _Ran, succeeded: list[Done], then: str) -> bool:
         """Check the deferred constraints the message ``ran`` (the last of ``succeeded``) left

@@ -2,9 +2,9 @@
 messages is claimed, then run and acknowledged in one transaction, so each runs exactly once.
 :meth:`Processor.run` does one delivery and returns its :class:`Outcome`.
 
-A batch (up to ``store.BATCH_SIZE`` rows) costs one statement that claims it (committed at
-once: the attempt's durable trace, see :mod:`pgpubsub.store`), the transaction that locks, runs
-and acknowledges it (:mod:`pgpubsub.batches`), and its commit. A message's effects commit if
+A batch (up to :func:`pgpubsub.batch_size.size` rows) costs one statement that claims it
+(committed at once: the attempt's durable trace, see :mod:`pgpubsub.store`), the transaction
+that locks, runs and acknowledges it (:mod:`pgpubsub.batches`), and its commit. A message's effects commit if
 and only if its acknowledgement does:
 
 - a message that fails is rolled back alone, its failed attempt written while its row is still

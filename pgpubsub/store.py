@@ -55,10 +55,6 @@ from pgpubsub.connection import LISTENER_TAG, UNDEFINED_COLUMN, UNDEFINED_TABLE,
 from pgpubsub.exceptions import PgpubsubError
 from pgpubsub.models import Notification, notifications_alias
 
-#: Most stored rows claimed per transaction: enough to share a commit among many messages,
-#: few enough that concurrent listeners share a burst and a slow listener holds few rows.
-BATCH_SIZE = 20
-
 #: Seconds a claimed row is not due for other listeners. It only has to cover the moment from
 #: the claim's commit to the processing transaction's lock (a round trip); after that the lock
 #: keeps others off. It is also how long the rows of a process that died wait before they are
@@ -363,9 +359,7 @@ def due_names(cursor: Any, names: list[str]) -> set[str]:
     return {row[0] for row in cursor.fetchall()}
 
 
-def pending_ids(
-    channel_cls: type[BaseChannel], after_id: int, using: str, limit: int = BATCH_SIZE
-) -> list[int]:
+def pending_ids(channel_cls: type[BaseChannel], after_id: int, using: str, limit: int) -> list[int]:
     """Ids of up to ``limit`` due rows of the channel above ``after_id``, oldest first,
     without locking them (claiming them skips those another listener holds).
 

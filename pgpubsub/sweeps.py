@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pgpubsub import store
+from pgpubsub import batch_size, store
 from pgpubsub.channel import BaseChannel
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind
 from pgpubsub.processing import Outcome, Processor
@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between progress lines while a channel's backlog is processed.
 PROGRESS_INTERVAL = 5.0
+
+#: A sweep that read at most this many rows ends without a line in the log.
+QUIET_SWEEP = 20
 
 
 def read_page(
@@ -37,11 +40,11 @@ def read_page(
     return store.pending_ids(channel, after_id, processor.using, limit=limit)
 
 
-def batches(page: list[int], workers: int = 1) -> list[list[int]]:
-    """``page`` cut into the batches claimed and committed together: of at most
-    ``store.BATCH_SIZE`` rows, and at least as many as ``workers`` (while there are rows), so
-    that a short page of slow messages keeps every worker busy too."""
-    count = max(-(-len(page) // store.BATCH_SIZE), min(workers, len(page)))
+def batches(page: list[int], size: int, workers: int = 1) -> list[list[int]]:
+    """``page`` cut into the batches claimed and committed together: of at most ``size`` rows
+    (:func:`pgpubsub.batch_size.size`), and at least as many as ``workers`` (while there are
+    rows), so that a short page of slow messages keeps every worker busy too."""
+    count = max(-(-len(page) // size), min(workers, len(page)))
     size = -(-len(page) // count) if count else 0
     return [page[i : i + size] for i in range(0, len(page), size)] if page else []
 
@@ -54,7 +57,7 @@ def sweep_all(processor: Processor, channel: type[BaseChannel]) -> int:
     last_id = 0
     next_report = time.monotonic() + PROGRESS_INTERVAL
     while not (processor.stopping is not None and processor.stopping.is_set()):
-        page = read_page(processor, channel, last_id, store.BATCH_SIZE)
+        page = read_page(processor, channel, last_id, batch_size.size(channel))
         if not page:
             break
         last_id = page[-1]
@@ -104,7 +107,6 @@ class Sweeper:
         self.queue = queue
         self.scheduler = scheduler
         self.workers = workers
-        self.page_size = store.BATCH_SIZE * workers
         self.stopping = stopping
         self._lock = threading.Lock()
         # When the next progress line of a channel's sweeps is due (time.monotonic()): one
@@ -132,14 +134,16 @@ class Sweeper:
         and whether the next page was queued (the sweep goes on)."""
         channel = delivery.channel
         tally = (delivery.tally if isinstance(delivery, SweepPart) else None) or SweepTally()
-        page = read_page(processor, channel, delivery.after_id, self.page_size)
+        size = batch_size.size(channel)
+        page_size = size * self.workers
+        page = read_page(processor, channel, delivery.after_id, page_size)
         if not page or self.stopping.is_set():
             self.count(tally, reading=False)
             return Outcome(), False
-        full = len(page) == self.page_size  # there may be more
+        full = len(page) == page_size  # there may be more
         # Counted before the next page can be read (by another worker), so pages add up in order.
         self.count(tally, read=len(page), last_id=page[-1], reading=full)
-        parts = batches(page, self.workers)
+        parts = batches(page, size, self.workers)
         here = parts[:1]
         for batch in parts[1:]:
             if not self._offer(
@@ -221,7 +225,7 @@ class Sweeper:
                 processed,
                 last_id,
             )
-        elif ended and read > store.BATCH_SIZE:
+        elif ended and read > QUIET_SWEEP:
             if processed == read:
                 logger.info("Swept %s stored notifications of %s", processed, channel.name())
             else:

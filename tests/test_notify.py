@@ -13,7 +13,7 @@ from pgpubsub.exceptions import InvalidChannel, InvalidPayload
 from pgpubsub.listen import process_notifications
 from pgpubsub.models import Notification
 from tests.testapp import channels
-from tests.testapp.listeners import received
+from tests.testapp.listeners import mixed_hooks_ran, received
 from tests.testapp.models import Effect, Post
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -148,6 +148,51 @@ def test_a_message_failing_only_at_commit_time_fails_alone(listening, dangling):
     assert [kwargs["key"] for name, kwargs in received if name == "Job"] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize(
+    "actions",
+    [
+        [
+            "nothing",
+            "write",
+            "hook-fail",
+            "nothing",
+            "write-fail",
+            "hook",
+            "dangling",
+            "write-hook",
+        ],
+        ["dangling", "nothing", "hook-fail", "write-hook", "hook"],
+        ["hook", "write", "nothing", "dangling"],
+        ["fail", "write-hook-dangling", "hook-write", "nothing-fail"],
+    ],
+)
+def test_messages_that_use_the_database_or_not_keep_or_lose_only_their_own_work(listening, actions):
+    """A batch mixing listeners that write, that only register on_commit() functions, that do
+    nothing, and that fail (before or after writing, or at the deferred check): each message's
+    work commits if and only if it succeeded, and each listener ran once."""
+    mixed_hooks_ran.clear()
+    steps = {f"m{index}": action.split("-") for index, action in enumerate(actions)}
+    keys = list(steps)
+    with transaction.atomic():  # stored together: one batch
+        for key, action in zip(keys, actions, strict=True):
+            pgpubsub.notify(channels.Mixed, key=key, action=action)
+    with pytest.raises((RuntimeError, IntegrityError)):
+        process_notifications(listening)
+    good = [key for key in keys if not {"fail", "dangling"} & set(steps[key])]
+    bad = [key for key in keys if key not in good]
+    wrote = [key for key in keys if "write" in steps[key]]
+    hooked = [key for key in keys if "hook" in steps[key]]
+    assert sorted(Effect.objects.filter(channel="Mixed").values_list("key", flat=True)) == sorted(
+        set(wrote) & set(good)
+    )
+    assert mixed_hooks_ran == [key for key in hooked if key in good]
+    assert not Post.objects.filter(content__in=keys).exists()
+    left = {row.payload["kwargs"]["key"]: row for row in Notification.objects.all()}
+    assert sorted(left) == sorted(bad)
+    assert all(row.attempts == 1 for row in left.values())
+    assert [kwargs["key"] for name, kwargs in received if name == "Mixed"] == keys
+
+
 def test_a_plain_listener_s_writes_roll_back_when_it_fails(listening):
     pgpubsub.notify(channels.Message, key="undone", text="write-then-fail")
     pgpubsub.notify(channels.Message, key="next", text="fine")
@@ -268,15 +313,19 @@ def test_an_unknown_field_is_named_with_the_channel():
 
 
 def test_a_long_recovery_reports_its_progress(django_db_setup, monkeypatch, caplog):
-    from pgpubsub import sweeps
+    from pgpubsub import batch_size, sweeps
     from pgpubsub.listen import process_stored
 
     for number in range(45):
         _store_silently(channels.Job, f"backlog-{number}")
     monkeypatch.setattr(sweeps, "PROGRESS_INTERVAL", 0.0)
+    batch_size.forget(channels.Job)  # its first batch takes FIRST_BATCH rows
     with caplog.at_level(logging.INFO, logger="pgpubsub"):
         assert process_stored([channels.Job]) == 45
     progress = [r.getMessage() for r in caplog.records if "so far" in r.getMessage()]
-    assert len(progress) == 3  # one line per batch of 20 here
-    assert progress[0].startswith("Processed 20 stored notifications of tests.testapp.channels.Job")
+    # One line per batch here: the first of FIRST_BATCH rows, the others as measured.
+    assert len(progress) >= 2
+    first = f"Processed {batch_size.FIRST_BATCH} stored notifications of tests.testapp.channels.Job"
+    assert progress[0].startswith(first)
+    assert progress[-1].startswith("Processed 45 stored notifications")
     assert any("Processed 45 stored notifications" in r.getMessage() for r in caplog.records)

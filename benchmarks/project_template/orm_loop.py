@@ -5,7 +5,7 @@ savepoint of its own (a failing one would roll back alone, its row with it), one
 batch. No pgpubsub code runs in the loop: the reference for what the library adds around an
 ORM listener.
 
-    python orm_loop.py CHANNEL [BATCH]    (BATCH: pgpubsub.store.BATCH_SIZE by default)
+    python orm_loop.py CHANNEL [BATCH]    (BATCH: pgpubsub.batch_size.MAX_BATCH by default)
 
 Prints ``{"rows", "seconds", "batch"}`` (the loop only, without start-up).
 """
@@ -60,7 +60,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 2:
         size = int(sys.argv[2])
     else:
-        from pgpubsub import store
+        # The Runtime's largest batch, which fast listeners get (pgpubsub.batch_size).
+        from pgpubsub import batch_size
 
-        size = getattr(store, "BATCH_SIZE", 20)
+        size = batch_size.MAX_BATCH
     print(json.dumps(drain(sys.argv[1], size)))

@@ -312,3 +312,13 @@ class Disconnecting(Channel):
     max_attempts = 2
     retry_delay = 0.05
     key: str
+
+
+@dataclass
+class Mixed(Channel):
+    """A lockable channel whose listener uses the database or not, and fails or not, as told:
+    the messages of one batch each keep or lose their own work."""
+
+    lock_notifications = True
+    key: str
+    action: str = "nothing"

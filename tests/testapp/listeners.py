@@ -339,3 +339,23 @@ def disconnect_then_fail(key: str) -> None:
             cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
         Effect.objects.create(key=key, channel="Disconnecting")  # fails: the session is gone
     raise RuntimeError(f"{key} fails after its connection was lost")
+
+
+#: Keys of the Mixed messages whose on_commit() function ran (in-process).
+mixed_hooks_ran: list[str] = []
+
+
+@pgpubsub.listener(channels.Mixed)
+def run_mixed(key: str, action: str) -> None:
+    """``action``: words joined by ``-``, done in order: ``write`` (an Effect), ``hook`` (an
+    on_commit() function), ``dangling`` (a deferred foreign key violated), ``fail``."""
+    received.append(("Mixed", {"key": key, "action": action}))
+    for step in action.split("-"):
+        if step == "write":
+            Effect.objects.create(key=key, channel="Mixed", pid=os.getpid())
+        elif step == "hook":
+            transaction.on_commit(lambda: mixed_hooks_ran.append(key))
+        elif step == "dangling":
+            Post.objects.create(author_id=2_000_000_000, content=key)
+        elif step == "fail":
+            raise RuntimeError(f"mixed {key} failed on purpose")
