@@ -205,12 +205,14 @@ def _claimable(channel_cls: type[BaseChannel], row_ids: list[int], using: str) -
     """The conditions of the due rows among ``row_ids``; locked with SKIP LOCKED, they give the
     rows no one else holds.
 
-    The channel test is wrapped in ``IS TRUE`` so that no plan looks the rows up through the
-    channel index: a table that was never analysed (a bulk insert, autovacuum off) made the
-    planner combine it with the primary key, reading every stored row of the channel."""
+    Every condition but the ids is wrapped in ``IS TRUE`` so that the rows are found by the
+    primary key alone: a table that was never analysed (a bulk insert, autovacuum off) made the
+    planner look them up through the channel index (the channel test) or the partial indexes
+    of due rows (the due test, which implies their predicates), reading every stored row of
+    the channel for each id: 50 ms for a claim of 100 rows among 10,000, against 2.5 ms."""
     extra, params = _filter_sql(using)
     return (
-        f"id = ANY(%s) AND (channel = ANY(%s)) IS TRUE AND {_DUE}{extra}",
+        f"id = ANY(%s) AND (channel = ANY(%s) AND {_DUE}) IS TRUE{extra}",
         [list(row_ids), stored_names(channel_cls), *params],
     )
 
