@@ -153,7 +153,11 @@ class BaseChannel:
     @property
     def signature(self) -> dict[str, Any]:
         """The keyword arguments each callback receives."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        names = type(self).__dict__.get("_pgpubsub_field_names")
+        if names is None:  # read once per class: dataclasses.fields() costs microseconds
+            names = tuple(field.name for field in dataclasses.fields(self))
+            type(self)._pgpubsub_field_names = names
+        return {name: getattr(self, name) for name in names}
 
     def execute_callbacks(self) -> None:
         kwargs = self.signature

@@ -29,8 +29,8 @@ message_failed = Signal()
 
 def send(signal: Signal, channel: type, **kwargs: Any) -> None:
     """Send ``signal`` if anyone listens; receivers' errors are logged, never raised."""
-    if not signal.has_listeners(channel):
-        return
+    if not signal.receivers or not signal.has_listeners(channel):
+        return  # the first test costs nothing: most projects connect no receiver
     for receiver, result in signal.send_robust(sender=channel, channel=channel, **kwargs):
         if isinstance(result, Exception):
             logger.error("A receiver of a pgpubsub signal failed: %r", receiver, exc_info=result)
