@@ -1,10 +1,13 @@
-"""What the workloads stand on: the database server, the processes the runner starts, the two
-sides (this checkout and django-pgpubsub 1.3.1) and the engine that processes notifications."""
+"""What the workloads stand on: the database server, the processes the runner starts, the
+sides (this checkout, optionally this checkout again with psycopg 3, and django-pgpubsub 1.3.1)
+and the engine that processes notifications."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -29,6 +32,15 @@ THEIRS_REQUIREMENTS = [
     "django-pgtrigger",
     "psycopg2-binary",
 ]
+#: What the venv of this checkout with psycopg 3 installs besides the checkout itself (editable,
+#: with its ``psycopg`` extra): gunicorn for the embedded workloads, and no psycopg2.
+PSYCOPG3_REQUIREMENTS = ["gunicorn"]
+
+#: The sides' names: this checkout with the runner's Python, the same checkout in a venv with
+#: psycopg 3 (``--psycopg3``), django-pgpubsub 1.3.1.
+OURS = "ours"
+OURS_PSYCOPG3 = "ours-psycopg3"
+THEIRS = "theirs"
 
 #: Pause between two checks of a condition, in seconds.
 POLL_INTERVAL = 0.05
@@ -162,7 +174,7 @@ class Databases:
         self.created: list[str] = []
 
     def new_name(self, side: str) -> str:
-        return f"bench_{side}_{os.getpid()}_{next(_database_numbers)}"
+        return f"bench_{side.replace('-', '_')}_{os.getpid()}_{next(_database_numbers)}"
 
     def create(self, side: str, template: str | None = None) -> str:
         name = self.new_name(side)
@@ -482,7 +494,7 @@ class Processes:
             self.stop(process)
 
 
-# --- the two sides ----------------------------------------------------------------------------
+# --- the sides --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -490,7 +502,7 @@ class Side:
     """One implementation under test: its Python, the project generated for it, and the
     migrated template database each run's fresh database is copied from."""
 
-    name: str  # "ours" or "theirs"
+    name: str  # OURS, OURS_PSYCOPG3 or THEIRS
     python: str
     project: Path
     pythonpath: str | None
@@ -509,6 +521,12 @@ class Side:
         env["DJANGO_SETTINGS_MODULE"] = "benchsite.settings"
         env["PYTHONUNBUFFERED"] = "1"
         return env
+
+    @property
+    def checkout(self) -> bool:
+        """Whether this side runs this checkout (with either driver), not django-pgpubsub
+        1.3.1."""
+        return self.name != THEIRS
 
     def env(self, server: Server, dbname: str, application_name: str) -> dict[str, str]:
         return {**self.base_env(), **server.django_env(dbname, application_name)}
@@ -545,10 +563,67 @@ def ensure_theirs_venv(venv_dir: Path, processes: Processes) -> str:
     return str(python)
 
 
+def _psycopg3_install() -> list[str]:
+    """What the venv of ``ensure_psycopg3_venv`` installs: this checkout, editable, with its
+    ``psycopg`` extra (``psycopg[binary]``), and gunicorn."""
+    return ["--editable", f"{ROOT}[psycopg]", *PSYCOPG3_REQUIREMENTS]
+
+
+def _psycopg3_marker_text() -> str:
+    """What the venv's marker records: the install arguments and a digest of this checkout's
+    ``pyproject.toml`` (its dependencies). Another checkout, or changed dependencies, install
+    again."""
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    return "\n".join([*_psycopg3_install(), f"pyproject.toml sha256 {digest}"]) + "\n"
+
+
+def ensure_psycopg3_venv(venv_dir: Path, processes: Processes) -> str:
+    """A venv with this checkout installed editable with psycopg 3 (``psycopg[binary]``) and
+    without psycopg2, so that Django's PostgreSQL backend uses psycopg 3. Made once and reused
+    while its marker matches (this checkout's path and ``pyproject.toml``); otherwise the
+    install runs again. Returns its python."""
+    python = venv_dir / "bin" / "python"
+    marker = venv_dir / ".pgpubsub-bench-ready"
+    wanted = _psycopg3_marker_text()
+    venv_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Runners (or test sessions) starting at once wait for the one making the venv.
+    with open(venv_dir.parent / f"{venv_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if python.exists() and marker.exists() and marker.read_text() == wanted:
+            return str(python)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        if not python.exists():
+            if venv_dir.exists():
+                shutil.rmtree(venv_dir)
+            base = getattr(sys, "_base_executable", sys.executable)
+            processes.run("venv", [base, "-m", "venv", str(venv_dir)], ROOT, env, VENV_TIMEOUT)
+        marker.unlink(missing_ok=True)
+        install = _psycopg3_install()
+        print(f"Installing {' '.join(install)} into {venv_dir} ...", file=sys.stderr)
+        processes.run(
+            "pip-install-psycopg3",
+            [str(python), "-m", "pip", "install", "--quiet", *install],
+            ROOT,
+            env,
+            VENV_TIMEOUT,
+        )
+        # Django picks psycopg 3 when both are importable; psycopg2 has no place here anyway.
+        processes.run(
+            "pip-uninstall-psycopg2",
+            [str(python), "-m", "pip", "uninstall", "--yes", "psycopg2", "psycopg2-binary"],
+            ROOT,
+            env,
+            VENV_TIMEOUT,
+        )
+        marker.write_text(wanted)
+    return str(python)
+
+
 _VERSIONS_SCRIPT = """
 import json, sys, importlib.metadata as m
 out = {"python": sys.version.split()[0]}
-for dist in ("django", "django-pgtrigger", "psycopg2-binary", "django-pgpubsub", "pgpubsub"):
+for dist in ("django", "django-pgtrigger", "psycopg2-binary", "psycopg", "psycopg-binary",
+             "django-pgpubsub", "pgpubsub"):
     try:
         out[dist] = m.version(dist)
     except m.PackageNotFoundError:
@@ -579,8 +654,21 @@ def prepare_side(side: Side, server: Server, databases: Databases, processes: Pr
         COMMAND_TIMEOUT,
     )
     side.versions = json.loads(output.strip().splitlines()[-1])
-    if side.name == "ours":
+    if side.checkout:
         side.versions["pgpubsub"] = f"{side.versions.get('pgpubsub', '?')} ({git_revision()})"
+    if side.name == OURS_PSYCOPG3:
+        # Its venv installed this checkout editable: from here, with psycopg 3 only.
+        checkout = str(ROOT / "pgpubsub" / "__init__.py")
+        if side.versions["pgpubsub from"] != checkout:
+            raise BenchmarkError(
+                f"{side.name} imports pgpubsub from {side.versions['pgpubsub from']}, not from "
+                f"this checkout ({checkout}): delete {Path(side.python).parent.parent}"
+            )
+        if side.versions.get("driver") != "psycopg 3":
+            raise BenchmarkError(
+                f"{side.name} ({side.python}) runs Django with {side.versions.get('driver')}, "
+                "not psycopg 3"
+            )
     processes.run(
         f"{side.name}-makemigrations",
         side.manage("makemigrations", "benchapp", "--noinput"),
@@ -656,12 +744,12 @@ class Engine:
             args += ["--threads", str(self.threads)]
         return args
 
-    def for_side(self, side: str) -> Engine | None:
-        """The engine ``side`` runs this workload with; None when it cannot. django-pgpubsub
-        1.3.1 has no ``--threads`` and no embedded mode: an embedded workload runs its
-        ``listen --processes N`` (as many processes receiving each notification); a
-        ``--threads`` workload does not run."""
-        if side == "ours":
+    def for_side(self, side: Side) -> Engine | None:
+        """The engine ``side`` runs this workload with; None when it cannot. This checkout
+        (with either driver) runs it as it is. django-pgpubsub 1.3.1 has no ``--threads`` and
+        no embedded mode: an embedded workload runs its ``listen --processes N`` (as many
+        processes receiving each notification); a ``--threads`` workload does not run."""
+        if side.checkout:
             return self
         if self.embedded:
             return Engine(processes=self.processes)

@@ -19,13 +19,17 @@ from benchmarks.harness import (
     CLOCK_TICKS,
     EMBEDDED_THREADS,
     EMBEDDED_WEB_WORKERS,
+    OURS,
+    OURS_PSYCOPG3,
     ROOT,
+    THEIRS,
     BenchmarkError,
     Databases,
     Processes,
     Server,
     Side,
     ensure_gunicorn,
+    ensure_psycopg3_venv,
     ensure_theirs_venv,
     prepare_side,
 )
@@ -43,6 +47,8 @@ from benchmarks.workloads import (
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 DEFAULT_VENV_DIR = Path(tempfile.gettempdir()) / "pgpubsub-bench" / "venv-django-pgpubsub-1.3.1"
+#: The venv of this checkout with psycopg 3 (``--psycopg3``), beside ``--venv-dir``.
+PSYCOPG3_VENV_NAME = "venv-ours-psycopg3"
 FULL = Sizes(
     events=2000,
     messages=2000,
@@ -209,6 +215,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip-theirs", action="store_true", help="Measure this checkout only (no 1.3.1 venv)."
     )
     parser.add_argument(
+        "--psycopg3",
+        action="store_true",
+        help="Also measure this checkout with psycopg 3: a third side, ours-psycopg3, in a venv "
+        f"made once beside --venv-dir ({PSYCOPG3_VENV_NAME}: this checkout installed editable "
+        "with psycopg[binary], no psycopg2), on every workload ours runs.",
+    )
+    parser.add_argument(
         "--venv-dir",
         type=Path,
         default=DEFAULT_VENV_DIR,
@@ -296,17 +309,23 @@ def main(argv: list[str] | None = None) -> int:
     for workload in args.skipped:
         log(f"skipping {workload.number}. {workload.name}: no backlog size B (--quick)")
     try:
-        sides = [Side("ours", sys.executable, workdir / "ours", str(ROOT))]
+        sides = [Side(OURS, sys.executable, workdir / OURS, str(ROOT))]
+        if args.psycopg3:
+            venv = args.venv_dir.parent / PSYCOPG3_VENV_NAME
+            python = ensure_psycopg3_venv(venv, processes)
+            sides.append(Side(OURS_PSYCOPG3, python, workdir / OURS_PSYCOPG3, None))
         if not args.skip_theirs:
             python = ensure_theirs_venv(args.venv_dir, processes)
-            sides.append(Side("theirs", python, workdir / "theirs", None))
+            sides.append(Side(THEIRS, python, workdir / THEIRS, None))
         needs_sides = any(not w.sideless for w in args.workloads)
         if needs_sides:
             for side in sides:
                 log(f"preparing {side.name} ({side.python})")
                 prepare_side(side, server, databases, processes)
         if any(w.engine.embedded for w in args.workloads):
-            ensure_gunicorn(sides[0], args.venv_dir.parent, processes)
+            for side in sides:
+                if side.checkout:
+                    ensure_gunicorn(side, args.venv_dir.parent, processes)
         context = Context(server, databases, processes, args.sizes, {s.name: s for s in sides})
         results = measure(context, args.workloads, sides, args.repeat)
         report = build_report(args, server, sides, results)
@@ -344,17 +363,18 @@ def measure(
     context: Context, workloads: list[Workload], sides: list[Side], repeat: int
 ) -> dict[str, dict[str, list[dict[str, float]] | list[str]]]:
     """workload name -> side name -> the metrics of each run (and "errors" -> messages).
-    Sides alternate: ours first on even repetitions, theirs first on odd ones. A side whose
-    engine cannot run a workload (1.3.1 has no ``--threads``), or a workload of this checkout
-    only (28), leaves it out."""
+    Sides alternate: in the order given on even repetitions (ours, ours-psycopg3, theirs),
+    reversed on odd ones. A side whose engine cannot run a workload (1.3.1 has no
+    ``--threads``), or a workload of this checkout only (28) on 1.3.1, or a workload that times
+    no side's driver on the psycopg 3 side, leaves it out."""
     results: dict = {w.name: {"errors": []} for w in workloads}
     for rep in range(repeat):
         order = sides if rep % 2 == 0 else list(reversed(sides))
         for workload in workloads:
             for side in [None] if workload.sideless else order:
                 label = "ceiling" if side is None else side.name
-                engine = None if side is None else workload.engine.for_side(side.name)
-                if side is not None and (engine is None or workload.ours_only and label != "ours"):
+                engine = None if side is None else workload.engine.for_side(side)
+                if side is not None and not _runs_on(workload, side, engine):
                     continue
                 shown = (
                     "" if engine is None or not workload.listens else f" with {engine.describe()}"
@@ -377,13 +397,28 @@ def measure(
     return results
 
 
+def _runs_on(workload: Workload, side: Side, engine) -> bool:
+    """Whether ``side`` runs ``workload`` (with ``engine``, its engine there)."""
+    if engine is None or workload.ours_only and not side.checkout:
+        return False
+    return not (workload.driver_free and side.name == OURS_PSYCOPG3)
+
+
 def summarize(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _ratio(value: dict | None, reference: dict | None) -> float | None:
+    """The ratio of two summaries' medians, None when either is missing or the reference 0."""
+    if value and reference and reference["median"]:
+        return value["median"] / reference["median"]
+    return None
+
+
 def build_report(args, server: Server, sides: list[Side], results: dict) -> dict:
+    psycopg3 = any(side.name == OURS_PSYCOPG3 for side in sides)
     rows = []
     for workload in args.workloads:
         runs = results[workload.name]
@@ -398,7 +433,10 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
                 "higher_is_better": metric.higher_is_better,
                 "digits": metric.digits,
             }
-            for label in ("ours", "theirs", "ceiling"):
+            labels = ("ours", "theirs", "ceiling")
+            if psycopg3:
+                labels += (OURS_PSYCOPG3,)
+            for label in labels:
                 values = [run[metric.key] for run in runs.get(label, []) if metric.key in run]
                 row[label] = summarize(values)
                 row[f"{label}_runs"] = values
@@ -406,9 +444,9 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
                 row["ours"], row["ceiling"] = row["ceiling"], None
                 row["ours_runs"] = row.pop("ceiling_runs")
             ours, theirs = row["ours"], row["theirs"]
-            row["ratio"] = (
-                ours["median"] / theirs["median"] if ours and theirs and theirs["median"] else None
-            )
+            row["ratio"] = _ratio(ours, theirs)
+            if psycopg3:
+                row["psycopg3_ratio"] = _ratio(row[OURS_PSYCOPG3], ours)
             rows.append(row)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -451,7 +489,9 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
         "comparison": grid(_COMPARISON_COLUMNS, _COMPARISON_ROWS, results),
         "web": grid(_WEB_COLUMNS, _WEB_ROWS, results),
         "writers": grid(*_writer_table(args.sizes.writers), results),
+        "drivers": driver_table(sides, rows) if psycopg3 else None,
         "notes": NOTES
+        + driver_notes(args, sides)
         + engine_notes(args)
         + idle_notes(args, results)
         + web_notes(args, results)
@@ -653,15 +693,7 @@ def targets(args, sides: list[Side], rows: list[dict]) -> list[dict]:
         p99 is not None and p99 <= 50,
         "one-per-tx,latency --rate <half of one-per-tx>",
     )
-    driver = next((s.versions.get("driver") for s in sides if s.name == "ours"), None)
-    out.append(
-        {
-            "issue": 16,
-            "target": "psycopg 3 at least as fast as psycopg2 on every workload",
-            "measured": f"this run used {driver or 'the driver Django picks'} only",
-            "verdict": "not measured (run the runner once in an environment with each driver)",
-        }
-    )
+    out.append(driver_target(sides, rows))
     cpu, rss = med("idle", "cpu_ms_per_s"), med("idle", "rss_mb")
     add(
         16,
@@ -701,6 +733,126 @@ def targets(args, sides: list[Side], rows: list[dict]) -> list[dict]:
     )
     issue15_targets(args, rows, add, med)
     return out
+
+
+DRIVER_TARGET = "psycopg 3 at least as fast as psycopg2 on every workload"
+
+
+def speed(row: dict) -> str | None:
+    """What a row of the table says about speed: "throughput" (a rate, higher is better),
+    "time" (a latency or duration, lower is better), or None (CPU, memory, counts)."""
+    unit = row["unit"]
+    if row["higher_is_better"] and (unit.endswith("/s") or unit == "per s"):
+        return "throughput"
+    if not row["higher_is_better"] and unit in ("ms", "s"):
+        return "time"
+    return None
+
+
+def _faster(row: dict) -> bool | None:
+    """Whether the psycopg 3 side is at least as fast as ours on this row; None when the row is
+    no speed or either side has no median."""
+    kind, ratio = speed(row), row.get("psycopg3_ratio")
+    if kind is None or ratio is None:
+        return None
+    return ratio >= 1.0 if kind == "throughput" else ratio <= 1.0
+
+
+def _drivers(sides: list[Side]) -> tuple[str | None, str | None]:
+    """The driver Django used on ours and on the psycopg 3 side (None: that side did not run)."""
+    found = {side.name: side.versions.get("driver", "?") for side in sides}
+    return found.get(OURS), found.get(OURS_PSYCOPG3)
+
+
+def driver_target(sides: list[Side], rows: list[dict]) -> dict:
+    """Issue 16's driver target: every throughput and time metric that both this checkout's
+    sides measured, psycopg 3 against psycopg2 (``--psycopg3``)."""
+    ours, other = _drivers(sides)
+    target = {"issue": 16, "target": DRIVER_TARGET}
+    if other is None:
+        return {
+            **target,
+            "measured": f"this run used {ours or 'the driver Django picks'} only",
+            "verdict": "not measured (add `--psycopg3`: this checkout again in a venv with "
+            "psycopg 3)",
+        }
+    judged = [row for row in rows if _faster(row) is not None]
+    if ours != "psycopg2":
+        return {
+            **target,
+            "measured": f"ours ran {ours} (the runner's Python has psycopg installed, which "
+            "Django prefers): run the runner from an environment without psycopg",
+            "verdict": _verdict(None),
+        }
+    if not judged:
+        return {
+            **target,
+            "measured": "no throughput or latency measured by both drivers",
+            "verdict": _verdict(None),
+        }
+    met = [_faster(row) for row in judged]
+    parts = [
+        f"{row['workload']} {row['name']} {row['metric']} {row['psycopg3_ratio']:.2f}x "
+        f"{'met' if ok else 'not met'}"
+        for row, ok in zip(judged, met, strict=True)
+    ]
+    return {
+        **target,
+        "measured": f"psycopg 3 / psycopg2, medians ({sum(met)} of {len(met)} met; "
+        "throughput: ≥ 1 is met, latency and times: ≤ 1): " + "; ".join(parts),
+        "verdict": _verdict(all(met)),
+    }
+
+
+def driver_table(sides: list[Side], rows: list[dict]) -> dict:
+    """This checkout with each driver (``--psycopg3``): the rows both sides measured."""
+    ours, other = _drivers(sides)
+    out = []
+    for row in rows:
+        if row["ours"] is None or row[OURS_PSYCOPG3] is None:
+            continue
+        faster = _faster(row)
+        overlap = (
+            row["ours"]["min"] <= row[OURS_PSYCOPG3]["max"]
+            and row[OURS_PSYCOPG3]["min"] <= row["ours"]["max"]
+        )
+        out.append(
+            {
+                "workload": row["workload"],
+                "name": row["name"],
+                "metric": row["metric"],
+                "unit": row["unit"],
+                "digits": row["digits"],
+                "speed": speed(row),
+                "psycopg2": row["ours"],
+                "psycopg 3": row[OURS_PSYCOPG3],
+                "ratio": row["psycopg3_ratio"],
+                "met": faster,
+                "ranges_overlap": overlap,
+            }
+        )
+    return {"ours driver": ours, "ours-psycopg3 driver": other, "rows": out}
+
+
+def driver_notes(args, sides: list[Side]) -> list[str]:
+    """What the psycopg 3 side runs (``--psycopg3``)."""
+    if not any(side.name == OURS_PSYCOPG3 for side in sides):
+        return []
+    venv = args.venv_dir.parent / PSYCOPG3_VENV_NAME
+    left_out = [f"{w.number} ({w.name})" for w in args.workloads if w.sideless or w.driver_free]
+    but = f" but {', '.join(left_out)}, whose timed part uses no side's driver" if left_out else ""
+    return [
+        f"ours-psycopg3 is this checkout installed editable into `{venv}` with "
+        "`psycopg[binary]` and without psycopg2, so Django's PostgreSQL backend (and the "
+        "library with it) uses psycopg 3; ours runs with the runner's Python. It runs every "
+        "workload ours runs in the same invocation (the sides alternate from run to run)"
+        f"{but}. The runner's own statements (the INSERTs of the lockable workloads, the "
+        "probes, the checks) use psycopg2 for both: only the side's processes (`listen`, "
+        "gunicorn, the producer, the ORM loop) change driver. Its numbers are in the table "
+        '"psycopg 3 vs psycopg2", not in the main one, whose ratio stays ours/theirs; there a '
+        "throughput ratio ≥ 1 and a latency ratio ≤ 1 mean psycopg 3 is at least as fast, and "
+        "overlapping min–max ranges mean the difference is within this machine's noise."
+    ]
 
 
 def _runs(rows: list[dict], name: str) -> int:
@@ -1170,9 +1322,41 @@ def render_markdown(report: dict) -> str:
             for row in table["rows"]:
                 cells = [_grid_cell(cell) for cell in row["cells"]]
                 lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+    drivers = report.get("drivers")
+    if drivers and drivers["rows"]:
+        lines += render_drivers(drivers)
     lines += ["", "Notes:"]
     lines += [f"- {note}" for note in report["notes"]]
     if report["errors"]:
         lines += ["", "Errors:"]
         lines += [f"- {error}" for error in report["errors"]]
     return "\n".join(lines) + "\n"
+
+
+def render_drivers(table: dict) -> list[str]:
+    """The table "psycopg 3 vs psycopg2": this checkout with each driver."""
+    ours, other = table["ours driver"], table["ours-psycopg3 driver"]
+    lines = [
+        "",
+        f"psycopg 3 vs psycopg2: this checkout with each driver, in the same run (ours: "
+        f"{ours}, ours-psycopg3: {other}; median [min–max]):",
+        "",
+        f"| # | workload | metric | ours ({ours}) | ours-psycopg3 ({other}) | "
+        f"{other} / {ours} | at least as fast |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table["rows"]:
+        unit = f" ({row['unit']})" if row["unit"] else ""
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "—"
+        if row["met"] is None:
+            verdict = "—"
+        else:
+            verdict = "met" if row["met"] else "not met"
+            if row["ranges_overlap"]:
+                verdict += " (ranges overlap)"
+        lines.append(
+            f"| {row['workload']} | {row['name']} | {row['metric']}{unit} | "
+            f"{_cell(row['psycopg2'], row['digits'])} | {_cell(row['psycopg 3'], row['digits'])} | "
+            f"{ratio} | {verdict} |"
+        )
+    return lines

@@ -96,7 +96,8 @@ class Context:
     databases: Databases
     processes: Processes
     sizes: Sizes
-    #: The sides prepared for this invocation, by name (workload 34 writes into both).
+    #: The sides prepared for this invocation, by name (workload 34 writes into ours' and
+    #: theirs' databases).
     sides: dict[str, Side] = dataclasses.field(default_factory=dict)
     #: Template databases migrated with other settings (see ``notify_on_write_template``).
     templates: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
@@ -188,6 +189,9 @@ class Workload:
     ours_only: bool = False
     #: Starts no listener (the log line then names no engine).
     listens: bool = True
+    #: What it times runs on no side's database driver (the runner's psycopg2, pgbench): it runs
+    #: once per repetition for this checkout, not again with psycopg 3 (``--psycopg3``).
+    driver_free: bool = False
     #: Metrics that depend on the sizes (the writer counts of workload 34).
     metrics_for: Callable[[Sizes], tuple[Metric, ...]] | None = None
 
@@ -690,7 +694,7 @@ def paced_latency(ctx: Context, side: Side, engine: Engine) -> dict[str, float]:
     NOTIFY)."""
     count, rate = ctx.sizes.paced_count, ctx.sizes.rate
     with ctx.fresh_database(side) as (dbname, conn):
-        if side.name == "ours" and _notifies_on_write(conn):
+        if side.checkout and _notifies_on_write(conn):
             raise BenchmarkError("the database's functions NOTIFY on write (not the default)")
         with ctx.listener(side, dbname, engine) as listener:
             wait_ready(conn, listener)
@@ -1704,6 +1708,7 @@ WORKLOADS: tuple[Workload, ...] = (
         raw_drain,
         ours_only=True,
         listens=False,
+        driver_free=True,
     ),
     Workload(
         32,
@@ -1739,6 +1744,7 @@ WORKLOADS: tuple[Workload, ...] = (
         writers,
         ours_only=True,
         listens=False,
+        driver_free=True,
         metrics_for=writer_metrics,
     ),
     # Delivery without NOTIFY in the writer's transaction: latency, idle cost, sessions (15).
