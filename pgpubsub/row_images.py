@@ -11,11 +11,18 @@ from django.db import models
 
 from pgpubsub.exceptions import InvalidPayload
 
+#: (app label, model name) -> model, as found: the app registry is looked up once per model.
+_models: dict[tuple[str, str], type[models.Model]] = {}
+
 
 def model_for_payload(channel_cls: Any, payload: dict[str, Any]) -> type[models.Model]:
     """The model a trigger payload speaks of, named by its ``app`` and ``model`` (every trigger
     writes both; a payload without them cannot be told apart from a forged or damaged one)."""
     app_label, model_name = payload.get("app"), payload.get("model")
+    if isinstance(app_label, str) and isinstance(model_name, str):
+        found = _models.get((app_label, model_name))
+        if found is not None:
+            return found
     missing = [key for key, value in (("app", app_label), ("model", model_name)) if not value]
     if missing or not isinstance(app_label, str) or not isinstance(model_name, str):
         named = ", ".join(repr(key) for key in missing) or "'app' and 'model' as text"
@@ -23,7 +30,8 @@ def model_for_payload(channel_cls: Any, payload: dict[str, Any]) -> type[models.
             f"{channel_cls.name()}: trigger payload lacks {named}: {payload!r:.200}"
         )
     try:
-        return apps.get_model(app_label, model_name)
+        found = _models[app_label, model_name] = apps.get_model(app_label, model_name)
+        return found
     except LookupError:
         raise InvalidPayload(
             f"{channel_cls.name()}: payload names model {app_label}.{model_name}, "
