@@ -134,14 +134,14 @@ class Batch:
     ) -> None:
         """Run one row; its savepoint opens with its first statement, or now if the previous
         message's deferred constraints are to be checked anyway."""
+        self.started = True
+        opened = False
+        if self._unchecked is not None:  # may undo that message, its on_commit() functions too
+            ran, self._unchecked = self._unchecked, None
+            opened = self._check_deferred(ran, succeeded, f'SAVEPOINT "{savepoint}"')
         started = time.perf_counter()
         hooks = len(db.run_on_commit)
         read = False
-        self.started = True
-        opened = False
-        if self._unchecked is not None:
-            ran, self._unchecked = self._unchecked, None
-            opened = self._check_deferred(ran, succeeded, f'SAVEPOINT "{savepoint}"')
         self._opening = None if opened else savepoint
         self._used = False
         try:

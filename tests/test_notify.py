@@ -164,6 +164,7 @@ def test_a_message_failing_only_at_commit_time_fails_alone(listening, dangling):
         ["dangling", "nothing", "hook-fail", "write-hook", "hook"],
         ["hook", "write", "nothing", "dangling"],
         ["fail", "write-hook-dangling", "hook-write", "nothing-fail"],
+        ["write-hook-dangling", "hook-fail", "write-hook-dangling", "hook-write-fail", "hook"],
     ],
 )
 def test_messages_that_use_the_database_or_not_keep_or_lose_only_their_own_work(listening, actions):
