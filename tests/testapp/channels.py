@@ -322,3 +322,14 @@ class Mixed(Channel):
     lock_notifications = True
     key: str
     action: str = "nothing"
+
+
+@dataclass
+class Guarded(Channel):
+    """A lockable channel whose listener uses Django's transaction API in the ways listeners do
+    (nested atomic blocks, caught database errors, set_rollback(), notify(), a Processor of
+    its own...), as told: each message of a batch keeps or loses only its own work."""
+
+    lock_notifications = True
+    key: str
+    action: str = "nothing"

@@ -359,3 +359,94 @@ def run_mixed(key: str, action: str) -> None:
             Post.objects.create(author_id=2_000_000_000, content=key)
         elif step == "fail":
             raise RuntimeError(f"mixed {key} failed on purpose")
+
+
+#: Keys of the Guarded messages whose on_commit() function ran (in-process).
+guarded_hooks_ran: list[str] = []
+
+#: Keys of the Guarded messages that already raised GuardedStop once (in-process).
+guarded_stopped: set[str] = set()
+
+
+class GuardedStop(BaseException):
+    """Not an Exception: what a process that is being stopped raises in a listener."""
+
+
+def _guarded_step(key: str, step: str) -> None:
+    if step == "write":
+        Effect.objects.create(key=key, channel="Guarded")
+    elif step == "hook":
+        transaction.on_commit(lambda: guarded_hooks_ran.append(key))
+    elif step == "fail":
+        raise RuntimeError(f"guarded {key} failed on purpose")
+    elif step == "dangling":  # a deferred foreign key violated: fails at the check
+        Post.objects.create(author_id=2_000_000_000, content=key)
+    elif step == "atomic":  # a nested atomic block: its savepoint is the first statement
+        with transaction.atomic():
+            Effect.objects.create(key=f"{key}/atomic", channel="Guarded")
+    elif step == "atomicfail":
+        with transaction.atomic():
+            Effect.objects.create(key=f"{key}/atomic", channel="Guarded")
+            raise RuntimeError(f"guarded {key} failed inside atomic")
+    elif step == "nosavepoint":  # atomic(savepoint=False) around a write, then failing in it
+        with transaction.atomic(savepoint=False):
+            Effect.objects.create(key=f"{key}/nosavepoint", channel="Guarded")
+            raise RuntimeError(f"guarded {key} failed inside atomic(savepoint=False)")
+    elif step == "dup":  # a first statement that fails (the key "taken" exists)
+        Effect.objects.create(key="taken", channel="Guarded")
+    elif step == "zero":  # a first statement that fails, through Django's cursor
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 / 0")
+    elif step == "caughtnosavepoint":  # caught inside atomic(savepoint=False): doomed
+        with transaction.atomic(savepoint=False):
+            try:
+                Effect.objects.create(key="taken", channel="Guarded")
+            except IntegrityError:
+                pass
+    elif step == "caughtsavepoint":  # Django's own pattern: the inner savepoint undoes it
+        try:
+            with transaction.atomic():
+                Effect.objects.create(key="taken", channel="Guarded")
+        except IntegrityError:
+            pass
+    elif step == "caughtcursor":  # caught outside any atomic block: the transaction is aborted
+        from django.db import DatabaseError
+
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 / 0")
+        except DatabaseError:
+            pass
+    elif step == "rollback":
+        transaction.set_rollback(True)
+    elif step == "notify":  # through Django's cursor: a message of the message's own
+        pgpubsub.notify(channels.Job, key=f"{key}/job")
+    elif step == "drain":  # a Processor of its own, on the same connection, inside the batch
+        from pgpubsub.models import Notification
+        from pgpubsub.processing import Processor
+
+        ids = list(Notification.from_channel(channels.Job).values_list("pk", flat=True))
+        Processor().process_stored_rows(channels.Job, ids)
+    elif step == "driverwrite":  # on the driver's connection, past Django's cursors
+        with connection.connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO testapp_effect (key, channel, value) VALUES (%s, 'Guarded', '')",
+                [f"{key}/driver"],
+            )
+    elif step == "drivererror":  # a failing statement on the driver's connection
+        with connection.connection.cursor() as cursor:
+            cursor.execute("SELECT 1 / 0")
+    elif step == "callproc":  # Django's cursor, but callproc() (psycopg2)
+        with connection.cursor() as cursor:
+            cursor.callproc("guarded_write", [f"{key}/callproc"])
+    elif step == "stop" and key not in guarded_stopped:
+        guarded_stopped.add(key)
+        raise GuardedStop(key)
+
+
+@pgpubsub.listener(channels.Guarded)
+def run_guarded(key: str, action: str) -> None:
+    """``action``: steps joined by ``-``, done in order (see ``_guarded_step``)."""
+    received.append(("Guarded", {"key": key, "action": action}))
+    for step in action.split("-"):
+        _guarded_step(key, step)
