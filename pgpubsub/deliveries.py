@@ -1,10 +1,16 @@
 """What the listener hands to the workers: deliveries, and the bounded queue they wait in.
 
-A delivery is one unit of work for a worker: a plain message, a batch of stored rows of one
-lockable channel (claimed together, each in its own savepoint), or a sweep of a lockable
-channel's stored rows. :func:`plan` turns received notifications into deliveries;
-:class:`DeliveryQueue` holds them until a worker is free, and keeps a channel's deliveries to
-at most ``max_concurrency`` running at once, in arrival order.
+A delivery is one unit of work for a worker: plain messages of one channel (run in arrival
+order, each in a transaction of its own), a batch of stored rows of one lockable channel
+(claimed together, each in its own savepoint), or a sweep of a lockable channel's stored rows.
+:func:`plan` turns received notifications into deliveries; :class:`DeliveryQueue` holds them
+until a worker is free, and keeps a channel's deliveries to at most ``max_concurrency`` running
+at once, in arrival order.
+
+A plain message joins the delivery queued just before it when that one holds plain messages of
+the same channel and no worker has taken it yet (up to ``batch_size.size()`` messages): a busy
+Runtime hands its workers many messages at a time, a hand-off costing a lock, a wake-up and the
+worker's bookkeeping, while an idle one still hands each message over as it comes.
 """
 
 from __future__ import annotations
@@ -34,9 +40,18 @@ class Delivery:
     kind: Kind
     channel: type[BaseChannel]
     callbacks: list[Callable] = field(default_factory=list)
-    payload: str = ""
+    payloads: list[str] = field(default_factory=list)  # plain messages, in arrival order
     row_ids: list[int] = field(default_factory=list)
     after_id: int = 0  # a sweep: the stored rows above this id
+
+    @property
+    def payload(self) -> str:
+        """The first plain message (a delivery that :func:`plan` made has one)."""
+        return self.payloads[0] if self.payloads else ""
+
+    @classmethod
+    def plain(cls, channel: type[BaseChannel], callbacks: list[Callable], payload: str) -> Delivery:
+        return cls(Kind.PLAIN, channel, callbacks, payloads=[payload])
 
     @classmethod
     def sweep(cls, channel: type[BaseChannel]) -> Delivery:
@@ -48,7 +63,8 @@ def plan(
     notifications: Iterable[tuple[str, str]],
     ignored: Callable[[str, str, str], None] | None = None,
 ) -> list[Delivery]:
-    """Deliveries for whole notifications ``(channel name, payload)``, in arrival order.
+    """Deliveries for whole notifications ``(channel name, payload)``, in arrival order: one
+    for each plain message (the queue joins them), one for each request to sweep.
 
     Consecutive stored-row notifications of one lockable channel share a delivery (up to
     ``batch_size.size()``). Notifications that lead nowhere (a channel without listeners here,
@@ -66,7 +82,7 @@ def plan(
         if not channel.lock_notifications:
             batch = None
             if payload != wire.RECOVER:
-                deliveries.append(Delivery(Kind.PLAIN, channel, callbacks, payload=payload))
+                deliveries.append(Delivery.plain(channel, callbacks, payload))
             continue
         row_id = wire.row_id(payload)
         if row_id is None or payload == wire.WAKE:
@@ -118,7 +134,12 @@ class DeliveryQueue:
     (``get``, then ``done`` once the delivery ran).
 
     ``maxsize`` bounds the deliveries not started yet, including those held back because their
-    channel already runs ``max_concurrency`` of them.
+    channel already runs ``max_concurrency`` of them. A plain delivery may join the one queued
+    last (see the module's docstring): it then takes no room.
+
+    Workers wait for deliveries and the listener for room on two conditions of one lock, and
+    each change wakes one thread that can use it: not every worker and the listener for each
+    message.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -129,23 +150,31 @@ class DeliveryQueue:
         self._lanes: dict[type[BaseChannel], _Lane] = {}
         self._waiting = 0
         self._closed = False
-        self._changed = threading.Condition()
+        # The delivery queued last, while no worker has taken it: a plain one may be joined.
+        self._last: Delivery | None = None
+        lock = threading.Lock()
+        self._not_empty = threading.Condition(lock)  # workers wait here
+        self._not_full = threading.Condition(lock)  # the listener waits here
 
     def __len__(self) -> int:
-        with self._changed:
+        with self._not_empty:
             return self._waiting
 
     def put(self, delivery: Delivery, timeout: float) -> bool:
         """Add ``delivery``, waiting up to ``timeout`` seconds for room. False if none came."""
         deadline = time.monotonic() + timeout
-        with self._changed:
-            while self._waiting >= self.maxsize or self._closed:
-                if self._closed:
-                    return False
+        with self._not_full:
+            if self._closed:
+                return False
+            if self._joined(delivery):
+                return True
+            while self._waiting >= self.maxsize:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._changed.wait(remaining)
+                self._not_full.wait(remaining)
+                if self._closed:
+                    return False
             self._add(delivery)
             return True
 
@@ -153,59 +182,79 @@ class DeliveryQueue:
         """Add ``delivery`` if there is room now; False otherwise."""
         return self.put(delivery, 0.0)
 
+    def _joined(self, delivery: Delivery) -> bool:
+        """Plain ``delivery`` joined the last queued delivery, of the same channel, not taken."""
+        last = self._last
+        if (
+            delivery.kind is not Kind.PLAIN
+            or last is None
+            or last.kind is not Kind.PLAIN
+            or last.channel is not delivery.channel
+            or len(last.payloads) + len(delivery.payloads) > batch_size.size(delivery.channel)
+        ):
+            return False
+        last.payloads.extend(delivery.payloads)
+        return True
+
     def _add(self, delivery: Delivery) -> None:
         self._waiting += 1
+        self._last = delivery
         limit = delivery.channel.max_concurrency  # checked when the channel was defined
         if limit is None:
             self._ready.append(delivery)
+            self._not_empty.notify()
         else:
             lane = self._lanes.get(delivery.channel)
             if lane is None:
                 lane = self._lanes[delivery.channel] = _Lane(limit)
             lane.waiting.append(delivery)
             self._admit(lane)
-        self._changed.notify_all()
 
     def _admit(self, lane: _Lane) -> None:
         while lane.waiting and lane.admitted < lane.limit:
             self._ready.append(lane.waiting.popleft())
             lane.admitted += 1
+            self._not_empty.notify()
 
     def get(self, timeout: float) -> Delivery | None:
         """The oldest delivery a worker may run now, waiting up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self._not_empty:
             while not self._ready:
                 if self._closed:
                     return None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                self._changed.wait(remaining)
+                self._not_empty.wait(remaining)
             self._waiting -= 1
-            self._changed.notify_all()  # room for the listener
-            return self._ready.popleft()
+            self._not_full.notify()  # room for the listener
+            delivery = self._ready.popleft()
+            if delivery is self._last:
+                self._last = None  # taken: nothing joins it any more
+            return delivery
 
     def done(self, delivery: Delivery) -> None:
         """``delivery`` finished: the next of its channel may run."""
         lane = self._lanes.get(delivery.channel)
         if lane is None:
             return
-        with self._changed:
+        with self._not_empty:
             lane.admitted -= 1
             self._admit(lane)
-            self._changed.notify_all()
 
     def close(self) -> list[Delivery]:
         """Take no more deliveries, wake every waiting thread (``put`` returns False, ``get``
         None), and remove and return the deliveries not started yet."""
-        with self._changed:
+        with self._not_empty:
             self._closed = True
+            self._last = None
             dropped = list(self._ready)
             self._ready.clear()
             for lane in self._lanes.values():
                 dropped.extend(lane.waiting)
                 lane.waiting.clear()
             self._waiting = 0
-            self._changed.notify_all()
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
             return dropped

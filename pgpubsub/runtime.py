@@ -204,7 +204,7 @@ class Runtime:
         """Wake the workers waiting for a delivery; drop those not started (their lockable rows
         stay stored, a later sweep processes them)."""
         dropped = self._queue.close()
-        plain = sum(1 for delivery in dropped if delivery.kind is Kind.PLAIN)
+        plain = sum(len(delivery.payloads) for delivery in dropped if delivery.kind is Kind.PLAIN)
         if plain:
             logger.warning("Stopping: %s plain message(s) not processed", plain)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from django.db import connections
 
-from pgpubsub import conf, store
+from pgpubsub import batch_size, conf, store
 from pgpubsub.channel import BaseChannel
 from pgpubsub.connection import close_if_unusable, is_connection_error, one_line, tidy_connections
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind
@@ -82,10 +82,7 @@ class Workers:
                     continue
                 if self.stopping.is_set():  # taken just as the Runtime stops: not started
                     if delivery.kind is Kind.PLAIN:
-                        logger.warning(
-                            "Stopping: a plain message of %s not processed",
-                            delivery.channel.name(),
-                        )
+                        _not_processed(len(delivery.payloads), delivery.channel)
                     self.queue.done(delivery)
                     break
                 self._take(processors, delivery, time.monotonic() - last_used)
@@ -106,7 +103,10 @@ class Workers:
                 # An idle connection may have been closed by the server or a proxy: find out
                 # now rather than by failing the delivery.
                 close_if_unusable(processor.using)
-            continued = self._run(processor, part)
+            if delivery.kind is Kind.PLAIN:
+                self._run_plain(processor, delivery)
+            else:
+                continued = self._run(processor, part)
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -116,6 +116,27 @@ class Workers:
             self.queue.done(delivery)
             if self.scheduler.waiting():  # there is room now: the listener queues them
                 self.wake()
+
+    def _run_plain(self, processor: Processor, delivery: Delivery) -> None:
+        """Run the plain messages of ``delivery`` in arrival order, each in a transaction of its
+        own (the processor logs and counts those that fail). Once the Runtime stops, those not
+        started are dropped, and said so."""
+        channel, callbacks, payloads = delivery.channel, delivery.callbacks, delivery.payloads
+        started = time.perf_counter()
+        ran = 0
+        for payload in payloads:
+            if ran and self.stopping.is_set():
+                _not_processed(len(payloads) - ran, channel)
+                break
+            ran += 1
+            try:
+                processor.run_plain(channel, callbacks, payload)
+            except BaseException as exc:  # noqa: B036 - e.g. SystemExit from a listener
+                logger.exception("Processing %s failed", channel.name())
+                self.stats.failure(exc)
+                close_if_unusable(processor.using)
+        # How many of the channel's messages the queue lets one delivery hold.
+        batch_size.measured(channel, time.perf_counter() - started, ran)
 
     def _run(self, processor: Processor, delivery: Delivery) -> bool:
         """Run ``delivery``; True when it was a sweep that queued its continuation. Stored rows
@@ -200,3 +221,7 @@ class Workers:
             problem,
             pause,
         )
+
+
+def _not_processed(count: int, channel: type[BaseChannel]) -> None:
+    logger.warning("Stopping: %s plain message(s) of %s not processed", count, channel.name())

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pgpubsub import store, wire
+from pgpubsub import batch_size, wire
 from pgpubsub.channel import Channel
 from pgpubsub.deliveries import Delivery, DeliveryQueue, Kind, plan
 from tests.testapp import channels
@@ -22,12 +22,27 @@ TIMEOUT = 10.0
 class TwoAtATime(Channel):
     """Never registered: the queue only reads the class's ``max_concurrency``."""
 
+    lock_notifications = True
     max_concurrency = 2
     key: str = ""
 
 
+@pytest.fixture(autouse=True)
+def unmeasured():
+    """Each test starts with no channel's listeners measured: a batch holds
+    ``batch_size.FIRST_BATCH`` messages or rows."""
+    batch_size.forget()
+    yield
+    batch_size.forget()
+
+
 def plain(key: str, channel: type[Channel] = channels.Message) -> Delivery:
-    return Delivery(Kind.PLAIN, channel, payload=key)
+    return Delivery.plain(channel, [], key)
+
+
+def rows(row_id: int, channel: type[Channel] = channels.Job) -> Delivery:
+    """A batch of one stored row: never joined to another delivery."""
+    return Delivery(Kind.ROWS, channel, row_ids=[row_id])
 
 
 class Waiter(threading.Thread):
@@ -65,7 +80,7 @@ def test_a_queue_holds_at_least_one_delivery():
 
 def test_deliveries_come_out_in_the_order_they_went_in():
     queue = DeliveryQueue(10)
-    sent = [plain(f"m{n}") for n in range(5)]
+    sent = [rows(n) for n in range(5)]
     for delivery in sent:
         assert queue.offer(delivery)
     assert len(queue) == 5
@@ -76,31 +91,31 @@ def test_deliveries_come_out_in_the_order_they_went_in():
 
 def test_offer_refuses_at_once_when_full():
     queue = DeliveryQueue(2)
-    assert queue.offer(plain("a")) and queue.offer(plain("b"))
+    assert queue.offer(rows(1)) and queue.offer(rows(2))
     started = time.monotonic()
-    assert not queue.offer(plain("c"))
+    assert not queue.offer(rows(3))
     assert time.monotonic() - started < 1.0
     assert len(queue) == 2
-    assert [queue.get(0).payload, queue.get(0).payload] == ["a", "b"]
+    assert [queue.get(0).row_ids, queue.get(0).row_ids] == [[1], [2]]
 
 
 def test_put_gives_up_after_its_timeout_when_no_room_comes():
     queue = DeliveryQueue(1)
-    assert queue.put(plain("a"), 0)
+    assert queue.put(rows(1), 0)
     started = time.monotonic()
     assert not queue.put(plain("b"), 0.3)
     assert time.monotonic() - started >= 0.3
-    assert [queue.get(0).payload, queue.get(0)] == ["a", None]
+    assert [queue.get(0).row_ids, queue.get(0)] == [[1], None]
 
 
 def test_put_waits_for_a_worker_to_make_room():
     queue = DeliveryQueue(1)
-    assert queue.offer(plain("a"))
+    assert queue.offer(rows(1))
     putter = Waiter(lambda: queue.put(plain("b"), TIMEOUT))
     wait_until_waiting(putter)
-    assert queue.get(0).payload == "a"  # room: the waiting put goes in
+    assert queue.get(0).row_ids == [1]  # room: the waiting put goes in
     assert putter.finish() is True
-    assert queue.get(0).payload == "b"
+    assert queue.get(0).payloads == ["b"]
 
 
 def test_get_waits_for_a_delivery_up_to_its_timeout():
@@ -116,9 +131,19 @@ def test_get_waits_for_a_delivery_up_to_its_timeout():
     assert getter.finish() is delivery
 
 
+def test_each_delivery_wakes_one_waiting_worker():
+    queue = DeliveryQueue(10)
+    getters = [Waiter(lambda: queue.get(TIMEOUT)) for _ in range(2)]
+    for getter in getters:
+        wait_until_waiting(getter)
+    first, second = rows(1), rows(2)
+    assert queue.offer(first) and queue.offer(second)
+    assert {id(getter.finish()) for getter in getters} == {id(first), id(second)}
+
+
 def test_close_returns_what_was_not_started_and_takes_nothing_more():
     queue = DeliveryQueue(10)
-    started, waiting = plain("started"), [plain("a"), plain("b")]
+    started, waiting = rows(0), [rows(1), plain("a")]
     for delivery in [started, *waiting]:
         queue.offer(delivery)
     assert queue.get(0) is started
@@ -135,13 +160,13 @@ def test_close_wakes_a_waiting_get_and_a_waiting_put():
     getter = Waiter(lambda: empty.get(TIMEOUT))
     wait_until_waiting(getter)
     full = DeliveryQueue(1)
-    full.offer(plain("a"))
-    putter = Waiter(lambda: full.put(plain("b"), TIMEOUT))
+    full.offer(rows(1))
+    putter = Waiter(lambda: full.put(rows(2), TIMEOUT))
     wait_until_waiting(putter)
 
     woken = time.monotonic()
     assert empty.close() == []
-    assert [delivery.payload for delivery in full.close()] == ["a"]
+    assert [delivery.row_ids for delivery in full.close()] == [[1]]
     assert getter.finish() is None
     assert putter.finish() is False
     assert time.monotonic() - woken < TIMEOUT / 2  # woken, not timed out
@@ -149,7 +174,7 @@ def test_close_wakes_a_waiting_get_and_a_waiting_put():
 
 def test_a_channel_with_max_concurrency_runs_that_many_at_once_in_arrival_order():
     queue = DeliveryQueue(10)
-    first, second, third = (plain(f"in-order-{n}", channels.InOrder) for n in range(3))
+    first, second, third = (rows(n, channels.Ledger) for n in range(3))
     for delivery in (first, second, third):
         assert queue.offer(delivery)
     assert queue.get(0) is first
@@ -165,14 +190,14 @@ def test_a_channel_with_max_concurrency_runs_that_many_at_once_in_arrival_order(
 
 def test_held_back_deliveries_let_other_channels_pass():
     queue = DeliveryQueue(10)
-    running = plain("one", channels.InOrder)
-    held = plain("two", channels.InOrder)
-    other = plain("other")
+    running = rows(1, channels.Ledger)
+    held = rows(2, channels.Ledger)
+    other = rows(3)
     for delivery in (running, held, other):
         queue.offer(delivery)
     assert queue.get(0) is running
     assert queue.get(0) is other
-    queue.done(other)  # a channel without a limit: no effect on InOrder
+    queue.done(other)  # a channel without a limit: no effect on Ledger
     assert queue.get(0) is None
     queue.done(running)
     assert queue.get(0) is held
@@ -180,7 +205,7 @@ def test_held_back_deliveries_let_other_channels_pass():
 
 def test_max_concurrency_above_one():
     queue = DeliveryQueue(10)
-    sent = [plain(f"pair-{n}", TwoAtATime) for n in range(4)]
+    sent = [rows(n, TwoAtATime) for n in range(4)]
     for delivery in sent:
         queue.offer(delivery)
     assert [queue.get(0), queue.get(0), queue.get(0)] == [sent[0], sent[1], None]
@@ -193,28 +218,99 @@ def test_max_concurrency_above_one():
 
 def test_held_back_deliveries_count_against_the_bound():
     queue = DeliveryQueue(2)
-    running = plain("one", channels.InOrder)
+    running = rows(1, channels.Ledger)
     queue.offer(running)
     assert queue.get(0) is running
-    assert queue.offer(plain("two", channels.InOrder))
-    assert queue.offer(plain("three", channels.InOrder))
-    assert not queue.offer(plain("other"))  # two held back fill the queue
+    assert queue.offer(rows(2, channels.Ledger))
+    assert queue.offer(rows(3, channels.Ledger))
+    assert not queue.offer(rows(4))  # two held back fill the queue
     queue.done(running)
-    assert queue.get(0).payload == "two"
-    assert queue.offer(plain("other"))
+    assert queue.get(0).row_ids == [2]
+    assert queue.offer(rows(4))
 
 
 def test_close_returns_held_back_deliveries_too():
     queue = DeliveryQueue(10)
-    running = plain("one", channels.InOrder)
+    running = rows(1, channels.Ledger)
     queue.offer(running)
     assert queue.get(0) is running
-    held, other = plain("two", channels.InOrder), plain("other")
+    held, other = rows(2, channels.Ledger), rows(3)
     queue.offer(held)
     queue.offer(other)
     assert queue.close() == [other, held]
     queue.done(running)  # the running one finishes later: nothing is admitted any more
     assert queue.get(0) is None
+
+
+# --- plain messages join the delivery queued last ---------------------------------------------
+
+
+def test_plain_messages_join_the_last_delivery_while_no_worker_has_taken_it():
+    queue = DeliveryQueue(10)
+    for key in ("a", "b", "c"):
+        assert queue.offer(plain(key))
+    assert len(queue) == 1
+    delivery = queue.get(0)
+    assert delivery.payloads == ["a", "b", "c"]
+    assert queue.offer(plain("d"))  # the one above is taken: a delivery of its own
+    assert delivery.payloads == ["a", "b", "c"]
+    assert queue.get(0).payloads == ["d"]
+
+
+def test_only_a_plain_delivery_of_the_same_channel_queued_last_is_joined():
+    """Joining never lets a message pass another: with one worker, messages still run in the
+    order they arrived, whatever their channels."""
+    queue = DeliveryQueue(10)
+    sent = [plain("a"), plain("x", channels.Timed), plain("b"), rows(1), plain("c"), plain("d")]
+    for delivery in sent:
+        assert queue.offer(delivery)
+    taken = [queue.get(0) for _ in range(len(queue))]
+    assert [(d.channel, d.payloads or d.row_ids) for d in taken] == [
+        (channels.Message, ["a"]),
+        (channels.Timed, ["x"]),
+        (channels.Message, ["b"]),
+        (channels.Job, [1]),
+        (channels.Message, ["c", "d"]),
+    ]
+
+
+def test_a_delivery_holds_at_most_a_batch_of_plain_messages():
+    limit = batch_size.size(channels.Message)
+    queue = DeliveryQueue(10)
+    keys = [f"m{n}" for n in range(2 * limit + 1)]
+    for key in keys:
+        assert queue.offer(plain(key))
+    taken = [queue.get(0).payloads for _ in range(len(queue))]
+    assert taken == [keys[:limit], keys[limit : 2 * limit], keys[2 * limit :]]
+
+
+def test_a_joining_message_needs_no_room():
+    queue = DeliveryQueue(1)
+    assert queue.offer(plain("a"))
+    assert queue.offer(plain("b"))  # the queue is full, but b joins a
+    assert not queue.offer(plain("x", channels.Timed))
+    assert queue.get(0).payloads == ["a", "b"]
+
+
+def test_held_back_plain_messages_join_too_and_keep_their_order():
+    queue = DeliveryQueue(10)
+    running = plain("o0", channels.InOrder)
+    queue.offer(running)
+    assert queue.get(0) is running
+    for key in ("o1", "o2"):
+        queue.offer(plain(key, channels.InOrder))
+    assert queue.get(0) is None and len(queue) == 1
+    queue.done(running)
+    assert queue.get(0).payloads == ["o1", "o2"]
+
+
+def test_close_returns_every_message_of_a_joined_delivery():
+    queue = DeliveryQueue(10)
+    for key in ("a", "b"):
+        queue.offer(plain(key))
+    (dropped,) = queue.close()
+    assert dropped.payloads == ["a", "b"]
+    assert not queue.offer(plain("c"))  # nothing joins a closed queue
 
 
 # --- plan() ----------------------------------------------------------------------------------
@@ -256,13 +352,23 @@ def test_plan_keeps_arrival_order_and_groups_consecutive_rows_of_a_channel():
     assert job_listeners and deliveries[0].callbacks == job_listeners
 
 
-def test_plan_batches_at_most_the_store_batch_size():
-    ids = range(1, 2 * store.BATCH_SIZE + 2)
+def test_plan_batches_at_most_a_batch_of_the_channel():
+    size = batch_size.size(channels.Job)
+    ids = range(1, 2 * size + 2)
     deliveries = plan([(named(channels.Job), str(row_id)) for row_id in ids])
     assert [d.row_ids for d in deliveries] == [
-        list(ids[: store.BATCH_SIZE]),
-        list(ids[store.BATCH_SIZE : 2 * store.BATCH_SIZE]),
+        list(ids[:size]),
+        list(ids[size : 2 * size]),
         [ids[-1]],
+    ]
+
+
+def test_plan_gives_each_plain_message_a_delivery_of_its_own():
+    """(The queue joins them; ``process_notifications`` runs plan()'s deliveries as they are.)"""
+    deliveries = plan([(named(channels.Message), f'{{"key": "{key}"}}') for key in "ab"])
+    assert [(d.kind, d.payloads) for d in deliveries] == [
+        (Kind.PLAIN, ['{"key": "a"}']),
+        (Kind.PLAIN, ['{"key": "b"}']),
     ]
 
 

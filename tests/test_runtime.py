@@ -11,6 +11,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 import pgpubsub
+from pgpubsub import batch_size
 from pgpubsub.models import Notification
 from pgpubsub.runtime import Runtime
 from tests.processes import LISTEN_SESSION, wait_for
@@ -455,3 +456,42 @@ def test_a_sweep_first_gives_back_the_rows_a_lost_connection_kept(runtimes):
     wait_for(lambda: effects("Job") == [key], 20, lambda: f"the job; {runtime.status()}")
     assert not Notification.objects.exists()
     assert runtime.status()["failed"] == 0
+
+
+def test_plain_messages_queued_behind_a_busy_worker_run_in_order_each_on_its_own(runtimes):
+    """Messages that arrive while the only worker is busy wait together (a queue of one has
+    room for all of them); they run in arrival order, each in a transaction of its own: the one
+    that fails is rolled back alone, and the next ones still run."""
+    runtime = runtimes(channels=[channels.Timed, channels.Message], workers=1, queue_size=1)
+    pgpubsub.notify(channels.Timed, key="busy", seconds=1.0)
+    wait_for(lambda: runtime.status()["in_flight"] == 1, 10, "the busy message to start")
+    keys = [f"m{number}" for number in range(30)]
+    for key in keys:
+        pgpubsub.notify(channels.Message, key=key, text="write-then-fail" if key == "m7" else "")
+    wait_for(
+        lambda: runtime.status()["processed"] + runtime.status()["failed"] == 31,
+        20,
+        lambda: str(runtime.status()),
+    )
+    assert [kw["key"] for name, kw in received if name == "Message"] == keys
+    assert runtime.status()["failed"] == 1
+    assert "message m7 failed on purpose" in runtime.status()["last_error"]
+    assert not effects("Message")  # m7's write was rolled back
+
+
+def test_stop_drops_the_plain_messages_not_started_and_says_how_many(runtimes, caplog):
+    """A stop lets the running message finish; the messages that were queued together with it
+    are not run, and the log says how many of them there were."""
+    batch_size.forget(channels.Timed)  # 0.3 s messages, measured: a delivery would hold one
+    runtime = runtimes(channels=[channels.Timed], workers=1)
+    pgpubsub.notify(channels.Timed, key="busy", seconds=0.5)
+    wait_for(lambda: runtime.status()["in_flight"] == 1, 10, "the busy message to start")
+    for number in range(5):
+        pgpubsub.notify(channels.Timed, key=f"t{number}", seconds=0.3)
+    wait_for(lambda: len(timings) >= 2, 10, lambda: f"t0 to run, have {timings}")
+    assert runtime.stop(10) is True
+    ran = [key for _, key, *_ in timings]
+    assert ran == ["busy", *(f"t{number}" for number in range(len(ran) - 1))]
+    assert f"{6 - len(ran)} plain message(s) of {channels.Timed.name()} not processed" in (
+        caplog.text
+    )
