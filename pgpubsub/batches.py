@@ -1,28 +1,33 @@
-"""Inside the transaction of one claimed batch: each message in a savepoint of its own, then one
-statement that acknowledges (deletes) those that succeeded.
+"""Inside the transaction of one claimed batch: each message in a savepoint, then one statement
+that acknowledges (deletes) those that succeeded.
 
-The rows are locked first (one round trip). A message's savepoint is opened only when its
-listeners touch the database: just before their first statement (seen through Django's
-``execute_wrapper``), or, after a message that did, in the round trip that checks that
-message's deferred constraints (a violation raises there, while its savepoint can still undo
-it; the last one's are checked with the acknowledging statement). A savepoint that succeeded is
-not released (the commit ends it). So a message whose listeners do not use the database costs no
-round trip, and one whose listeners do costs one more than their own statements.
+A savepoint is open before each message starts, so that a message that fails, however it used
+the database, is rolled back alone: the first opens in the round trip that locks the rows.
+After a message that used Django's connection (it made a cursor: a query, ``callproc()``, a
+copy, a nested ``atomic()``), the next savepoint opens in the round trip that checks the
+deferred constraints that message left (a violation raises there, while its savepoint can still
+undo it; the last one's are checked with the acknowledging statement). After a message that did
+not, the next one keeps the same savepoint: nothing was written since it was set, so rolling
+back to it undoes the failing message only (the earlier messages' ``on_commit()`` functions
+stay). A savepoint that succeeded is not released (the commit ends it). So a message whose
+listeners do not use the database costs no round trip, and one whose listeners do costs one
+more than their own statements.
 
-A message that fails is rolled back to its savepoint, alone (one that never opened a savepoint
-wrote nothing: only its ``on_commit()`` functions go), and its failed attempt is written in the
-same transaction, while the row is still locked. Statements a listener sends on the driver's
-connection directly, past Django's cursors, are not seen: they are undone with the message
-only if the listener used a Django cursor first. When the processor is asked to stop, the rows
-not started yet are given back, uncounted. Each batch's time goes to
-:func:`pgpubsub.batch_size.measured`.
+A message that fails is rolled back to its savepoint and its failed attempt is written in the
+same transaction, while the row is still locked; a new savepoint follows (a later rollback must
+not erase that record). Statements a listener sends on the driver's connection directly
+(``connection.connection``), past Django's cursors, are not seen: should such a message succeed
+and a later message of the batch that shares its savepoint fail, its writes are rolled back
+with that one. When the processor is asked to stop, the rows not started yet are given back,
+uncounted. Each batch's time goes to :func:`pgpubsub.batch_size.measured`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from django.db import DatabaseError, connections
@@ -79,34 +84,41 @@ class Batch:
         self.stopping = stopping
         self.used = used
         self.started = False  # a listener started: then the attempt happened
-        self._opening: str | None = None  # the running message's savepoint, not open yet
-        self._used = False  # the running message's listeners sent a statement
+        self._savepoint = ""  # the savepoint the running message rolls back to
+        self._savepoints = 0  # opened in this batch
+        self._used = False  # the running message made a cursor on Django's connection
         self._unchecked: _Ran | None = None  # the last to use the database, not checked yet
 
     def _stop_wanted(self) -> bool:
         return self.stopping is not None and self.stopping.is_set()
 
     def run(self, rows: list[store.StoredRow], hold: str | None = None) -> list[Done]:
-        """Run each row's callbacks in a savepoint of its own (after locking the rows with the
-        statement ``hold``, if given), then delete the rows that succeeded. The failed attempts
-        of the others are recorded in the same transaction, and the rows not run because the
+        """Run each row's callbacks in a savepoint (after locking the rows with the statement
+        ``hold``, if given), then delete the rows that succeeded. The failed attempts of the
+        others are recorded in the same transaction, and the rows not run because the
         processor stops are given back."""
         db = connections[self.using]
-        if hold is not None:
-            execute_holding(db, hold)
         if not rows or self._stop_wanted():
+            if hold is not None:
+                execute_holding(db, hold)
             store.give_back([row.pk for row in rows], self.using)
             return []
+        self._savepoints = 0
+        self._unchecked = None
+        opening = self._new_savepoint()
+        if hold is not None:
+            execute_holding(db, f"{hold}; {opening}")
+        else:
+            execute(db, opening)
         succeeded: list[Done] = []
         unrun: list[store.StoredRow] = []
-        self._unchecked = None
         started = time.perf_counter()
-        with db.execute_wrapper(self._before_statement):
+        with self._seeing_cursors(db):
             for index, row in enumerate(rows):
                 if index and self._stop_wanted():
                     unrun = rows[index:]
                     break
-                self._run_one(db, row, f"pgpubsub_{index}", succeeded)
+                self._run_one(db, row, succeeded)
         batch_size.measured(self.channel_cls, time.perf_counter() - started, len(rows) - len(unrun))
         unchecked, self._unchecked = self._unchecked, None
         acknowledged = unchecked is not None and self._check_deferred(
@@ -118,31 +130,46 @@ class Batch:
         store.give_back([row.pk for row in unrun], self.using)
         return succeeded
 
-    def _before_statement(
-        self, statement: Callable, sql: Any, params: Any, many: bool, context: Any
-    ) -> Any:
-        """Django's execute wrapper while the batch runs: the running message uses the
-        database, so its savepoint opens first, if it is not open yet."""
-        self._used = True
-        if self._opening is not None:
-            execute(connections[self.using], f'SAVEPOINT "{self._opening}"')
-            self._opening = None
-        return statement(sql, params, many, context)
+    def _new_savepoint(self) -> str:
+        """The statement that opens the batch's next savepoint, now its current one."""
+        self._savepoint = f"pgpubsub_{self._savepoints}"
+        self._savepoints += 1
+        return f'SAVEPOINT "{self._savepoint}"'
 
-    def _run_one(
-        self, db: Any, row: store.StoredRow, savepoint: str, succeeded: list[Done]
-    ) -> None:
-        """Run one row; its savepoint opens with its first statement, or now if the previous
-        message's deferred constraints are to be checked anyway."""
+    @contextlib.contextmanager
+    def _seeing_cursors(self, db: Any) -> Iterator[None]:
+        """While the batch runs, every cursor made on Django's connection ``db`` (all of its
+        queries, ``callproc()`` and copies go through one) tells that the running message used
+        the database. The one place that reaches into the connection for that: Django's
+        execute wrappers do not see ``callproc()`` or copies."""
+        previous = db.__dict__.get("create_cursor")  # a batch run by a listener of this one
+        make = db.create_cursor
+
+        def create_cursor(*args: Any, **kwargs: Any) -> Any:
+            self._used = True
+            return make(*args, **kwargs)
+
+        db.create_cursor = create_cursor
+        try:
+            yield
+        finally:
+            if previous is None:
+                db.__dict__.pop("create_cursor", None)
+            else:
+                db.create_cursor = previous
+
+    def _run_one(self, db: Any, row: store.StoredRow, succeeded: list[Done]) -> None:
+        """Run one row in the current savepoint: a new one after a message that used the
+        database (with that message's deferred check), else the one the previous had."""
         self.started = True
-        opened = False
         if self._unchecked is not None:  # may undo that message, its on_commit() functions too
             ran, self._unchecked = self._unchecked, None
-            opened = self._check_deferred(ran, succeeded, f'SAVEPOINT "{savepoint}"')
+            opening = self._new_savepoint()
+            if not self._check_deferred(ran, succeeded, opening):
+                execute(db, opening)  # after that message's failure was written
         started = time.perf_counter()
         hooks = len(db.run_on_commit)
         read = False
-        self._opening = None if opened else savepoint
         self._used = False
         try:
             message = self.channel_cls.build_from_payload(row.payload, self.callbacks)
@@ -150,24 +177,18 @@ class Batch:
             message.execute_callbacks()
             check_not_doomed(db)
         except Exception as error:
-            opened = self._opening is None
-            self._opening = None
             if connection.lost(self.using, self.used):
                 raise
-            if opened:
-                undo(db, savepoint, hooks)
-            else:  # it wrote nothing: only its on_commit() functions go
-                db.needs_rollback = False
-                del db.run_on_commit[hooks:]
+            undo(db, self._savepoint, hooks)
             self.failures.attempt_failed(self.channel_cls, row, error, started, read)
+            execute(db, self._new_savepoint())  # a later rollback must keep that record
             return
-        self._opening = None
         # The message's on_commit() functions run after the commit, where one that fails
         # would skip the others': it is logged instead.
         robust_hooks(db, hooks)
         succeeded.append(Done(row.pk, time.perf_counter() - started, row.attempts + 1))
         if self._used:  # its deferred constraints are checked with the next statement of ours
-            self._unchecked = _Ran(row, started, hooks, savepoint)
+            self._unchecked = _Ran(row, started, hooks, self._savepoint)
 
     def _check_deferred(self, ran: _Ran, succeeded: list[Done], then: str) -> bool:
         """Check the deferred constraints the message ``ran`` (the last of ``succeeded``) left

@@ -44,9 +44,9 @@ def batches(page: list[int], size: int, workers: int = 1) -> list[list[int]]:
     """``page`` cut into the batches claimed and committed together: of at most ``size`` rows
     (:func:`pgpubsub.batch_size.size`), and at least as many as ``workers`` (while there are
     rows), so that a short page of slow messages keeps every worker busy too."""
-    count = max(-(-len(page) // size), min(workers, len(page)))
-    size = -(-len(page) // count) if count else 0
-    return [page[i : i + size] for i in range(0, len(page), size)] if page else []
+    total = len(page)
+    count = max(-(-total // size), min(workers, total))
+    return [page[i * total // count : (i + 1) * total // count] for i in range(count)]
 
 
 def sweep_all(processor: Processor, channel: type[BaseChannel]) -> int:

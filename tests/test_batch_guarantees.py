@@ -1,9 +1,10 @@
-"""A batch of stored messages runs in one transaction, each message in a savepoint opened
-lazily (before its listeners' first statement): whatever Django's transaction API a listener
-uses, each message keeps or loses only its own work, and each listener runs once."""
+"""A batch of stored messages runs in one transaction, each message in a savepoint (shared with
+the messages before it that did not use the database): whatever Django's transaction API or
+connection a listener uses, each message keeps or loses only its own work, and each listener
+runs once."""
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,6 +18,14 @@ from tests.testapp.listeners import GuardedStop, guarded_hooks_ran, guarded_stop
 from tests.testapp.models import Effect, Post
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def assert_connection_as_before():
+    """The batch left nothing installed on Django's connection."""
+    db = connections["default"]
+    assert db.execute_wrappers == []
+    assert "create_cursor" not in db.__dict__
+
 
 #: Steps after which a message fails (its listener raises, or its work cannot commit).
 FAILING = {
@@ -73,7 +82,7 @@ def run_batch(listening, actions: list[str]) -> dict[str, list[str]]:
             process_notifications(listening)
     else:
         process_notifications(listening)
-    assert connection.execute_wrappers == []
+    assert_connection_as_before()
     process_notifications(listening)  # the Job messages the good ones sent (notify steps)
 
     assert not connection.in_atomic_block
@@ -134,14 +143,14 @@ def test_a_listener_draining_other_stored_messages_keeps_them_only_if_it_succeed
     assert sorted(Effect.objects.values_list("key", flat=True)) == ["m1"]
     assert Notification.from_channel(channels.Job).count() == 2
     assert guarded_hooks_ran == ["m1"]
-    assert connection.execute_wrappers == []
+    assert_connection_as_before()
 
     pgpubsub.notify(channels.Guarded, key="m2", action="hook-drain-write")
     process_notifications(listening)
     assert sorted(Effect.objects.values_list("key", flat=True)) == ["j1", "j2", "m1", "m2"]
     assert not Notification.from_channel(channels.Job).exists()
     assert guarded_hooks_ran == ["m1", "m2"]
-    assert connection.execute_wrappers == []
+    assert_connection_as_before()
 
 
 def test_a_listener_raising_a_base_exception_gives_the_batch_back_uncounted(listening):
@@ -152,7 +161,7 @@ def test_a_listener_raising_a_base_exception_gives_the_batch_back_uncounted(list
             pgpubsub.notify(channels.Guarded, key=key, action=action)
     with pytest.raises(GuardedStop):
         process_notifications(listening)
-    assert connection.execute_wrappers == []
+    assert_connection_as_before()
     assert not connection.in_atomic_block
     assert not Effect.objects.exists()
     assert guarded_hooks_ran == []
@@ -187,7 +196,7 @@ def test_a_batch_after_a_failed_batch_opens_its_savepoints_again(listening):
         "n2",
     ]
     assert guarded_hooks_ran == ["n0", "n2"]
-    assert connection.execute_wrappers == []
+    assert_connection_as_before()
 
 
 @given(
@@ -199,4 +208,77 @@ def test_a_page_is_cut_into_batches_of_at_most_the_batch_size(page, size, worker
     parts = batches(page, size, workers)
     assert [row for part in parts for row in part] == page  # every row once, in order
     assert all(1 <= len(part) <= size for part in parts)
-    assert len(parts) >= min(workers, len(page)) // 2  # a short page feeds most workers
+    assert len(parts) >= min(workers, len(page))  # a short page feeds every worker
+
+
+def _stored_together(*actions):
+    with transaction.atomic():
+        for index, action in enumerate(actions):
+            pgpubsub.notify(channels.Guarded, key=f"m{index}", action=action)
+
+
+def _ran():
+    return [kwargs["key"] for name, kwargs in received if name == "Guarded"]
+
+
+def _left():
+    return {
+        row.payload["kwargs"]["key"]: row.attempts
+        for row in Notification.from_channel(channels.Guarded)
+    }
+
+
+def test_a_failing_driver_statement_fails_only_its_own_message(listening):
+    """A listener whose first statement goes to the driver's connection and fails (the
+    transaction is aborted, no savepoint to roll back to): the others of the batch must keep
+    their work and not run again."""
+    guarded_hooks_ran.clear()
+    _stored_together("hook", "drivererror", "write")  # the first does not use the database
+    with pytest.raises(Exception):  # noqa: B017
+        process_notifications(listening)
+    assert _ran() == ["m0", "m1", "m2"]  # each listener once
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["m2"]
+    assert guarded_hooks_ran == ["m0"]
+    assert _left() == {"m1": 1}
+
+
+def test_a_failing_listener_s_driver_writes_are_undone(listening):
+    """Its statements on the driver's connection, before any through Django's cursor, then a
+    failure: its effects must not commit while its row stays (it would run, and write, again).
+    """
+    _stored_together("driverwrite-fail", "write")
+    with pytest.raises(RuntimeError):
+        process_notifications(listening)
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["m1"]
+    assert _left() == {"m0": 1}
+
+
+def test_a_failing_listener_s_callproc_writes_are_undone(listening):
+    """Django's cursor.callproc() (psycopg2) goes past Django's execute wrappers."""
+    pytest.importorskip("psycopg2")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE OR REPLACE FUNCTION guarded_write(k text) RETURNS void LANGUAGE sql AS "
+            "$$ INSERT INTO testapp_effect (key, channel, value) VALUES (k, 'Guarded', '') $$"
+        )
+    _stored_together("callproc-fail", "write")
+    with pytest.raises(RuntimeError):
+        process_notifications(listening)
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["m1"]
+    assert _left() == {"m0": 1}
+
+
+def test_a_message_using_callproc_keeps_its_work_when_the_next_one_fails(listening):
+    """A message that used the database only through callproc() gets a savepoint of its own
+    after it: the next message's failure does not undo its work."""
+    pytest.importorskip("psycopg2")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE OR REPLACE FUNCTION guarded_write(k text) RETURNS void LANGUAGE sql AS "
+            "$$ INSERT INTO testapp_effect (key, channel, value) VALUES (k, 'Guarded', '') $$"
+        )
+    _stored_together("callproc", "fail", "write")
+    with pytest.raises(RuntimeError):
+        process_notifications(listening)
+    assert sorted(Effect.objects.values_list("key", flat=True)) == ["m0/callproc", "m2"]
+    assert _left() == {"m1": 1}
