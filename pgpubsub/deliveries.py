@@ -142,7 +142,7 @@ class DeliveryQueue:
     message.
     """
 
-    def __init__(self, maxsize: int, wake_reader: Callable[[], None] | None = None) -> None:
+    def __init__(self, maxsize: int) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}")
         self.maxsize = maxsize
@@ -152,10 +152,6 @@ class DeliveryQueue:
         self._closed = False
         # The delivery queued last, while no worker has taken it: a plain one may be joined.
         self._last: Delivery | None = None
-        self._idle = 0  # workers waiting in get()
-        self._reader_held = False  # the listener waits for a worker to come back
-        self._unannounced = 0  # deliveries ready that no waiting worker was woken for yet
-        self._wake_reader = wake_reader
         lock = threading.Lock()
         self._not_empty = threading.Condition(lock)  # workers wait here
         self._not_full = threading.Condition(lock)  # the listener waits here
@@ -164,12 +160,8 @@ class DeliveryQueue:
         with self._not_empty:
             return self._waiting
 
-    def put(self, delivery: Delivery, timeout: float, announce: bool = True) -> bool:
-        """Add ``delivery``, waiting up to ``timeout`` seconds for room. False if none came.
-
-        With ``announce=False``, no waiting worker is woken for it until :meth:`announce` (or a
-        wait for room) is: the listener wakes them once its read is queued and it is about to
-        wait, so that a worker does not wake only to wait for the listener's turn to end."""
+    def put(self, delivery: Delivery, timeout: float) -> bool:
+        """Add ``delivery``, waiting up to ``timeout`` seconds for room. False if none came."""
         deadline = time.monotonic() + timeout
         with self._not_full:
             if self._closed:
@@ -180,24 +172,11 @@ class DeliveryQueue:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._announce()
                 self._not_full.wait(remaining)
                 if self._closed:
                     return False
             self._add(delivery)
-            if announce:
-                self._announce()
             return True
-
-    def announce(self) -> None:
-        """Wake a waiting worker for each delivery put without announcing it."""
-        with self._not_empty:
-            self._announce()
-
-    def _announce(self) -> None:
-        if self._unannounced:
-            self._not_empty.notify(self._unannounced)
-            self._unannounced = 0
 
     def offer(self, delivery: Delivery) -> bool:
         """Add ``delivery`` if there is room now; False otherwise."""
@@ -223,7 +202,7 @@ class DeliveryQueue:
         limit = delivery.channel.max_concurrency  # checked when the channel was defined
         if limit is None:
             self._ready.append(delivery)
-            self._unannounced += 1
+            self._not_empty.notify()
         else:
             lane = self._lanes.get(delivery.channel)
             if lane is None:
@@ -235,47 +214,25 @@ class DeliveryQueue:
         while lane.waiting and lane.admitted < lane.limit:
             self._ready.append(lane.waiting.popleft())
             lane.admitted += 1
-            self._unannounced += 1
+            self._not_empty.notify()
 
     def get(self, timeout: float) -> Delivery | None:
         """The oldest delivery a worker may run now, waiting up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._not_empty:
-            wake_reader, self._reader_held = self._reader_held, False
-            delivery = self._take(deadline)
-        if wake_reader and self._wake_reader is not None:
-            self._wake_reader()
-        return delivery
-
-    def _take(self, deadline: float) -> Delivery | None:
-        while not self._ready:
-            if self._closed:
-                return None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self._idle += 1
-            try:
+            while not self._ready:
+                if self._closed:
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
                 self._not_empty.wait(remaining)
-            finally:
-                self._idle -= 1
-        self._waiting -= 1
-        self._not_full.notify()  # room for the listener
-        delivery = self._ready.popleft()
-        if delivery is self._last:
-            self._last = None  # taken: nothing joins it any more
-        return delivery
-
-    def hold_reading(self) -> bool:
-        """True when every worker is busy and deliveries wait for them: notifications read
-        now could only queue behind those, so the listener may leave them unread until a
-        worker comes back for a delivery, which then calls ``wake_reader``. Fewer, larger reads
-        while the workers are behind: the listener's wake-ups are what a busy Runtime saves."""
-        with self._not_empty:
-            if self._closed or self._idle or not self._ready:
-                return False
-            self._reader_held = True
-            return True
+            self._waiting -= 1
+            self._not_full.notify()  # room for the listener
+            delivery = self._ready.popleft()
+            if delivery is self._last:
+                self._last = None  # taken: nothing joins it any more
+            return delivery
 
     def done(self, delivery: Delivery) -> None:
         """``delivery`` finished: the next of its channel may run."""
@@ -285,7 +242,6 @@ class DeliveryQueue:
         with self._not_empty:
             lane.admitted -= 1
             self._admit(lane)
-            self._announce()
 
     def close(self) -> list[Delivery]:
         """Take no more deliveries, wake every waiting thread (``put`` returns False, ``get``
@@ -299,7 +255,6 @@ class DeliveryQueue:
                 dropped.extend(lane.waiting)
                 lane.waiting.clear()
             self._waiting = 0
-            self._unannounced = 0
             self._not_empty.notify_all()
             self._not_full.notify_all()
             return dropped

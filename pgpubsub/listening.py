@@ -39,8 +39,6 @@ WAIT_TIMEOUT = 1.0
 #: First and longest pause between reconnection attempts, in seconds (doubling, with jitter).
 MIN_RECONNECT_DELAY = 0.5
 MAX_RECONNECT_DELAY = 10.0
-#: Longest pause in reading notifications while every worker is busy, in seconds.
-BUSY_READ_INTERVAL = 0.1
 #: Seconds without a notification after which the listener checks its connections with a
 #: round trip.
 KEEPALIVE_INTERVAL = 60.0
@@ -123,26 +121,15 @@ class Listener:
             *(self.watchers[alias].due() for alias in self._may_watch()),
         )
         if self.scheduler.take_look():
-            self.queue.announce()  # the look's round trip is no reason to keep workers waiting
             self._look()
         self.scheduler.take(self._offer_sweep)
-        # The workers are woken for what the last read queued only now, as this thread is about
-        # to wait: woken earlier, one would mostly wait for this thread's turn to end.
-        self.queue.announce()
         now = time.monotonic()
-        if self.queue.hold_reading():
-            # Every worker is busy with deliveries waiting: what arrives meanwhile waits in the
-            # connection until a worker comes back (the queue wakes us) and is read at once.
-            reading = []
-            due = min(due, now + BUSY_READ_INTERVAL)
-        else:
-            reading = list(self.listening.values())
-        received = wait_any(reading, max(0.0, due - now), self.wakeup_fd)
+        received = wait_any(list(self.listening.values()), max(0.0, due - now), self.wakeup_fd)
         now = time.monotonic()
         # Each connection was read just now: one that brought nothing has nothing more on its way.
         heard = {self.alias_of.get(item.channel) for item in received}
         received = take_probes(received, self.probes)
-        if reading and check_probes(self.probes, heard, now, self.scheduler.sweep_interval):
+        if check_probes(self.probes, heard, now, self.scheduler.sweep_interval):
             self._missed = True  # the LISTEN connection is deaf: the table has it all
             self.scheduler.want_all()
         for alias, probe in self.probes.items():
@@ -197,7 +184,6 @@ class Listener:
             self._quiet_since = time.monotonic()
 
     def _failed(self, exc: Exception) -> None:
-        self.queue.announce()
         self.connected = False
         self.error = exc
         self._missed = True
@@ -271,9 +257,7 @@ class Listener:
         elif delivery.kind is Kind.ROWS:
             # Older rows of the channel wait for a sweep: these join them, so that the
             # channel's rows still run in arrival (id) order.
-            if self.scheduler.is_wanted(delivery.channel) or not self.queue.put(
-                delivery, 0.0, announce=False
-            ):
+            if self.scheduler.is_wanted(delivery.channel) or not self.queue.offer(delivery):
                 # No room: the rows are stored, a sweep claims them once there is.
                 logger.debug(
                     "Queue full: %s stored row(s) of %s left for a sweep",
@@ -284,7 +268,7 @@ class Listener:
         else:
             # A plain message exists only here: wait for room (Postgres queues what arrives
             # meanwhile), unless the Runtime stops.
-            while not self.queue.put(delivery, WAIT_TIMEOUT, announce=False):
+            while not self.queue.put(delivery, WAIT_TIMEOUT):
                 if self.stop_wanted():
                     logger.warning(
                         "Stopping: a plain message of %s not processed", delivery.channel.name()

@@ -102,9 +102,7 @@ class Runtime:
         self.listen_alias = conf.database_alias()
         conf.listen_aliases()  # a bad PGPUBSUB_LISTEN_ALIASES fails here, not in the listener
         self.using = notifications_alias()
-        self._queue = DeliveryQueue(
-            conf.queue_size() if queue_size is None else queue_size, wake_reader=self._wake
-        )
+        self._queue = DeliveryQueue(conf.queue_size() if queue_size is None else queue_size)
         self._stopping = threading.Event()
         # request_stop() was called (maybe by a signal handler, which may set nothing more).
         self._stop_requested = False

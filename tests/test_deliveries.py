@@ -141,28 +141,6 @@ def test_each_delivery_wakes_one_waiting_worker():
     assert {id(getter.finish()) for getter in getters} == {id(first), id(second)}
 
 
-def test_a_delivery_put_unannounced_wakes_no_worker_until_announced():
-    queue = DeliveryQueue(10)
-    getter = Waiter(lambda: queue.get(TIMEOUT))
-    wait_until_waiting(getter)
-    delivery = rows(1)
-    assert queue.put(delivery, 0, announce=False)
-    assert not getter.returned.wait(0.2), "woken before the announcement"
-    queue.announce()
-    assert getter.finish() is delivery
-
-
-def test_waiting_for_room_announces_what_was_put_unannounced():
-    queue = DeliveryQueue(1)
-    getter = Waiter(lambda: queue.get(TIMEOUT))
-    wait_until_waiting(getter)
-    first, second = rows(1), rows(2)
-    assert queue.put(first, 0, announce=False)
-    assert queue.put(second, TIMEOUT, announce=False)  # no room until a worker takes first
-    assert getter.finish() is first
-    assert queue.get(0) is second
-
-
 def test_close_returns_what_was_not_started_and_takes_nothing_more():
     queue = DeliveryQueue(10)
     started, waiting = rows(0), [rows(1), plain("a")]
@@ -262,27 +240,6 @@ def test_close_returns_held_back_deliveries_too():
     assert queue.close() == [other, held]
     queue.done(running)  # the running one finishes later: nothing is admitted any more
     assert queue.get(0) is None
-
-
-def test_the_listener_may_hold_its_reading_while_every_worker_is_busy():
-    woken = []
-    queue = DeliveryQueue(10, wake_reader=lambda: woken.append(True))
-    assert not queue.hold_reading()  # nothing waits for a worker
-    getter = Waiter(lambda: queue.get(TIMEOUT))
-    wait_until_waiting(getter)
-    assert not queue.hold_reading()  # a worker is free
-    first = rows(1)
-    queue.offer(first)
-    assert getter.finish() is first  # ... and busy now, and the next delivery waits
-    queue.offer(rows(2))
-    assert queue.hold_reading()
-    assert woken == []
-    assert queue.get(0).row_ids == [2]  # a worker came back: the listener reads again
-    assert woken == [True]
-    assert queue.get(0) is None and woken == [True]  # only once per hold
-    queue.offer(rows(3))
-    queue.close()
-    assert not queue.hold_reading()  # a closed queue holds nothing back
 
 
 # --- plain messages join the delivery queued last ---------------------------------------------
