@@ -11,8 +11,9 @@ effects commit as soon as it is done. Before a channel's first batch is measured
 ``FIRST_BATCH`` rows.
 
 Every choice of batch size asks :func:`size` (the listener thread's batching of row ids, a
-sweep's pages and their cutting into batches); :mod:`pgpubsub.batches` reports each batch's time
-to :func:`measured`. The measure is a moving average per channel class, kept for the process:
+sweep's pages and their cutting into batches, and how many plain messages of a channel queued
+behind a busy worker travel in one delivery); :mod:`pgpubsub.batches` reports each batch's time
+to :func:`measured`, the workers each plain delivery's. The measure is a moving average per channel class, kept for the process:
 written by any worker thread, read by any (a float per channel: a lost update only delays the
 average by one batch).
 """
