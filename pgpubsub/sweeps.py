@@ -203,12 +203,13 @@ class Sweeper:
         if isinstance(delivery, SweepPart) and delivery.tally is not None:
             self.count(delivery.tally, reading=False)
 
-    def part_done(self, delivery: Delivery) -> None:
+    def part_done(self, delivery: Delivery) -> bool:
         """A page or batch of a sweep is done: log the sweep's progress every
         ``PROGRESS_INTERVAL`` seconds while it reads pages, and its end once every part is
-        done (rows another Runtime took, or that failed, are not counted as processed)."""
+        done (rows another Runtime took, or that failed, are not counted as processed).
+        True when that was the sweep's last part: the sweep has ended."""
         if not isinstance(delivery, SweepPart) or delivery.tally is None:
-            return
+            return False
         tally, channel = delivery.tally, delivery.channel
         now = time.monotonic()
         with self._lock:
@@ -236,3 +237,4 @@ class Sweeper:
                     channel.name(),
                     read,
                 )
+        return ended

@@ -111,8 +111,11 @@ class Workers:
             with self._lock:
                 self.in_flight -= 1
             if delivery.kind is Kind.SWEEP and not continued:
+                self.sweeper.ends(part)  # it reads no more pages
+            if self.sweeper.part_done(part):
+                # Its last page and batch are done: a sweep wanted meanwhile may start now (not
+                # before, or it would claim rows this one listed for batches still queued).
                 self.scheduler.sweep_ended(delivery.channel)
-            self.sweeper.part_done(part)
             self.queue.done(delivery)
             if self.scheduler.waiting():  # there is room now: the listener queues them
                 self.wake()
