@@ -5,7 +5,6 @@ runs once."""
 
 import pytest
 from django.db import connection, connections, transaction
-from django.db.backends.postgresql.psycopg_any import is_psycopg3
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -255,10 +254,8 @@ def test_a_failing_listener_s_driver_writes_are_undone(listening):
 
 
 def _create_guarded_write():
-    """The function the ``callproc`` step calls; skips where Django's driver has no
-    ``callproc()`` (psycopg 3)."""
-    if is_psycopg3:
-        pytest.skip("psycopg 3 cursors have no callproc()")
+    """The function the ``callproc`` step calls (Django's cursor has ``callproc()`` with either
+    driver)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "CREATE OR REPLACE FUNCTION guarded_write(k text) RETURNS void LANGUAGE sql AS "
@@ -267,7 +264,7 @@ def _create_guarded_write():
 
 
 def test_a_failing_listener_s_callproc_writes_are_undone(listening):
-    """Django's cursor.callproc() (psycopg2) goes past Django's execute wrappers."""
+    """Django's cursor.callproc() goes past Django's execute wrappers."""
     _create_guarded_write()
     _stored_together("callproc-fail", "write")
     with pytest.raises(RuntimeError):

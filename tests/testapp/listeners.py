@@ -436,7 +436,7 @@ def _guarded_step(key: str, step: str) -> None:
     elif step == "drivererror":  # a failing statement on the driver's connection
         with connection.connection.cursor() as cursor:
             cursor.execute("SELECT 1 / 0")
-    elif step == "callproc":  # Django's cursor, but callproc() (psycopg2)
+    elif step == "callproc":  # Django's cursor, but callproc(), past its execute wrappers
         with connection.cursor() as cursor:
             cursor.callproc("guarded_write", [f"{key}/callproc"])
     elif step == "stop" and key not in guarded_stopped:
