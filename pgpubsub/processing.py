@@ -82,8 +82,11 @@ class Processor:
 
     def run(self, delivery: deliveries.Delivery) -> Outcome:
         """Run a plain message or a batch of stored rows (``Kind.ROWS``)."""
-        if delivery.kind is deliveries.Kind.PLAIN:
-            return self.run_plain(delivery.channel, delivery.callbacks, delivery.payload)
+        if delivery.kind is deliveries.Kind.PLAIN:  # the queue may have joined several
+            outcome = Outcome()
+            for payload in delivery.payloads:
+                outcome += self.run_plain(delivery.channel, delivery.callbacks, payload)
+            return outcome
         if delivery.kind is deliveries.Kind.ROWS:
             return self.run_rows(delivery.channel, delivery.row_ids, delivery.callbacks)
         raise ValueError(f"A Processor does not run {delivery.kind} deliveries")
