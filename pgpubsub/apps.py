@@ -34,6 +34,10 @@ class PgpubsubConfig(AppConfig):
         )
         post_migrate.connect(_install_functions, sender=self, dispatch_uid="pgpubsub_functions")
 
+        from pgpubsub.tasks import queues
+
+        queues.register_configured()  # before a Runtime starts: it listens to the task queues
+
         from pgpubsub import embedded
 
         embedded.autostart()

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from django.db import DatabaseError, connections
 from django.db.transaction import TransactionManagementError
 
-from pgpubsub import batch_size, connection, store
+from pgpubsub import batch_size, connection, current, store
 from pgpubsub.channel import BaseChannel
 from pgpubsub.failures import Failures
 
@@ -171,6 +171,7 @@ class Batch:
         hooks = len(db.run_on_commit)
         read = False
         self._used = False
+        token = current.enter(row.pk, row.attempts + 1)
         try:
             message = self.channel_cls.build_from_payload(row.payload, self.callbacks)
             read = True
@@ -183,6 +184,8 @@ class Batch:
             self.failures.attempt_failed(self.channel_cls, row, error, started, read)
             execute(db, self._new_savepoint())  # a later rollback must keep that record
             return
+        finally:
+            current.leave(token)
         # The message's on_commit() functions run after the commit, where one that fails
         # would skip the others': it is logged instead.
         robust_hooks(db, hooks)

@@ -21,6 +21,7 @@ from django.db import models
 from pgpubsub import channel_options, conf
 from pgpubsub.codec import Codec, codec_for
 from pgpubsub.context import set_notification_context  # 1.3.1 exported it from here
+from pgpubsub.event_loop import call  # async def listeners run on the Runtime's loop
 from pgpubsub.exceptions import ChannelNotFound, InvalidChannel, InvalidPayload
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class BaseChannel:
     def execute_callbacks(self) -> None:
         kwargs = self.signature
         for callback in self.callbacks:
-            callback(**kwargs)
+            call(callback, kwargs)
 
 
 def _resolve_hints(cls: type) -> dict[str, Any] | None:
@@ -316,7 +317,7 @@ class TriggerChannel(BaseChannel):
             if wanted is None or any(
                 op == operation and (when is None or timing == when) for timing, op in wanted
             ):
-                callback(**kwargs)
+                call(callback, kwargs)
 
     @classmethod
     def deserialize(cls, payload: dict | str) -> dict[str, Any]:

@@ -217,6 +217,12 @@ def watch_interval() -> float:
     return float(_positive("PGPUBSUB_WATCH_INTERVAL", 1.5, float))
 
 
+def async_concurrency() -> int:
+    """``PGPUBSUB_ASYNC_CONCURRENCY`` (default ``100``): the most ``async def`` listeners and
+    tasks that run at once on a Runtime's event loop."""
+    return int(_positive("PGPUBSUB_ASYNC_CONCURRENCY", 100))
+
+
 def idle_connection_timeout() -> float:
     """``PGPUBSUB_IDLE_CONNECTION_TIMEOUT`` (default ``30``): seconds a Runtime's worker thread
     keeps its database connections open without work; an idle Runtime holds only its LISTEN

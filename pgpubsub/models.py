@@ -160,6 +160,39 @@ class Notification(models.Model):
         return cls.objects.filter(channel=channel.listen_safe_name())
 
 
+class TaskResultRecord(models.Model):
+    """What became of a task of :mod:`pgpubsub.tasks` (table ``pgpubsub_taskresult``).
+
+    A task waits as a row of ``pgpubsub_notification`` (its id is the result's id); each
+    attempt writes here, in the transaction that runs it: a failed one adds its error and
+    worker, a successful one the return value (and the row of ``pgpubsub_notification`` goes).
+    Rows are pruned once ``RESULT_TTL`` has passed since the task finished."""
+
+    id = models.BigIntegerField(primary_key=True, help_text="The task's result id.")
+    task_path = models.TextField(blank=True, default="")
+    queue_name = models.CharField(max_length=100, blank=True, default="")
+    # The stored message (task path, args, kwargs, priority, queue, backend, run_after): kept
+    # here once the row of pgpubsub_notification is gone.
+    payload = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=10)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_attempted_at = models.DateTimeField(null=True, blank=True)
+    return_value = models.JSONField(null=True, blank=True)
+    # [{"exception_class_path": ..., "traceback": ...}], one per failed attempt.
+    errors = models.JSONField(default=list, blank=True)
+    worker_ids = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        db_table = "pgpubsub_taskresult"
+        verbose_name = "task result"
+        indexes = [models.Index(fields=["finished_at"], name="pgpubsub_taskresult_done_idx")]
+
+    def __str__(self) -> str:
+        return f"Task result {self.pk} ({self.task_path or 'task'}, {self.status})"
+
+
 def notifications_alias() -> str:
     """The alias stored notifications live in: ``"default"`` unless a database router sends
     the ``Notification`` model elsewhere. Lockable messages are stored, claimed and processed

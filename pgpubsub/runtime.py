@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from pgpubsub import conf, retries
+from pgpubsub import conf, event_loop, retries
 from pgpubsub.channel import BaseChannel, ChannelNotFound, select_channels
 from pgpubsub.deliveries import DeliveryQueue, Kind
 from pgpubsub.listening import Listener
@@ -111,6 +111,7 @@ class Runtime:
         self._threads: list[threading.Thread] = []
         self._pid: int | None = None
         self._wakeup: tuple[int, int] | None = None
+        self._loop: event_loop.EventLoop | None = None  # where async listeners run
         lockable = [channel for channel in self.channels if channel.lock_notifications]
         self._scheduler = Scheduler(lockable, self.sweep_interval, self._wake)
         self._workers = Workers(
@@ -158,6 +159,7 @@ class Runtime:
                 self._stop_wanted,
                 self._wakeup[0],
             )
+            self._loop = event_loop.install(conf.async_concurrency())
             threads = [threading.Thread(target=self._listener.run, name="pgpubsub-listener")]
             for number in range(self.workers):
                 threads.append(
@@ -248,6 +250,9 @@ class Runtime:
         wakeup, self._wakeup = self._wakeup, None
         for fd in wakeup or ():
             os.close(fd)
+        loop, self._loop = self._loop, None
+        if loop is not None:  # after the workers: none waits for a coroutine now
+            event_loop.uninstall(loop, max(0.0, deadline - time.monotonic()))
         logger.info("pgpubsub Runtime of process %s stopped", self._pid)
         return True
 

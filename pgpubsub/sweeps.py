@@ -1,4 +1,5 @@
-"""Sweeps: processing a lockable channel's stored rows page by page, in id (arrival) order.
+"""Sweeps: processing a lockable channel's stored rows page by page, in id (arrival) order
+(or the channel's own order: tasks come by priority).
 
 One pager (:func:`read_page`) serves both ways of sweeping: :func:`sweep_all` processes every
 due row of a channel on the calling thread (``listen --recover`` without a Runtime,
@@ -37,7 +38,9 @@ def read_page(
     are then in the page, and uncounted (once their lease runs out, another process' claim
     would count an attempt of each)."""
     processor.failures.give_back_unreturned()
-    return store.pending_ids(channel, after_id, processor.using, limit=limit)
+    # A channel may order its pages itself (tasks: by priority, see pgpubsub.tasks.queues).
+    pager = getattr(channel, "read_page", None) or store.pending_ids
+    return pager(channel, after_id, processor.using, limit=limit)
 
 
 def batches(page: list[int], size: int, workers: int = 1) -> list[list[int]]:

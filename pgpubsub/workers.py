@@ -116,9 +116,21 @@ class Workers:
                 # Its last page and batch are done: a sweep wanted meanwhile may start now (not
                 # before, or it would claim rows this one listed for batches still queued).
                 self.scheduler.sweep_ended(delivery.channel)
+                self._swept(processor, delivery.channel)
             self.queue.done(delivery)
             if self.scheduler.waiting():  # there is room now: the listener queues them
                 self.wake()
+
+    def _swept(self, processor: Processor, channel: type[BaseChannel]) -> None:
+        """A sweep of ``channel`` ended: a channel with an ``after_sweep(using, retry_in)``
+        hook learns it (tasks schedule their next deferred one and prune old results)."""
+        after_sweep = getattr(channel, "after_sweep", None)
+        if after_sweep is None:
+            return
+        try:
+            after_sweep(processor.using, self.scheduler.retry_in)
+        except Exception:
+            logger.exception("After the sweep of %s", channel.name())
 
     def _run_plain(self, processor: Processor, delivery: Delivery) -> None:
         """Run the plain messages of ``delivery`` in arrival order, each in a transaction of its

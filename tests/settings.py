@@ -106,3 +106,12 @@ if os.environ.get("PGPUBSUB_TEST_LOG_HANDLER"):
     LOGGING["formatters"] = {"project": {"format": "project: %(message)s"}}
     LOGGING["handlers"] = {"project": {"class": "logging.StreamHandler", "formatter": "project"}}
     LOGGING["loggers"]["pgpubsub"]["handlers"] = ["project"]
+# Django's tasks framework (django.tasks on Django 6, the django-tasks backport before) on
+# pgpubsub: tests/test_tasks*.py and tests/testapp/tasks.py.
+TASKS = {
+    "default": {
+        "BACKEND": "pgpubsub.tasks.DatabaseBackend",
+        "QUEUES": ["default", "emails", "reports"],
+        "OPTIONS": {"RETRY": {"max_attempts": 3, "retry_delay": 0.2, "max_delay": 0.5}},
+    }
+}

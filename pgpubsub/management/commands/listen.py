@@ -24,6 +24,13 @@ class Command(BaseCommand):
             help="Dotted paths of the channels to listen to (default: all).",
         )
         parser.add_argument(
+            "--queues",
+            nargs="+",
+            dest="queues",
+            help="Task queues to run (names from TASKS' QUEUES, e.g. --queues emails,reports; "
+            "default: every queue, unless --channels is given alone).",
+        )
+        parser.add_argument(
             "--processes",
             type=int,
             dest="processes",
@@ -79,6 +86,8 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self._configure_logging(options["loglevel"], options["logformat"])
         channels = options["channels"]
+        if options["queues"]:
+            channels = [*(channels or []), *self._queue_channels(options["queues"])]
         for name in channels or []:
             try:
                 locate_channel(name)
@@ -116,6 +125,17 @@ class Command(BaseCommand):
         ).run()
         if status:
             raise CommandError("A listener process failed")
+
+    @staticmethod
+    def _queue_channels(names: list[str]) -> list[str]:
+        """The channel names of the task queues ``names`` (comma-separated or not)."""
+        from pgpubsub.tasks import queues
+
+        wanted = [name.strip() for value in names for name in value.split(",") if name.strip()]
+        try:
+            return [cls.listen_safe_name() for cls in queues.channels_named(wanted)]
+        except LookupError as exc:
+            raise CommandError(str(exc)) from exc
 
     @staticmethod
     def _configure_logging(loglevel: str | None, logformat: str) -> None:

@@ -1,0 +1,280 @@
+"""Every statement on tasks' rows: store a task, read a page of ready ones by priority, find
+when the next deferred one is due, write an attempt's outcome, read a result, prune.
+
+A task waits as a row of ``pgpubsub_notification`` (claimed, held and acknowledged by
+:mod:`pgpubsub.store` like any lockable message); its id is the task result's id. What its
+attempts did is written to ``pgpubsub_taskresult`` (:class:`~pgpubsub.models.TaskResultRecord`)
+in the transaction of each attempt.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+from typing import Any, NamedTuple
+
+from django.db import connections
+
+from pgpubsub.connection import LISTENER_TAG
+from pgpubsub.models import Notification, TaskResultRecord
+from pgpubsub.store import CLAIM_LEASE
+
+_TABLE = Notification._meta.db_table
+_RESULTS = TaskResultRecord._meta.db_table
+
+#: The start of every task queue's channel name. The index of migration 0012 covers the rows
+#: of these channels only; ``_IS_TASK`` and ``_ORDER`` repeat its predicate and expression word
+#: for word, so that the planner uses it.
+PREFIX = "pgpubsub_task_"
+_IS_TASK = "left(channel, 14) = 'pgpubsub_task_'"
+_ORDER = "(-((payload ->> 'priority')::integer))"
+_DUE = "failed_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+
+
+def store(
+    channel: str, payload: str, run_after: datetime.datetime | None, wake: bool, using: str
+) -> tuple[int, datetime.datetime]:
+    """Store a task (JSON text ``payload``) in the current transaction; not claimed before
+    ``run_after``. ``wake``: also NOTIFY the queue's listeners (else the watcher does).
+    Returns the row's id and when it was stored."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_TABLE} (channel, payload, next_attempt_at) "
+            "VALUES (%s, %s::jsonb, %s) RETURNING id, created_at",
+            [channel, payload, run_after],
+        )
+        row_id, created_at = cursor.fetchone()
+        if wake:
+            from pgpubsub import wire
+
+            cursor.execute("SELECT pg_notify(%s, %s)", [channel, wire.WAKE])
+    return row_id, created_at
+
+
+# The last row of each page read (its id) and its order key, so that the next page of the same
+# sweep starts after it; the pages of a sweep are read in this process.
+_page_ends: dict[tuple[str, int], int] = {}
+_page_lock = threading.Lock()
+_MAX_PAGE_ENDS = 4096
+
+
+def ready_page(channel: str, after_id: int, using: str, limit: int) -> list[int]:
+    """Ids of up to ``limit`` ready tasks of the queue ``channel`` (due, not failed), highest
+    priority first, then oldest, after the last row of the page that ended at ``after_id``."""
+    with _page_lock:
+        after = _page_ends.pop((channel, after_id), None) if after_id else None
+    where, params = "", []
+    if after is not None:
+        where = f" AND ({_ORDER}, id) > (%s, %s)"
+        params = [after, after_id]
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"{LISTENER_TAG}SELECT id, {_ORDER} FROM {_TABLE} "
+            f"WHERE channel = %s AND {_IS_TASK} AND failed_at IS NULL "
+            f"AND (next_attempt_at IS NULL OR next_attempt_at <= now()){where} "
+            f"ORDER BY {_ORDER}, id LIMIT %s",
+            [channel, *params, limit],
+        )
+        rows = cursor.fetchall()
+    if rows:
+        with _page_lock:
+            if len(_page_ends) >= _MAX_PAGE_ENDS:
+                _page_ends.clear()
+            _page_ends[(channel, rows[-1][0])] = rows[-1][1]
+    return [row[0] for row in rows]
+
+
+def next_due(channel: str, using: str) -> float | None:
+    """Seconds until the next deferred (or retried, or leased) task of ``channel`` is due, if
+    any waits."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"{LISTENER_TAG}SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp()) "
+            f"FROM {_TABLE} WHERE channel = %s AND failed_at IS NULL "
+            "AND next_attempt_at > clock_timestamp()",
+            [channel],
+        )
+        seconds = cursor.fetchone()[0]
+    return None if seconds is None else max(0.0, float(seconds))
+
+
+def write_success(
+    row_id: int,
+    payload: dict[str, Any],
+    started_at: datetime.datetime,
+    finished_at: datetime.datetime,
+    worker_id: str,
+    return_value: Any,
+    using: str,
+) -> None:
+    """Record a task's successful attempt (in the transaction that acknowledges its row)."""
+    _upsert(
+        row_id,
+        "SUCCESSFUL",
+        payload,
+        started_at,
+        finished_at,
+        finished_at,
+        worker_id,
+        None,
+        json.dumps(return_value, allow_nan=False),
+        using,
+    )
+
+
+def write_failure(
+    row_id: int,
+    final: bool,
+    started_at: datetime.datetime,
+    attempted_at: datetime.datetime,
+    worker_id: str,
+    error: dict[str, str],
+    using: str,
+) -> None:
+    """Record a failed attempt (in the transaction that records it on the row)."""
+    _upsert(
+        row_id,
+        "FAILED" if final else "READY",
+        None,
+        started_at,
+        attempted_at if final else None,
+        attempted_at,
+        worker_id,
+        error,
+        None,
+        using,
+    )
+
+
+def _upsert(
+    row_id: int,
+    status: str,
+    payload: dict[str, Any] | None,
+    started_at: datetime.datetime,
+    finished_at: datetime.datetime | None,
+    attempted_at: datetime.datetime,
+    worker_id: str,
+    error: dict[str, str] | None,
+    return_value: str | None,
+    using: str,
+) -> None:
+    errors = json.dumps([error] if error else [])
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_RESULTS} AS r (id, task_path, queue_name, payload, status, "
+            "enqueued_at, started_at, finished_at, last_attempted_at, return_value, errors, "
+            "worker_ids) "
+            "SELECT %s, coalesce(coalesce(%s::jsonb, n.payload) ->> 'task', ''), "
+            "coalesce(coalesce(%s::jsonb, n.payload) ->> 'queue', ''), "
+            "coalesce(%s::jsonb, n.payload), %s, n.created_at, %s, %s, %s, %s::jsonb, "
+            "%s::jsonb, jsonb_build_array(%s::text) "
+            f"FROM (SELECT 1) AS one LEFT JOIN {_TABLE} AS n ON n.id = %s "
+            "ON CONFLICT (id) DO UPDATE SET "
+            "task_path = coalesce(EXCLUDED.task_path, r.task_path), "
+            "queue_name = EXCLUDED.queue_name, "
+            "payload = coalesce(EXCLUDED.payload, r.payload), status = EXCLUDED.status, "
+            "enqueued_at = coalesce(r.enqueued_at, EXCLUDED.enqueued_at), "
+            "started_at = coalesce(r.started_at, EXCLUDED.started_at), "
+            "finished_at = EXCLUDED.finished_at, last_attempted_at = EXCLUDED.last_attempted_at, "
+            "return_value = EXCLUDED.return_value, errors = r.errors || EXCLUDED.errors, "
+            "worker_ids = r.worker_ids || EXCLUDED.worker_ids",
+            [
+                row_id,
+                *[json.dumps(payload) if payload is not None else None] * 3,
+                status,
+                started_at,
+                finished_at,
+                attempted_at,
+                return_value,
+                errors,
+                worker_id,
+                row_id,
+            ],
+        )
+
+
+def earlier_attempts(row_id: int, using: str) -> tuple[list[str], list[dict], Any]:
+    """The workers and errors of a task's earlier attempts, and when the first started."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT worker_ids, errors, started_at FROM {_RESULTS} WHERE id = %s", [row_id]
+        )
+        found = cursor.fetchone()
+    if found is None:
+        return [], [], None
+    workers, errors, started = found
+    return _json(workers) or [], _json(errors) or [], started
+
+
+class StoredResult(NamedTuple):
+    """What the database knows of a task: its waiting row's state (if it waits) and what its
+    attempts recorded (if any)."""
+
+    payload: dict[str, Any]
+    status: str  # READY, RUNNING, FAILED or SUCCESSFUL
+    enqueued_at: datetime.datetime | None
+    started_at: datetime.datetime | None
+    finished_at: datetime.datetime | None
+    last_attempted_at: datetime.datetime | None
+    return_value: Any
+    errors: list[dict[str, str]]
+    worker_ids: list[str]
+
+
+def read(row_id: int, using: str) -> StoredResult | None:
+    """The task whose result id is ``row_id``, or None if there is none (or it was pruned)."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            "SELECT n.id IS NOT NULL, coalesce(n.payload, r.payload)::text, "
+            "CASE WHEN n.id IS NULL THEN r.status WHEN n.failed_at IS NOT NULL THEN 'FAILED' "
+            "WHEN n.claimed_by IS NOT NULL THEN 'RUNNING' ELSE 'READY' END, "
+            "coalesce(n.created_at, r.enqueued_at), "
+            "coalesce(r.started_at, CASE WHEN n.claimed_by IS NOT NULL "
+            "THEN n.next_attempt_at - make_interval(secs => %s::float8) END), "
+            "CASE WHEN n.id IS NULL OR n.failed_at IS NOT NULL "
+            "THEN coalesce(r.finished_at, n.failed_at) END, "
+            "r.last_attempted_at, r.return_value::text, r.errors::text, r.worker_ids::text "
+            f"FROM (SELECT %s::bigint AS id) AS k "
+            f"LEFT JOIN {_TABLE} AS n ON n.id = k.id AND {_IS_TASK} "
+            f"LEFT JOIN {_RESULTS} AS r ON r.id = k.id",
+            [CLAIM_LEASE, row_id],
+        )
+        row = cursor.fetchone()
+    waiting, payload = row[0], row[1]
+    if payload is None:
+        return None
+    status = row[2]
+    if not waiting and status is None:
+        return None
+    return StoredResult(
+        payload=json.loads(payload),
+        status=status,
+        enqueued_at=row[3],
+        started_at=row[4],
+        finished_at=row[5],
+        last_attempted_at=row[6],
+        return_value=_json(row[7]),
+        errors=_json(row[8]) or [],
+        worker_ids=_json(row[9]) or [],
+    )
+
+
+def prune(channels: list[str], older_than: float, using: str) -> int:
+    """Delete what is known of the tasks of ``channels`` that finished more than
+    ``older_than`` seconds ago: results of successful ones, and failed ones (their row and
+    result). Returns how many results went."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"{LISTENER_TAG}WITH gone AS (DELETE FROM {_TABLE} WHERE channel = ANY(%s) "
+            "AND failed_at < now() - make_interval(secs => %s::float8) RETURNING id) "
+            f"DELETE FROM {_RESULTS} WHERE finished_at < now() - make_interval(secs => %s::float8) "
+            f"AND (id IN (SELECT id FROM gone) OR NOT EXISTS "
+            f"(SELECT 1 FROM {_TABLE} AS n WHERE n.id = {_RESULTS}.id))",
+            [channels, older_than, older_than],
+        )
+        return cursor.rowcount
+
+
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

@@ -1,0 +1,239 @@
+"""Running one task: what a queue's stored message does when a worker runs it.
+
+A task runs inside the transaction that holds its row, in its own savepoint, like any
+lockable message: its database work, its result and the row's deletion commit together, or
+not at all. A failed attempt is rolled back; pgpubsub records it on the row (and the retry
+policy decides when it runs again), and :func:`record_failure` adds the error to the task's
+result in the same transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import threading
+import traceback
+from inspect import iscoroutinefunction
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+from django.utils.module_loading import import_string
+
+from pgpubsub import current, event_loop, signals
+from pgpubsub.channel import _load_json
+from pgpubsub.exceptions import InvalidPayload
+from pgpubsub.models import notifications_alias
+from pgpubsub.retries import RetryStrategy
+from pgpubsub.tasks import compat, queues, rows
+
+_HOST = socket.gethostname()
+
+
+def worker_id() -> str:
+    """Who runs a task: ``host:pid:thread``."""
+    return f"{_HOST}:{os.getpid()}:{threading.current_thread().name}"
+
+
+class TaskNotFound(InvalidPayload):
+    """A stored task names a function that cannot be imported, or that is not a task."""
+
+
+class BadReturnValue(TypeError):
+    """A task returned a value that cannot be stored as JSON (it is not tried again)."""
+
+
+#: The policy of errors another attempt would not fix.
+_NO_RETRY = RetryStrategy(max_attempts=1)
+
+
+def run_task(**kwargs: Any) -> None:
+    """The listener every task queue's channel registers (its messages run themselves)."""
+
+
+def load_task(path: str) -> Any:
+    """The task at dotted path ``path``; :class:`TaskNotFound` if there is none."""
+    try:
+        found = import_string(path)
+    except ImportError as exc:
+        raise TaskNotFound(f"Task {path!r} cannot be imported: {exc}") from None
+    if not isinstance(found, compat.Task):
+        raise TaskNotFound(f"{path!r} is not a task (decorate the function with @task)")
+    return found
+
+
+def task_of(payload: dict[str, Any], alias: str) -> Any:
+    """The task of a stored ``payload``, with the options it was enqueued with."""
+    task = load_task(payload["task"])
+    run_after = payload.get("run_after")
+    return dataclasses.replace(
+        task,
+        priority=payload.get("priority", 0),
+        queue_name=payload.get("queue", task.queue_name),
+        run_after=parse_datetime(run_after) if run_after else None,
+        backend=payload.get("backend", alias),
+    )
+
+
+class TaskRun:
+    """One stored task, read and ready to run."""
+
+    def __init__(self, queue: type[queues.TaskQueue], payload: dict[str, Any], task: Any) -> None:
+        self.queue = queue
+        self.payload = payload
+        self.task = task
+
+    @classmethod
+    def from_payload(cls, queue: type[queues.TaskQueue], payload: Any) -> TaskRun:
+        """Read a stored task; an unreadable one (not JSON, arguments missing, its function
+        gone) raises :class:`~pgpubsub.exceptions.InvalidPayload`: it fails for good, and its
+        result says why."""
+        data = _load_json(payload)
+        if not isinstance(data, dict) or not isinstance(data.get("task"), str):
+            raise InvalidPayload(f"Not a stored task: {payload!r:.200}")
+        if not isinstance(data.get("args", []), list) or not isinstance(
+            data.get("kwargs", {}), dict
+        ):
+            raise InvalidPayload(f"The arguments of task {data['task']!r} cannot be read")
+        try:
+            task = task_of(data, queue.backend_alias)
+        except compat.InvalidTask as exc:
+            raise TaskNotFound(f"Task {data['task']!r} cannot run here: {exc}") from None
+        return cls(queue, data, task)
+
+    def execute_callbacks(self) -> None:
+        running = current.running()
+        if running is None:
+            raise RuntimeError("A task runs only as a stored message (pgpubsub's workers)")
+        using = self.queue.database or notifications_alias()
+        started = timezone.now()
+        me = worker_id()
+        workers, errors, first_started = (
+            rows.earlier_attempts(running.row_id, using) if running.attempt > 1 else ([], [], None)
+        )
+        result = self._result(
+            running.row_id,
+            compat.TaskResultStatus.RUNNING,
+            first_started or started,
+            None,
+            started,
+            errors,
+            [*workers, me],
+        )
+        sender = self._sender()
+        compat.task_started.send(sender=sender, task_result=result)
+        args, kwargs = self.payload.get("args", []), self.payload.get("kwargs", {})
+        if self.task.takes_context:
+            args = [compat.TaskContext(task_result=result), *args]
+        try:
+            value = self._call(args, kwargs)
+        except Exception as error:
+            policy = getattr(self.task.func, queues.TASK_POLICY_ATTRIBUTE, None)
+            _mark(error, policy, started, me)
+            raise
+        try:
+            value = compat.normalize_json(value)
+            finished = timezone.now()
+            rows.write_success(running.row_id, self.payload, started, finished, me, value, using)
+        except (TypeError, ValueError) as exc:
+            error = BadReturnValue(f"Task {self.task.module_path} returned {exc}")
+            _mark(error, _NO_RETRY, started, me)
+            raise error from exc
+        done = self._result(
+            running.row_id,
+            compat.TaskResultStatus.SUCCESSFUL,
+            first_started or started,
+            finished,
+            started,
+            errors,
+            [*workers, me],
+            value,
+        )
+        transaction.on_commit(
+            lambda: compat.task_finished.send(sender=sender, task_result=done), using=using
+        )
+
+    def _call(self, args: list, kwargs: dict) -> Any:
+        func = self.task.func
+        if iscoroutinefunction(func):
+            return event_loop.run(func(*args, **kwargs))
+        return func(*args, **kwargs)
+
+    def _sender(self) -> type:
+        return type(compat.task_backends[self.queue.backend_alias])
+
+    def _result(
+        self,
+        row_id: int,
+        status: Any,
+        started: datetime.datetime | None,
+        finished: datetime.datetime | None,
+        attempted: datetime.datetime | None,
+        errors: list[dict],
+        workers: list[str],
+        value: Any = None,
+    ) -> Any:
+        from pgpubsub.tasks.results import make_result
+
+        return make_result(
+            self.task,
+            row_id,
+            self.payload,
+            status,
+            enqueued_at=None,
+            started_at=started,
+            finished_at=finished,
+            last_attempted_at=attempted,
+            errors=errors,
+            worker_ids=workers,
+            return_value=value,
+        )
+
+
+def _mark(error: BaseException, policy: Any, started: datetime.datetime, worker: str) -> None:
+    """Tell :func:`record_failure` (and the queue's policy) about the attempt that raised."""
+    try:
+        error._pgpubsub_task_attempt = (started, worker)  # type: ignore[attr-defined]
+        if policy is not None:
+            setattr(error, queues.POLICY_ATTRIBUTE, policy)
+    except AttributeError:  # an exception with __slots__: the defaults apply
+        pass
+
+
+def record_failure(sender: type, row_id: int, error: BaseException, final: bool, **kwargs: Any):
+    """A receiver of ``message_failed``: a task's failed attempt (or a task that could not be
+    read) goes into its result, in the transaction that records it on the row."""
+    if not (isinstance(sender, type) and issubclass(sender, queues.TaskQueue)) or row_id is None:
+        return
+    now = timezone.now()
+    started, worker = getattr(error, "_pgpubsub_task_attempt", (now, worker_id()))
+    kind = type(error)
+    described = {
+        "exception_class_path": f"{kind.__module__}.{kind.__qualname__}",
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    using = sender.database or notifications_alias()
+    rows.write_failure(row_id, final, started, now, worker, described, using)
+    if final:
+        _finished_failed(sender, row_id, using)
+
+
+def _finished_failed(queue: type[queues.TaskQueue], row_id: int, using: str) -> None:
+    """Send ``task_finished`` for a task that failed for good, once that commits."""
+    from pgpubsub.tasks.results import stored_result
+
+    def send() -> None:
+        try:
+            result = stored_result(queue.backend_alias, row_id, using)
+        except Exception:  # its task cannot be imported: no TaskResult can be made
+            return
+        sender = type(compat.task_backends[queue.backend_alias])
+        compat.task_finished.send(sender=sender, task_result=result)
+
+    transaction.on_commit(send, using=using)
+
+
+signals.message_failed.connect(record_failure, dispatch_uid="pgpubsub.tasks.record_failure")
