@@ -267,7 +267,12 @@ def claim_ids(
                 *params,
             ],
         )
-        return sorted(StoredRow(*row) for row in cursor.fetchall())
+        claimed = [StoredRow(*row) for row in cursor.fetchall()]
+    if getattr(channel_cls, "read_page", None) is not None:
+        # A channel that orders its pages itself (tasks: by priority) runs them in that order.
+        position = {pk: index for index, pk in enumerate(row_ids)}
+        return sorted(claimed, key=lambda row: position.get(row.pk, 0))
+    return sorted(claimed)
 
 
 def _asynchronous_commit(using: str) -> str:
