@@ -397,4 +397,7 @@ class NotificationAdmin(admin.ModelAdmin):
 
 
 if apps.is_installed("django.contrib.admin"):
+    from pgpubsub.tasks.admin import TaskResultAdmin, TaskResultRecord
+
     admin.site.register(Notification, NotificationAdmin)
+    admin.site.register(TaskResultRecord, TaskResultAdmin)

@@ -288,3 +288,26 @@ def test_async_listeners_run_on_the_loop_beside_sync_ones(runtimes, async_listen
     # The failing one raised after its write: the message is retried (its row stays).
     wait_for(lambda: Notification.objects.filter(attempts__gte=1).exists(), 20, "a failed attempt")
     assert Notification.objects.get().payload["kwargs"]["key"] == "bad"
+
+
+def test_waiting_and_failed_tasks_show_in_status_and_results_in_the_admin(runtimes, admin_client):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    waiting = tasks.send_welcome.enqueue("ann@example.com")
+    out = StringIO()
+    call_command("pgpubsub", "status", stdout=out)
+    assert "pgpubsub.tasks.default.emails" in out.getvalue()
+    runtimes(workers=1)
+    done = finished(tasks.send_welcome, waiting.id)
+    failed = finished(tasks.always_fails, tasks.always_fails.enqueue("admin").id)
+    listing = admin_client.get("/admin/pgpubsub/taskresultrecord/").content.decode()
+    assert "tests.testapp.tasks.send_welcome" in listing and "SUCCESSFUL" in listing
+    detail = admin_client.get(f"/admin/pgpubsub/taskresultrecord/{done.id}/change/")
+    assert detail.status_code == 200 and "sent to ann@example.com" in detail.content.decode()
+    failed_page = admin_client.get(f"/admin/pgpubsub/taskresultrecord/{failed.id}/change/")
+    assert "admin always fails" in failed_page.content.decode()
+    # The failed task waits among the stored notifications, where it can be retried.
+    stored = admin_client.get("/admin/pgpubsub/notification/").content.decode()
+    assert "pgpubsub.tasks.default.default" in stored
