@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "example" / "manage.py"
 NAMES = ["Ann", "Bob", "Chiara"]
 READS = {"Ann": 3, "Bob": 1, "Chiara": 2}  # what the demo reads, see example/blog/.../demo.py
-CHANNELS = "blog.channels.AuthorTriggerChannel, blog.channels.PostReads"
+CHANNELS = (
+    "pgpubsub.tasks.default.default, pgpubsub.tasks.default.emails, "  # TASKS' queues
+    "blog.channels.AuthorTriggerChannel, blog.channels.PostReads"
+)
 
 #: Seconds a run of the demo may take (it gives each step 30 s, the server 20 s to stop).
 DEMO_TIMEOUT = 100
@@ -255,7 +258,35 @@ def assert_demo_worked(demo: Demo, output: str, database_url: str) -> None:
         if written.get(name, (None,))[0] == number
     }
     assert counted == READS, output
-    processed = len(NAMES) + sum(READS.values())
+    # A welcome email task per author, enqueued by the view with the insert: the web server's
+    # Runtime ran it once, and its result (kept in pgpubsub_taskresult) says so.
+    emails = {
+        name: (int(result), int(pid))
+        for name, result, pid in re.findall(
+            r"Author '(\w+)' -> task result (\d+): SUCCESSFUL in process (\d+) \(the web server\), "
+            r"returned 'Welcome to the blog, \1'",
+            output,
+        )
+    }
+    assert sorted(emails) == sorted(NAMES), output
+    assert {pid for _, pid in emails.values()} == {server}, output
+    for name in NAMES:
+        assert re.search(
+            rf"INFO blog\.tasks: Sent the welcome email of author \d+ in process {server}: "
+            rf"'Hello {name}, welcome to the blog!",
+            output,
+        ), output
+    results = query(
+        database_url,
+        "SELECT r.id, a.name, r.status, r.return_value #>> '{}', jsonb_array_length(r.worker_ids) "
+        "FROM pgpubsub_taskresult r JOIN blog_author a ON a.id = (r.payload -> 'args' ->> 0)::int "
+        "WHERE r.task_path = 'blog.tasks.send_welcome_email' AND r.id = ANY(%s)",
+        [[result for result, _ in emails.values()]],
+    )
+    assert sorted(results) == sorted(
+        (emails[name][0], name, "SUCCESSFUL", f"Welcome to the blog, {name}", 1) for name in NAMES
+    ), results
+    processed = 2 * len(NAMES) + sum(READS.values())  # trigger messages, tasks, reads
     assert (
         f"The Runtime of the web server (pid {server}): processed {processed} messages, "
         "failed 0, queue depth 0, in flight 0."

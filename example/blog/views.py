@@ -1,12 +1,14 @@
 import os
 
 from django.conf import settings
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from blog.models import Author, Post
+from blog.tasks import send_welcome_email
 from pgpubsub import embedded
 from pgpubsub.views import can_see_details
 
@@ -20,8 +22,12 @@ def index(request: HttpRequest) -> HttpResponse:
 def create_author(request: HttpRequest) -> HttpResponse:
     name = request.POST.get("name", "").strip()
     if name:
-        # The insert fires the author trigger; a listener writes the welcome post.
-        Author.objects.create(name=name)
+        with transaction.atomic():
+            # The insert fires the author trigger (a listener writes the welcome post), and the
+            # welcome email task is stored in the same transaction: both run once it commits,
+            # neither if it rolls back.
+            author = Author.objects.create(name=name)
+            send_welcome_email.enqueue(author.pk)
     return redirect("index")
 
 

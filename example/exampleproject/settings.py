@@ -57,6 +57,15 @@ PGPUBSUB_EMBEDDED = True
 # /pgpubsub/status/ (a long random secret; unset: staff only, and here DEBUG's INTERNAL_IPS).
 PGPUBSUB_HEALTH_TOKEN = os.environ.get("PGPUBSUB_HEALTH_TOKEN")
 
+# Django's tasks framework (django.tasks; on Django 4.2 and 5.2 the django-tasks backport):
+# tasks are stored in this database and run by pgpubsub's Runtimes (docs/tasks.md).
+TASKS = {
+    "default": {
+        "BACKEND": "pgpubsub.tasks.DatabaseBackend",
+        "QUEUES": ["default", "emails"],
+    }
+}
+
 # What the listeners and pgpubsub's Runtime do shows in the web server's output.
 LOGGING = {
     "version": 1,

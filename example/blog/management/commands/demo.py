@@ -28,8 +28,9 @@ from django.db.models import Count, Max
 
 from blog.channels import AuthorTriggerChannel
 from blog.models import Author, Post
+from blog.tasks import send_welcome_email
 from pgpubsub.connection import LISTENER_TAG
-from pgpubsub.models import Notification
+from pgpubsub.models import Notification, TaskResultRecord
 
 MANAGE = Path(__file__).resolve().parents[3] / "manage.py"
 
@@ -97,6 +98,7 @@ class Command(BaseCommand):
                 f"{server.sessions(listening=True)} listening, {server.sessions()} in all."
             )
             posts = self.create_authors(server)
+            self.show_welcome_emails(server, posts)
             self.read_posts(server, posts)
             status = server.status()
             self.say(
@@ -177,6 +179,37 @@ class Command(BaseCommand):
             f"left: {left})"
         )
         return posts
+
+    def show_welcome_emails(self, server: WebServer, posts: dict[str, Post]) -> None:
+        self.say(
+            "\nThe same POST enqueued the task send_welcome_email(author_id) in the transaction "
+            "that inserted the\nauthor (Django's tasks framework, pgpubsub's backend); the "
+            "Runtime in the web server ran it:"
+        )
+        authors = {post.author_id: name for name, post in posts.items()}
+        path = send_welcome_email.module_path
+        found: dict[str, int] = {}
+
+        def done() -> bool:
+            # A task's result id is that of its stored row; pgpubsub_taskresult keeps its
+            # result. The demo did not enqueue the tasks (the web server did): it finds them.
+            for record in TaskResultRecord.objects.filter(task_path=path, status="SUCCESSFUL"):
+                args = record.payload.get("args") or [None]
+                if args[0] in authors:
+                    found[authors[args[0]]] = record.pk
+            return len(found) == len(authors)
+
+        server.wait_for(done, "the welcome email tasks to run")
+        for name in READS:
+            result = send_welcome_email.get_result(str(found[name]))
+            pid = worker_pid(result.worker_ids[-1])
+            where = "the web server" if pid == server.pid else "another process"
+            self.say(
+                f"  Author '{name}' -> task result {result.id}: {result.status.name} in process "
+                f"{pid} ({where}), returned {result.return_value!r}"
+            )
+        lines = [line for line in server.output().splitlines() if "Sent the welcome email" in line]
+        self.say("  The web server's log:" + "".join(f"\n    {line}" for line in lines))
 
     def read_posts(self, server: WebServer, posts: dict[str, Post]) -> None:
         self.say(
@@ -383,6 +416,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def worker_pid(worker_id: str) -> int | None:
+    """The process of a task result's worker id (``host:pid:thread``)."""
+    found = re.search(r":(\d+):", worker_id)
+    return int(found[1]) if found else None
 
 
 def describe_database() -> str:
