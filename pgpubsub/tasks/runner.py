@@ -81,16 +81,16 @@ def task_of(payload: dict[str, Any], alias: str) -> Any:
 class TaskRun:
     """One stored task, read and ready to run."""
 
-    def __init__(self, queue: type[queues.TaskQueue], payload: dict[str, Any], task: Any) -> None:
+    def __init__(self, queue: type[queues.TaskQueue], payload: dict[str, Any]) -> None:
         self.queue = queue
         self.payload = payload
-        self.task = task
+        self.task: Any = None
 
     @classmethod
     def from_payload(cls, queue: type[queues.TaskQueue], payload: Any) -> TaskRun:
-        """Read a stored task; an unreadable one (not JSON, arguments missing, its function
-        gone) raises :class:`~pgpubsub.exceptions.InvalidPayload`: it fails for good, and its
-        result says why."""
+        """Read a stored task; an unreadable one (not JSON, its arguments not a list and a
+        dict) raises :class:`~pgpubsub.exceptions.InvalidPayload`: it fails for good (another
+        attempt would read the same bytes), and its result says why."""
         data = _load_json(payload)
         if not isinstance(data, dict) or not isinstance(data.get("task"), str):
             raise InvalidPayload(f"Not a stored task: {payload!r:.200}")
@@ -98,16 +98,18 @@ class TaskRun:
             data.get("kwargs", {}), dict
         ):
             raise InvalidPayload(f"The arguments of task {data['task']!r} cannot be read")
-        try:
-            task = task_of(data, queue.backend_alias)
-        except compat.InvalidTask as exc:
-            raise TaskNotFound(f"Task {data['task']!r} cannot run here: {exc}") from None
-        return cls(queue, data, task)
+        return cls(queue, data)
 
     def execute_callbacks(self) -> None:
         running = current.running()
         if running is None:
             raise RuntimeError("A task runs only as a stored message (pgpubsub's workers)")
+        # A task this process cannot import is a failed attempt, retried as any: during a
+        # deploy, a process of the old code may meet a task of the new one.
+        try:
+            self.task = task_of(self.payload, self.queue.backend_alias)
+        except compat.InvalidTask as exc:
+            raise TaskNotFound(f"Task {self.payload['task']!r} cannot run here: {exc}") from None
         using = self.queue.database or notifications_alias()
         started = timezone.now()
         me = worker_id()
