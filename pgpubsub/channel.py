@@ -370,13 +370,18 @@ def _model_from_annotation(cls: type[TriggerChannel]) -> None:
 def locate_channel(channel: type[BaseChannel] | str) -> type[BaseChannel]:
     """The channel class itself, or the class at a dotted path."""
     if isinstance(channel, str):
-        located = _by_listen_name.get(channel) or locate(channel)
+        located = _by_listen_name.get(channel) or locate(channel) or _registered_as(channel)
         if located is None:
             raise ChannelNotFound(f"Channel not found! No channel class at {channel!r}.")
         channel = located
     if not (isinstance(channel, type) and issubclass(channel, BaseChannel)):
         raise ChannelNotFound(f"Channel not found! {channel!r} is not a pgpubsub channel class.")
     return channel
+
+
+def _registered_as(name: str) -> type[BaseChannel] | None:
+    """A registered channel whose name() is ``name`` but is not at that path (task queues)."""
+    return next((cls for cls in registry if cls.name() == name), None)
 
 
 def select_channels(

@@ -316,3 +316,11 @@ def test_waiting_and_failed_tasks_show_in_status_and_results_in_the_admin(runtim
     # The failed task waits among the stored notifications, where it can be retried.
     stored = admin_client.get("/admin/pgpubsub/notification/").content.decode()
     assert "pgpubsub.tasks.default.default" in stored
+
+
+def test_task_queues_can_be_named_as_channels():
+    from pgpubsub.channel import locate_channel
+
+    queue = queues.channel("default", "emails")
+    assert locate_channel("pgpubsub.tasks.default.emails") is queue
+    assert locate_channel(queue.listen_safe_name()) is queue
