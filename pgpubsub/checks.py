@@ -115,6 +115,7 @@ def _check_runtime_settings() -> list:
         ("PGPUBSUB_NOTIFY_ON_WRITE", conf.notify_on_write, "False"),
         ("PGPUBSUB_WATCH_INTERVAL", conf.watch_interval, "1.5"),
         ("PGPUBSUB_IDLE_CONNECTION_TIMEOUT", conf.idle_connection_timeout, "30"),
+        ("PGPUBSUB_ASYNC_CONCURRENCY", conf.async_concurrency, "100"),
     ):
         try:
             read()

@@ -324,3 +324,18 @@ def test_task_queues_can_be_named_as_channels():
     queue = queues.channel("default", "emails")
     assert locate_channel("pgpubsub.tasks.default.emails") is queue
     assert locate_channel(queue.listen_safe_name()) is queue
+
+
+def test_system_checks_refuse_bad_task_settings(settings):
+    from django.core.checks import run_checks
+
+    settings.TASKS = {
+        "bad": {
+            "BACKEND": "pgpubsub.tasks.DatabaseBackend",
+            "QUEUES": [],
+            "OPTIONS": {"RESULT_TTL": "soon"},
+        }
+    }
+    settings.PGPUBSUB_ASYNC_CONCURRENCY = 0
+    found = {message.id for message in run_checks()}
+    assert {"pgpubsub.E018", "pgpubsub.E019", "pgpubsub.E011"} <= found

@@ -96,7 +96,7 @@ class DatabaseBackend(compat.BaseTaskBackend):
 
     def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         messages = [
-            checks.Error(problem, obj=f"TASKS[{self.alias!r}]", id="pgpubsub.E010")
+            checks.Error(problem, obj=f"TASKS[{self.alias!r}]", id="pgpubsub.E018")
             for problem in self._problems
         ]
         if not self.queues:
@@ -105,7 +105,7 @@ class DatabaseBackend(compat.BaseTaskBackend):
                     "QUEUES is empty: pgpubsub runs the queues it is told of",
                     hint="List the queue names, e.g. QUEUES = ['default', 'emails'].",
                     obj=f"TASKS[{self.alias!r}]",
-                    id="pgpubsub.E011",
+                    id="pgpubsub.E019",
                 )
             )
         return messages

@@ -36,6 +36,10 @@ except ImportError:  # Django < 6.0: the backport, if installed
         from django_tasks.exceptions import TaskResultDoesNotExist, TaskResultMismatch
         from django_tasks.signals import task_enqueued, task_finished, task_started
         from django_tasks.utils import normalize_json
+
+        # Registers the system check of every task backend (the backport registers it in its
+        # own AppConfig, which a project need not install).
+        from django_tasks import checks as _checks  # noqa: F401
     except ImportError as exc:
         raise ImportError(
             "pgpubsub.tasks needs Django's tasks framework: Django 6.0 or later, or on Django "
