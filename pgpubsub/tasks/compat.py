@@ -30,16 +30,16 @@ except ImportError:  # Django < 6.0: the backport, if installed
             TaskResultStatus,
             task_backends,
         )
+
+        # Registers the system check of every task backend (the backport registers it in its
+        # own AppConfig, which a project need not install).
+        from django_tasks import checks as _checks  # noqa: F401
         from django_tasks.backends.base import BaseTaskBackend
         from django_tasks.base import Task, TaskError
         from django_tasks.exceptions import InvalidTaskError as InvalidTask
         from django_tasks.exceptions import TaskResultDoesNotExist, TaskResultMismatch
         from django_tasks.signals import task_enqueued, task_finished, task_started
         from django_tasks.utils import normalize_json
-
-        # Registers the system check of every task backend (the backport registers it in its
-        # own AppConfig, which a project need not install).
-        from django_tasks import checks as _checks  # noqa: F401
     except ImportError as exc:
         raise ImportError(
             "pgpubsub.tasks needs Django's tasks framework: Django 6.0 or later, or on Django "
