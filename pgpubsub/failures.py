@@ -279,6 +279,7 @@ class Failures:
             error = ListenerProcessDied(
                 f"the process that claimed it ({row.died}) ended while its listeners ran"
             )
+            error.claim = row.died  # host:pid:random of the process that died
             fields = message_fields(channel_cls, row.pk, row.attempts)
             if row.failed:
                 logger.error(

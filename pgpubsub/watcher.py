@@ -18,7 +18,8 @@ Every Runtime LISTENs for those wake-ups and claims the rows as usual.
   ``ACTIVE_WINDOW`` seconds after the last, so that a writer's pause costs the next row no
   latency) and back off, doubling, to ``PGPUBSUB_WATCH_INTERVAL`` when none do.
 - **Rows that commit late.** Ids are taken when a row is inserted, not when it commits: a row
-  of a long transaction can become visible below the watermark. The ids missing below the
+  of a long transaction can become visible below the watermark (also below a new watcher's
+  first one: its ``FIRST_LOOK_GAPS`` newest ids are gaps too). The ids missing below the
   watermark (*gaps*: a transaction still open, one rolled back, a row already processed) are
   looked for again with every look, for ``GAP_TIMEOUT`` seconds (at most ``MAX_GAPS`` of them).
 - **Nothing lost.** A wake-up is only a hint: whatever no look announced (a watcher killed
@@ -58,6 +59,9 @@ ELECTION_INTERVAL = 5.0
 GAP_TIMEOUT = 10.0
 #: The most missing ids looked for at once (the newest are kept).
 MAX_GAPS = 1000
+#: How many of the newest ids below its first watermark a new watcher looks for as gaps (rows
+#: of transactions that took their id before the look and commit after it).
+FIRST_LOOK_GAPS = 64
 #: Seconds before a look that failed for another reason than the connection is tried again.
 FAILED_LOOK_PAUSE = 30.0
 
@@ -175,9 +179,13 @@ class Watcher:
                 top = max(top, highest)
             if (new or late) and not notifies:
                 found.append((lowest, store.wire_name(stored)))
-        if first and not rows:
-            top = self._sequence_position(cursor)  # ids missing below it are no news
-        elif not first and top - mark > present:
+        if first:
+            if not rows:
+                top = self._sequence_position(cursor)  # older ids missing below it are no news
+            # The newest ids below the first watermark may belong to writers that commit after
+            # this look: they are looked for, as gaps.
+            self._missing(cursor, max(0, top - FIRST_LOOK_GAPS), top, now)
+        elif top - mark > present:
             self._missing(cursor, mark, top, now)
         self.watermark = top
         for row_id, since in list(self.gaps.items()):

@@ -126,7 +126,7 @@ def write_success(
 def write_failure(
     row_id: int,
     final: bool,
-    started_at: datetime.datetime,
+    started_at: datetime.datetime | None,
     attempted_at: datetime.datetime,
     worker_id: str,
     error: dict[str, str],
@@ -151,7 +151,7 @@ def _upsert(
     row_id: int,
     status: str,
     payload: dict[str, Any] | None,
-    started_at: datetime.datetime,
+    started_at: datetime.datetime | None,
     finished_at: datetime.datetime | None,
     attempted_at: datetime.datetime,
     worker_id: str,

@@ -212,6 +212,9 @@ def record_failure(sender: type, row_id: int, error: BaseException, final: bool,
         return
     now = timezone.now()
     started, worker = getattr(error, "_pgpubsub_task_attempt", (now, worker_id()))
+    died = getattr(error, "claim", None)
+    if died:  # the attempt of a process that died: its host and pid, when it started unknown
+        started, worker = None, ":".join(died.split(":")[:2])
     kind = type(error)
     described = {
         "exception_class_path": f"{kind.__module__}.{kind.__qualname__}",
