@@ -15,6 +15,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from benchmarks import tasks
 from benchmarks.harness import (
     CLOCK_TICKS,
     EMBEDDED_THREADS,
@@ -66,6 +67,9 @@ FULL = Sizes(
     watch_seconds=30.0,
     settle_seconds=3.0,
     idle_connection_timeout=5.0,
+    tasks=5000,
+    task_rate=100.0,
+    task_enqueues=2000,
 )
 QUICK = Sizes(
     events=100,
@@ -84,6 +88,9 @@ QUICK = Sizes(
     watch_seconds=2.0,
     settle_seconds=1.0,
     idle_connection_timeout=1.0,
+    tasks=100,
+    task_rate=100.0,
+    task_enqueues=100,
 )
 NOTES = [
     "In django-pgpubsub 1.3.1, lockable channels published with `notify()` are never processed "
@@ -133,7 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"idle {QUICK.idle_seconds:g}s, paced {QUICK.paced_seconds:g}s, web windows "
         f"{QUICK.web_seconds:g}s, N={QUICK.noop_rows}, writers {QUICK.writer_seconds:g}s, "
         f"burst {QUICK.burst_seconds:g}s, watcher window {QUICK.watch_seconds:g}s, idle "
-        f"connection timeout {QUICK.idle_connection_timeout:g}s, no backlog workload "
+        f"connection timeout {QUICK.idle_connection_timeout:g}s, N_T={QUICK.tasks}, "
+        f"E={QUICK.task_enqueues}, no backlog workload "
         "unless --backlog is given).",
     )
     parser.add_argument("--events", type=int, help=f"K, Events per run (default {FULL.events}).")
@@ -206,6 +214,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"(default {FULL.idle_connection_timeout:g}).",
     )
     parser.add_argument(
+        "--tasks",
+        type=int,
+        help=f"N_T, no-op tasks drained by one worker, workload 39 (default {FULL.tasks}).",
+    )
+    parser.add_argument(
+        "--task-rate",
+        type=float,
+        help=f"Tasks per second of the paced producer, workload 40 (default {FULL.task_rate:g}; "
+        "it sends for --paced-seconds).",
+    )
+    parser.add_argument(
+        "--task-enqueues",
+        type=int,
+        help=f"E, timed enqueues (and lockable notify()s), workload 41 (default "
+        f"{FULL.task_enqueues}).",
+    )
+    parser.add_argument(
+        "--skip-tasks-db",
+        action="store_true",
+        help="Measure the tasks workloads (39-41) on this checkout only: no django-tasks-db venv.",
+    )
+    parser.add_argument(
         "--only",
         help="Comma-separated workload numbers or names, e.g. 1,2,ceiling, or groups: "
         + ", ".join(GROUPS)
@@ -238,7 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    for name in ("events", "messages", "backlog", "noop_rows"):
+    for name in ("events", "messages", "backlog", "noop_rows", "tasks", "task_enqueues"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             parser.error(f"--{name.replace('_', '-')} must be at least 2")
     if args.burst_writers is not None and args.burst_writers < 1:
@@ -252,6 +282,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "burst_seconds",
         "watch_seconds",
         "idle_connection_timeout",
+        "task_rate",
     ):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -285,6 +316,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         watch_seconds=args.watch_seconds or base.watch_seconds,
         settle_seconds=base.settle_seconds,
         idle_connection_timeout=args.idle_connection_timeout or base.idle_connection_timeout,
+        tasks=args.tasks or base.tasks,
+        task_rate=args.task_rate or base.task_rate,
+        task_enqueues=args.task_enqueues or base.task_enqueues,
     )
     args.workloads = [w.sized(args.sizes) for w in args.workloads]
     args.skipped = [w for w in args.workloads if w.needs_backlog and not args.sizes.backlog]
@@ -326,9 +360,18 @@ def main(argv: list[str] | None = None) -> int:
             for side in sides:
                 if side.checkout:
                     ensure_gunicorn(side, args.venv_dir.parent, processes)
-        context = Context(server, databases, processes, args.sizes, {s.name: s for s in sides})
+        # django-tasks-db: measured within the tasks workloads' runs, not a column of its own.
+        tasks_db = None
+        if any(w.name in tasks.NAMES for w in args.workloads) and not args.skip_tasks_db:
+            log("preparing django-tasks-db")
+            venv = args.venv_dir.parent / tasks.TASKS_DB_VENV_NAME
+            tasks_db = tasks.prepare_tasks_db(workdir, venv, server, databases, processes)
+        named = {s.name: s for s in sides}
+        if tasks_db is not None:
+            named[tasks_db.name] = tasks_db
+        context = Context(server, databases, processes, args.sizes, named)
         results = measure(context, args.workloads, sides, args.repeat)
-        report = build_report(args, server, sides, results)
+        report = build_report(args, server, sides, results, tasks_db)
         markdown = render_markdown(report)
         print(markdown)
         if args.output:
@@ -417,7 +460,9 @@ def _ratio(value: dict | None, reference: dict | None) -> float | None:
     return None
 
 
-def build_report(args, server: Server, sides: list[Side], results: dict) -> dict:
+def build_report(
+    args, server: Server, sides: list[Side], results: dict, tasks_db: Side | None = None
+) -> dict:
     psycopg3 = any(side.name == OURS_PSYCOPG3 for side in sides)
     rows = []
     for workload in args.workloads:
@@ -478,13 +523,15 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
             "burst seconds": args.sizes.burst_seconds,
             "watcher window seconds": args.sizes.watch_seconds,
             "idle connection timeout (38)": args.sizes.idle_connection_timeout,
+            **tasks.sizes_lines(args.sizes),
             "repeat": args.repeat,
         },
         "engine": ENGINE_LINE,
-        "sides": {side.name: side.versions for side in sides},
+        "sides": {side.name: side.versions for side in [*sides, *filter(None, [tasks_db])]},
         "rows": rows,
         "summary": summary_lines(rows),
         "targets": targets(args, sides, rows),
+        "task_targets": tasks.task_targets(args, rows),
         "scaling": grid(_SCALING_COLUMNS, _SCALING_ROWS, results),
         "comparison": grid(_COMPARISON_COLUMNS, _COMPARISON_ROWS, results),
         "web": grid(_WEB_COLUMNS, _WEB_ROWS, results),
@@ -495,7 +542,8 @@ def build_report(args, server: Server, sides: list[Side], results: dict) -> dict
         + engine_notes(args)
         + idle_notes(args, results)
         + web_notes(args, results)
-        + per_message_notes(args, results),
+        + per_message_notes(args, results)
+        + tasks.notes(args, tasks_db),
         "errors": [e for w in args.workloads for e in results[w.name]["errors"]],
     }
 
@@ -1307,6 +1355,15 @@ def render_markdown(report: dict) -> str:
         lines += [
             f"- issue {t['issue']}: {t['target']}: {t['measured']} — {t['verdict']}"
             for t in measured
+        ]
+    if report.get("task_targets"):
+        lines += [
+            "",
+            "Targets of the tasks backend (workloads 29, 39-41), measured in this run:",
+            "",
+        ]
+        lines += [
+            f"- {t['target']}: {t['measured']} — {t['verdict']}" for t in report["task_targets"]
         ]
     for key, heading in (
         ("scaling", "Scaling of this checkout: `listen` processes and threads, and embedded"),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psycopg2
 
+from benchmarks import tasks
 from benchmarks.harness import (
     COMMAND_TIMEOUT,
     EMBEDDED_THREADS,
@@ -80,6 +81,9 @@ class Sizes:
     watch_seconds: float = 20.0  # idle window of the 4 Runtimes (37)
     settle_seconds: float = 3.0  # pause before the idle measurements of 37 and 38
     idle_connection_timeout: float = 5.0  # PGPUBSUB_IDLE_CONNECTION_TIMEOUT of workload 38
+    tasks: int = 5000  # N_T: no-op tasks drained by one worker (39)
+    task_rate: float = 100.0  # tasks per second of the paced producer (40)
+    task_enqueues: int = 2000  # E: timed enqueues, one per transaction (41)
 
     def wait_timeout(self, count: int) -> float:
         """Seconds to wait for ``count`` messages: generous for 1.3.1's ~100 rows/s."""
@@ -1811,6 +1815,19 @@ WORKLOADS: tuple[Workload, ...] = (
         Engine(embedded=True, processes=SESSION_WEB_WORKERS, threads=EMBEDDED_THREADS),
         ours_only=True,
     ),
+    # Django's tasks framework: pgpubsub.tasks against django-tasks-db (benchmarks/tasks.py).
+    *(
+        Workload(
+            number,
+            name,
+            title,
+            tuple(Metric(*spec) for spec in metrics),
+            run,
+            ours_only=True,
+            listens=name != "task-enqueue",
+        )
+        for number, name, title, metrics, run in tasks.SPECS
+    ),
 )
 
 #: Names that select several workloads in ``--only``.
@@ -1843,6 +1860,8 @@ GROUPS = {
         "bulk-emb",
         "broadcast-emb",
     ),
+    # Django's tasks: pgpubsub.tasks against django-tasks-db, and the no-op lockable drain
+    "tasks": tasks.GROUP,
 }
 
 

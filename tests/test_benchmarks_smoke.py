@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The workloads of ``listen`` with one thread (1-12), and the newer ones: ``--threads`` and
 #: ``--processes`` scaling and the embedded Runtime under gunicorn (13-28), the library's cost
 #: per message against hand-written loops and the writers' commits/s (29-34), and delivery
-#: without NOTIFY in the writer's transaction: latency, burst, idle watcher, sessions (35-38).
+#: without NOTIFY in the writer's transaction: latency, burst, idle watcher, sessions (35-38), and
+#: Django's tasks on pgpubsub against django-tasks-db (39-41).
 BASE = [w for w in WORKLOADS if w.number <= 12]
 SCALING_AND_EMBEDDED = [w for w in WORKLOADS if 12 < w.number <= 28]
 #: The options of the quick run (sizes as small as they go while every workload still measures).
@@ -55,6 +56,11 @@ QUICK_OPTIONS = [
     "1",
     "--idle-connection-timeout",
     "1",
+    "--tasks",
+    "20",
+    "--task-enqueues",
+    "20",
+    "--skip-tasks-db",  # django-tasks-db's side: test_tasks_group_measures_django_tasks_db
 ]
 
 
@@ -261,7 +267,7 @@ def test_quick_run_measures_delivery_without_notify_on_write(quick_run):
     while `listen` runs (every row exactly once), the idle cost of a deployment of 4 Runtimes
     with its elected watcher, the sessions of 8 idle embedded gunicorn workers; each target of
     issue 15 printed beside its measurement."""
-    sized = [w for w in parse_args(QUICK_OPTIONS).workloads if w.number > 34]
+    sized = [w for w in parse_args(QUICK_OPTIONS).workloads if 34 < w.number <= 38]
     assert [w.name for w in sized] == ["latency-on-write", "burst", "watcher-idle", "sessions-emb"]
     assert_table_rows(quick_run.stdout, sized)
     assert "38. sessions-emb [ours] with gunicorn, 8 sync workers" in quick_run.stderr
@@ -339,6 +345,76 @@ def test_quick_run_measures_what_the_runtime_adds_to_a_web_worker(quick_run):
     assert "The embedded Runtime adds" in summary and "an idle `listen`" in summary, summary
     assert any(note.startswith("Workload 28 starts gunicorn") for note in report["notes"])
     assert report["sizes"]["web seconds"] == 0.5
+
+
+#: The metrics of workloads 39-41 that need django-tasks-db's side.
+TASKS_DB_KEYS = {
+    ("task-drain", "db_rate"),
+    ("task-drain", "db_from_start"),
+    ("task-drain", "ratio"),
+    ("task-latency", "db_p50_ms"),
+    ("task-latency", "db_p99_ms"),
+    ("task-enqueue", "db_enqueue_us"),
+    ("task-enqueue", "db_enqueue_tx_us"),
+}
+
+
+def task_rows(report: dict) -> dict:
+    return {
+        (row["name"], row["key"]): row["ours"] and row["ours"]["median"]
+        for row in report["rows"]
+        if row["workload"] in (39, 40, 41)
+    }
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_measures_tasks_without_django_tasks_db(quick_run):
+    """Workloads 39-41 with ``--skip-tasks-db``: this checkout's tasks backend alone (no-op
+    tasks drained by ``listen``, enqueue-to-start latency, enqueue cost against a lockable
+    ``notify()``); django-tasks-db's metrics stay empty, and no venv is made for it."""
+    rows = task_rows(quick_run.report)
+    assert len(rows) == 17, rows
+    for key, value in rows.items():
+        assert (value is None) == (key in TASKS_DB_KEYS), (key, rows)
+    assert rows["task-drain", "rate"] > 0 and rows["task-drain", "from_start"] > 0, rows
+    assert 0 < rows["task-latency", "p50_ms"] <= rows["task-latency", "p99_ms"] < 60_000, rows
+    enqueue, notify = rows["task-enqueue", "enqueue_us"], rows["task-enqueue", "notify_us"]
+    assert 0 < enqueue < rows["task-enqueue", "enqueue_tx_us"], rows
+    assert abs(rows["task-enqueue", "ratio"] - enqueue / notify) < 1e-9, rows
+    assert "preparing django-tasks-db" not in quick_run.stderr
+    assert "tasks-db" not in quick_run.report["sides"]
+    targets = {t["target"].split(":")[0]: t for t in quick_run.report["task_targets"]}
+    drain = targets["no-op tasks, one `listen` process"]
+    assert "django-tasks-db not measured" in drain["measured"], drain
+    assert drain["verdict"] == "not met", drain
+    assert len(targets) == 4, targets  # 29 ran too: the comparison with lockable channels
+    assert "Targets of the tasks backend (workloads 29, 39-41)" in quick_run.stdout
+
+
+@pytest.mark.timeout(300)
+def test_tasks_group_measures_django_tasks_db(tmp_path):
+    """``--only tasks``: each run of 39-41 measures django-tasks-db (its venv made once from
+    PyPI, ``db_worker``) beside this checkout, and the report judges the tasks targets."""
+    output = tmp_path / "results.json"
+    result = run_benchmarks(
+        *["--quick", "--skip-theirs", "--repeat", "1", "--only", "tasks"],
+        *["--noop-rows", "50", "--tasks", "20", "--task-enqueues", "20"],
+        *["--paced-seconds", "0.5", "--database-url", os.environ["DATABASE_URL"]],
+        *["--output", str(output)],
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(output.read_text())
+    versions = report["sides"]["tasks-db"]
+    assert versions["django-tasks-db"] and versions["django"].startswith("5.2"), versions
+    rows = task_rows(report)
+    assert all(value is not None and value > 0 for value in rows.values()), rows
+    assert 0 < rows["task-latency", "db_p50_ms"] <= rows["task-latency", "db_p99_ms"], rows
+    ratio = rows["task-drain", "rate"] / rows["task-drain", "db_rate"]
+    assert abs(rows["task-drain", "ratio"] - ratio) < 1e-9, rows
+    assert [t["verdict"] in ("met", "not met") for t in report["task_targets"]] == [True] * 4
+    assert "39. task-drain [ours] with `listen`" in result.stderr
+    assert "django-tasks-db (0." in result.stdout  # the notes name its version
 
 
 def test_a_workload_of_this_checkout_only_runs_without_the_other_side():
@@ -471,7 +547,8 @@ def test_groups_select_workloads():
     assert [w.number for w in select("2,compare")] == [2, 4, 7, 16, 19, 23, 25, 26, 27]
     assert [w.number for w in select("per-message")] == [1, 4, 29, 30, 31, 32, 33]
     assert [w.number for w in select("issue15")] == [8, 34, 35, 36, 37, 38]
-    assert set(GROUPS) == {"scaling", "embedded", "compare", "per-message", "issue15"}
+    assert [w.number for w in select("tasks")] == [29, 39, 40, 41]
+    assert set(GROUPS) == {"scaling", "embedded", "compare", "per-message", "issue15", "tasks"}
 
 
 def test_quick_run_skips_the_backlog_workloads_without_a_size():
@@ -500,6 +577,8 @@ def test_quick_run_skips_the_backlog_workloads_without_a_size():
         (["--noop-rows", "1"], "--noop-rows must be at least 2"),
         (["--burst-writers", "0"], "--burst-writers must be at least 1"),
         (["--watch-seconds", "0"], "--watch-seconds must be positive"),
+        (["--task-rate", "0"], "--task-rate must be positive"),
+        (["--tasks", "1"], "--tasks must be at least 2"),
     ],
 )
 def test_rejects_bad_options(args, message):

@@ -2,6 +2,7 @@
 
 import json
 import os
+from importlib.util import find_spec
 
 SECRET_KEY = "pgpubsub-benchmarks"
 DEBUG = False
@@ -40,6 +41,16 @@ if os.environ.get("BENCH_WATCH_INTERVAL"):  # from the runner's environment, for
     PGPUBSUB_WATCH_INTERVAL = float(os.environ["BENCH_WATCH_INTERVAL"])
 if os.environ.get("BENCH_IDLE_CONNECTION_TIMEOUT"):
     PGPUBSUB_IDLE_CONNECTION_TIMEOUT = float(os.environ["BENCH_IDLE_CONNECTION_TIMEOUT"])
+# Django's tasks framework (benchmarks/tasks.py, workloads 39-41), where one is importable
+# (django.tasks, or the django-tasks backport): pgpubsub's backend, or django-tasks-db's
+# (BENCH_TASKS_BACKEND=db, in the venv the runner makes for it, with this checkout's pgpubsub
+# too). django-pgpubsub 1.3.1's venv has neither, and no TASKS.
+if find_spec("django_tasks_db"):
+    INSTALLED_APPS.append("django_tasks_db")
+if os.environ.get("BENCH_TASKS_BACKEND") == "db":
+    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+elif find_spec("django.tasks") or find_spec("django_tasks"):
+    TASKS = {"default": {"BACKEND": "pgpubsub.tasks.DatabaseBackend", "QUEUES": ["default"]}}
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 ROOT_URLCONF = "benchsite.urls"
 MIDDLEWARE = []
