@@ -224,6 +224,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
     assert "Applying pgpubsub.0008_notification_attempts... OK" in output
     assert "Applying pgpubsub.0009_notification_claimed_by... OK" in output
     assert "Applying pgpubsub.0010_set_db_version_without_django_migrations... OK" in output
+    assert "Applying pgpubsub.0012_task_results... OK" in output
     for old in ("0001", "0002", "0003", "0004", "0005", "0006"):
         assert f"Applying pgpubsub.{old}" not in output
     assert "Applying contenttypes." not in output
@@ -249,6 +250,7 @@ def test_migrate_applies_only_the_new_migrations(migrated):
         "0009_notification_claimed_by",
         "0010_set_db_version_without_django_migrations",
         "0011_drop_db_version_fk",
+        "0012_task_results",
     ]
     assert pgpubsub_rows[6][0] > 20
 
