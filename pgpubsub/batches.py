@@ -128,6 +128,9 @@ class Batch:
             store.acknowledge([done.row_id for done in succeeded], self.using)
         # After the last check, which may roll back to the last message's savepoint.
         store.give_back([row.pk for row in unrun], self.using)
+        batch_done = getattr(self.channel_cls, "batch_done", None)
+        if batch_done is not None:  # tasks write their results, in this transaction
+            batch_done([done.row_id for done in succeeded], self.using)
         return succeeded
 
     def _new_savepoint(self) -> str:

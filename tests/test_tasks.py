@@ -54,7 +54,7 @@ def test_enqueue_stores_a_ready_task_that_a_runtime_runs_once(runtimes):
     done = finished(tasks.record, result.id)
     assert done.status == Status.SUCCESSFUL
     assert done.return_value["key"] == "one"
-    assert done.enqueued_at <= done.started_at <= done.finished_at == done.last_attempted_at
+    assert done.enqueued_at <= done.started_at <= done.last_attempted_at <= done.finished_at
     assert done.attempts == 1 and len(done.worker_ids) == 1 and done.errors == []
     assert done.worker_ids[0].split(":")[-1] == done.return_value["thread"]
     assert effects() == {"one": "v"}

@@ -7,6 +7,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.core import checks
+from django.utils import timezone
 
 from pgpubsub import conf
 from pgpubsub.models import notifications_alias
@@ -49,9 +50,13 @@ class DatabaseBackend(compat.BaseTaskBackend):
     def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
         """Store the task in the current transaction of the tasks' database (at once in
         autocommit): it runs once that commits, never if it rolls back."""
-        self.validate_task(task)
+        # The task was validated when it was made (Task.__post_init__, using()); what this
+        # backend needs of it now is a queue it runs.
+        if task.queue_name not in self.queues:
+            self.validate_task(task)  # raises InvalidTask, naming the queue
         args = compat.normalize_json(args)
         kwargs = compat.normalize_json(kwargs)
+        enqueued_at = timezone.now()
         payload = {
             "task": task.module_path,
             "args": args,
@@ -60,10 +65,11 @@ class DatabaseBackend(compat.BaseTaskBackend):
             "queue": task.queue_name,
             "backend": self.alias,
             "run_after": task.run_after.isoformat() if task.run_after else None,
+            "enqueued_at": enqueued_at.isoformat(),
         }
         text = json.dumps(payload, allow_nan=False, ensure_ascii=False)
         channel = queues.channel(self.alias, task.queue_name, self.options)
-        row_id, enqueued_at = rows.store(
+        row_id = rows.store(
             channel.listen_safe_name(),
             text,
             task.run_after,

@@ -121,6 +121,14 @@ class TaskQueue(BaseChannel):
         return rows.ready_page(cls.listen_safe_name(), after_id, using, limit)
 
     @classmethod
+    def batch_done(cls, succeeded: list[int], using: str) -> None:
+        """The results of a batch's successful tasks, written in one statement before the
+        batch commits (a statement per task would also cost each a savepoint of its own)."""
+        from pgpubsub.tasks.runner import write_results
+
+        write_results(succeeded, using)
+
+    @classmethod
     def after_sweep(cls, using: str, retry_in: Callable[[Any, float], None]) -> None:
         """Sweep again when the next waiting task is due; prune old results now and then."""
         from pgpubsub.tasks import rows

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from django.db import connections
 
-from pgpubsub.connection import LISTENER_TAG
+from pgpubsub import wire
 from pgpubsub.models import Notification, TaskResultRecord
 from pgpubsub.store import CLAIM_LEASE
 
@@ -34,22 +34,20 @@ _DUE = "failed_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now
 
 def store(
     channel: str, payload: str, run_after: datetime.datetime | None, wake: bool, using: str
-) -> tuple[int, datetime.datetime]:
-    """Store a task (JSON text ``payload``) in the current transaction; not claimed before
-    ``run_after``. ``wake``: also NOTIFY the queue's listeners (else the watcher does).
-    Returns the row's id and when it was stored."""
+) -> int:
+    """Store a task (JSON text ``payload``, with its ``enqueued_at``) in the current
+    transaction; not claimed before ``run_after``. ``wake``: also NOTIFY the queue's listeners
+    (else the watcher does). Returns the row's id."""
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {_TABLE} (channel, payload, next_attempt_at) "
-            "VALUES (%s, %s::jsonb, %s) RETURNING id, created_at",
+            "VALUES (%s, %s::jsonb, %s) RETURNING id",
             [channel, payload, run_after],
         )
-        row_id, created_at = cursor.fetchone()
+        row_id = cursor.fetchone()[0]
         if wake:
-            from pgpubsub import wire
-
             cursor.execute("SELECT pg_notify(%s, %s)", [channel, wire.WAKE])
-    return row_id, created_at
+    return row_id
 
 
 # The last row of each page read (its id) and its order key, so that the next page of the same
@@ -70,7 +68,7 @@ def ready_page(channel: str, after_id: int, using: str, limit: int) -> list[int]
         params = [after, after_id]
     with connections[using].cursor() as cursor:
         cursor.execute(
-            f"{LISTENER_TAG}SELECT id, {_ORDER} FROM {_TABLE} "
+            f"SELECT id, {_ORDER} FROM {_TABLE} "
             f"WHERE channel = %s AND {_IS_TASK} AND failed_at IS NULL "
             f"AND (next_attempt_at IS NULL OR next_attempt_at <= now()){where} "
             f"ORDER BY {_ORDER}, id LIMIT %s",
@@ -90,7 +88,7 @@ def next_due(channel: str, using: str) -> float | None:
     any waits."""
     with connections[using].cursor() as cursor:
         cursor.execute(
-            f"{LISTENER_TAG}SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp()) "
+            "SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp()) "
             f"FROM {_TABLE} WHERE channel = %s AND failed_at IS NULL "
             "AND next_attempt_at > clock_timestamp()",
             [channel],
@@ -99,28 +97,61 @@ def next_due(channel: str, using: str) -> float | None:
     return None if seconds is None else max(0.0, float(seconds))
 
 
-def write_success(
-    row_id: int,
-    payload: dict[str, Any],
-    started_at: datetime.datetime,
-    finished_at: datetime.datetime,
-    worker_id: str,
-    return_value: Any,
-    using: str,
-) -> None:
-    """Record a task's successful attempt (in the transaction that acknowledges its row)."""
-    _upsert(
-        row_id,
-        "SUCCESSFUL",
-        payload,
-        started_at,
-        finished_at,
-        finished_at,
-        worker_id,
-        None,
-        json.dumps(return_value, allow_nan=False),
-        using,
-    )
+class Success(NamedTuple):
+    """A task's successful attempt, to be written with its batch's (:func:`write_successes`)."""
+
+    row_id: int
+    payload: dict[str, Any]
+    started_at: datetime.datetime  # of its first attempt
+    attempted_at: datetime.datetime  # of this one
+    finished_at: datetime.datetime
+    worker_id: str
+    return_value: str  # JSON
+
+
+_SUCCESS_VALUES = (
+    "(%s::bigint, %s::jsonb, %s::timestamptz, %s::timestamptz, %s::timestamptz, %s, %s::jsonb)"
+)
+
+
+def write_successes(successes: list[Success], using: str) -> None:
+    """Record the successful attempts of a batch's tasks, in one statement (in the transaction
+    that acknowledges their rows)."""
+    if not successes:
+        return
+    params: list[Any] = []
+    for done in successes:
+        params += [
+            done.row_id,
+            json.dumps(done.payload),
+            done.started_at,
+            done.attempted_at,
+            done.finished_at,
+            done.worker_id,
+            done.return_value,
+        ]
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_RESULTS} AS r (id, task_path, queue_name, payload, status, "
+            "enqueued_at, started_at, finished_at, last_attempted_at, return_value, errors, "
+            "worker_ids) "
+            "SELECT v.id, coalesce(v.payload ->> 'task', ''), coalesce(v.payload ->> 'queue', ''), "
+            f"v.payload, 'SUCCESSFUL', {_enqueued_at('v.payload')}, v.started, v.finished, "
+            "v.attempted, v.value, '[]'::jsonb, jsonb_build_array(v.worker) "
+            f"FROM (VALUES {', '.join([_SUCCESS_VALUES] * len(successes))}) "
+            "AS v(id, payload, started, attempted, finished, worker, value) "
+            "ON CONFLICT (id) DO UPDATE SET payload = EXCLUDED.payload, "
+            "status = EXCLUDED.status, started_at = coalesce(r.started_at, EXCLUDED.started_at), "
+            "finished_at = EXCLUDED.finished_at, last_attempted_at = EXCLUDED.last_attempted_at, "
+            "return_value = EXCLUDED.return_value, "
+            "worker_ids = r.worker_ids || EXCLUDED.worker_ids",
+            params,
+        )
+
+
+def _enqueued_at(payload: str) -> str:
+    """When the task was enqueued, as the stored payload says (SQL)."""
+    return f"({payload} ->> 'enqueued_at')::timestamptz"
 
 
 def write_failure(
@@ -167,7 +198,8 @@ def _upsert(
             "worker_ids) "
             "SELECT %s, coalesce(coalesce(%s::jsonb, n.payload) ->> 'task', ''), "
             "coalesce(coalesce(%s::jsonb, n.payload) ->> 'queue', ''), "
-            "coalesce(%s::jsonb, n.payload), %s, n.created_at, %s, %s, %s, %s::jsonb, "
+            f"coalesce(%s::jsonb, n.payload), %s, coalesce({_enqueued_at('n.payload')}, "
+            "n.created_at), %s, %s, %s, %s::jsonb, "
             "%s::jsonb, jsonb_build_array(%s::text) "
             f"FROM (SELECT 1) AS one LEFT JOIN {_TABLE} AS n ON n.id = %s "
             "ON CONFLICT (id) DO UPDATE SET "
@@ -229,7 +261,8 @@ def read(row_id: int, using: str) -> StoredResult | None:
             "SELECT n.id IS NOT NULL, coalesce(n.payload, r.payload)::text, "
             "CASE WHEN n.id IS NULL THEN r.status WHEN n.failed_at IS NOT NULL THEN 'FAILED' "
             "WHEN n.claimed_by IS NOT NULL THEN 'RUNNING' ELSE 'READY' END, "
-            "coalesce(n.created_at, r.enqueued_at), "
+            f"coalesce(r.enqueued_at, {_enqueued_at('coalesce(n.payload, r.payload)')}, "
+            "n.created_at), "
             "coalesce(r.started_at, CASE WHEN n.claimed_by IS NOT NULL "
             "THEN n.next_attempt_at - make_interval(secs => %s::float8) END), "
             "CASE WHEN n.id IS NULL OR n.failed_at IS NOT NULL "
@@ -266,7 +299,7 @@ def prune(channels: list[str], older_than: float, using: str) -> int:
     result). Returns how many results went."""
     with connections[using].cursor() as cursor:
         cursor.execute(
-            f"{LISTENER_TAG}WITH gone AS (DELETE FROM {_TABLE} WHERE channel = ANY(%s) "
+            f"WITH gone AS (DELETE FROM {_TABLE} WHERE channel = ANY(%s) "
             "AND failed_at < now() - make_interval(secs => %s::float8) RETURNING id) "
             f"DELETE FROM {_RESULTS} WHERE finished_at < now() - make_interval(secs => %s::float8) "
             f"AND (id IN (SELECT id FROM gone) OR NOT EXISTS "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import socket
 import threading
@@ -138,8 +139,8 @@ class TaskRun:
             raise
         try:
             value = compat.normalize_json(value)
+            text = json.dumps(value, allow_nan=False)
             finished = timezone.now()
-            rows.write_success(running.row_id, self.payload, started, finished, me, value, using)
         except (TypeError, ValueError) as exc:
             error = BadReturnValue(f"Task {self.task.module_path} returned {exc}")
             _mark(error, _NO_RETRY, started, me)
@@ -153,6 +154,11 @@ class TaskRun:
             errors,
             [*workers, me],
             value,
+        )
+        _results().append(
+            rows.Success(
+                running.row_id, self.payload, first_started or started, started, finished, me, text
+            )
         )
         transaction.on_commit(
             lambda: compat.task_finished.send(sender=sender, task_result=done), using=using
@@ -193,6 +199,25 @@ class TaskRun:
             worker_ids=workers,
             return_value=value,
         )
+
+
+# The successful tasks of the batch running on this thread, written when it is done.
+_local = threading.local()
+
+
+def _results() -> list[rows.Success]:
+    found = getattr(_local, "results", None)
+    if found is None:
+        found = _local.results = []
+    return found
+
+
+def write_results(succeeded: list[int], using: str) -> None:
+    """Write the results of the tasks ``succeeded`` of the batch that ran on this thread
+    (those of tasks whose work was undone since, by a deferred constraint, are dropped)."""
+    pending, _local.results = _results(), []
+    kept = set(succeeded)
+    rows.write_successes([result for result in pending if result.row_id in kept], using)
 
 
 def _mark(error: BaseException, policy: Any, started: datetime.datetime, worker: str) -> None:
