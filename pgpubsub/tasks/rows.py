@@ -101,7 +101,7 @@ class Success(NamedTuple):
     """A task's successful attempt, to be written with its batch's (:func:`write_successes`)."""
 
     row_id: int
-    payload: dict[str, Any]
+    payload: str  # JSON, as stored
     started_at: datetime.datetime  # of its first attempt
     attempted_at: datetime.datetime  # of this one
     finished_at: datetime.datetime
@@ -123,7 +123,7 @@ def write_successes(successes: list[Success], using: str) -> None:
     for done in successes:
         params += [
             done.row_id,
-            json.dumps(done.payload),
+            done.payload,
             done.started_at,
             done.attempted_at,
             done.finished_at,

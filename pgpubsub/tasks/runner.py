@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import socket
@@ -68,23 +69,37 @@ def load_task(path: str) -> Any:
 
 def task_of(payload: dict[str, Any], alias: str) -> Any:
     """The task of a stored ``payload``, with the options it was enqueued with."""
-    task = load_task(payload["task"])
-    run_after = payload.get("run_after")
+    return _task_with(
+        payload["task"],
+        payload.get("priority", 0),
+        payload.get("queue"),
+        payload.get("run_after"),
+        payload.get("backend", alias),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _task_with(
+    path: str, priority: int, queue: str | None, run_after: str | None, backend: str
+) -> Any:
+    # Cached: making a Task validates it (its function's signature read each time).
+    task = load_task(path)
     return dataclasses.replace(
         task,
-        priority=payload.get("priority", 0),
-        queue_name=payload.get("queue", task.queue_name),
+        priority=priority,
+        queue_name=queue or task.queue_name,
         run_after=parse_datetime(run_after) if run_after else None,
-        backend=payload.get("backend", alias),
+        backend=backend,
     )
 
 
 class TaskRun:
     """One stored task, read and ready to run."""
 
-    def __init__(self, queue: type[queues.TaskQueue], payload: dict[str, Any]) -> None:
+    def __init__(self, queue: type[queues.TaskQueue], payload: dict[str, Any], text: str) -> None:
         self.queue = queue
         self.payload = payload
+        self.text = text  # the payload as stored (JSON)
         self.task: Any = None
 
     @classmethod
@@ -99,7 +114,7 @@ class TaskRun:
             data.get("kwargs", {}), dict
         ):
             raise InvalidPayload(f"The arguments of task {data['task']!r} cannot be read")
-        return cls(queue, data)
+        return cls(queue, data, payload if isinstance(payload, str) else json.dumps(data))
 
     def execute_callbacks(self) -> None:
         running = current.running()
@@ -145,23 +160,17 @@ class TaskRun:
             error = BadReturnValue(f"Task {self.task.module_path} returned {exc}")
             _mark(error, _NO_RETRY, started, me)
             raise error from exc
-        done = self._result(
-            running.row_id,
-            compat.TaskResultStatus.SUCCESSFUL,
-            first_started or started,
-            finished,
-            started,
-            errors,
-            [*workers, me],
-            value,
-        )
+        # The same TaskResult, finished (as Django's own backends do).
+        object.__setattr__(result, "status", compat.TaskResultStatus.SUCCESSFUL)
+        object.__setattr__(result, "finished_at", finished)
+        object.__setattr__(result, "_return_value", value)
         _results().append(
             rows.Success(
-                running.row_id, self.payload, first_started or started, started, finished, me, text
+                running.row_id, self.text, first_started or started, started, finished, me, text
             )
         )
         transaction.on_commit(
-            lambda: compat.task_finished.send(sender=sender, task_result=done), using=using
+            lambda: compat.task_finished.send(sender=sender, task_result=result), using=using
         )
 
     def _call(self, args: list, kwargs: dict) -> Any:
