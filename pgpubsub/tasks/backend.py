@@ -54,13 +54,25 @@ class DatabaseBackend(compat.BaseTaskBackend):
         # backend needs of it now is a queue it runs.
         if task.queue_name not in self.queues:
             self.validate_task(task)  # raises InvalidTask, naming the queue
-        args = compat.normalize_json(args)
-        kwargs = compat.normalize_json(kwargs)
         enqueued_at = timezone.now()
+        # Made first: TaskResult normalises the arguments to JSON types (raising for others),
+        # and they are stored as it holds them. Its id comes with the stored row.
+        result = make_result(
+            task,
+            0,
+            {"args": args, "kwargs": kwargs},
+            compat.TaskResultStatus.READY,
+            enqueued_at=enqueued_at,
+            started_at=None,
+            finished_at=None,
+            last_attempted_at=None,
+            errors=[],
+            worker_ids=[],
+        )
         payload = {
             "task": task.module_path,
-            "args": args,
-            "kwargs": kwargs,
+            "args": result.args,
+            "kwargs": result.kwargs,
             "priority": task.priority,
             "queue": task.queue_name,
             "backend": self.alias,
@@ -76,18 +88,7 @@ class DatabaseBackend(compat.BaseTaskBackend):
             wake=conf.notify_on_write(),
             using=self.using,
         )
-        result = make_result(
-            task,
-            row_id,
-            payload,
-            compat.TaskResultStatus.READY,
-            enqueued_at=enqueued_at,
-            started_at=None,
-            finished_at=None,
-            last_attempted_at=None,
-            errors=[],
-            worker_ids=[],
-        )
+        object.__setattr__(result, "id", str(row_id))
         compat.task_enqueued.send(type(self), task_result=result)
         return result
 
