@@ -538,9 +538,11 @@ class Side:
         return [self.python, str(self.project / name), *args]
 
 
-def ensure_theirs_venv(venv_dir: Path, processes: Processes) -> str:
-    """A venv with django-pgpubsub 1.3.1 from PyPI (made once; reused while its marker exists).
-    Returns its python."""
+def ensure_venv(
+    venv_dir: Path, requirements: list[str] | tuple[str, ...], processes: Processes, label: str
+) -> str:
+    """A venv with ``requirements`` from PyPI (made once; reused while its marker exists).
+    Returns its python. ``label`` names the steps' logs."""
     python = venv_dir / "bin" / "python"
     marker = venv_dir / ".pgpubsub-bench-ready"
     if marker.exists() and python.exists():
@@ -548,19 +550,24 @@ def ensure_theirs_venv(venv_dir: Path, processes: Processes) -> str:
     if venv_dir.exists():
         shutil.rmtree(venv_dir)
     venv_dir.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Creating {venv_dir} with {' '.join(THEIRS_REQUIREMENTS)} ...", file=sys.stderr)
+    print(f"Creating {venv_dir} with {' '.join(requirements)} ...", file=sys.stderr)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     base = getattr(sys, "_base_executable", sys.executable)
-    processes.run("venv", [base, "-m", "venv", str(venv_dir)], ROOT, env, VENV_TIMEOUT)
+    processes.run(f"venv{label}", [base, "-m", "venv", str(venv_dir)], ROOT, env, VENV_TIMEOUT)
     processes.run(
-        "pip-install",
-        [str(python), "-m", "pip", "install", "--quiet", *THEIRS_REQUIREMENTS],
+        f"pip-install{label}",
+        [str(python), "-m", "pip", "install", "--quiet", *requirements],
         ROOT,
         env,
         VENV_TIMEOUT,
     )
-    marker.write_text("\n".join(THEIRS_REQUIREMENTS) + "\n")
+    marker.write_text("\n".join(requirements) + "\n")
     return str(python)
+
+
+def ensure_theirs_venv(venv_dir: Path, processes: Processes) -> str:
+    """A venv with django-pgpubsub 1.3.1 from PyPI (made once); returns its python."""
+    return ensure_venv(venv_dir, THEIRS_REQUIREMENTS, processes, "")
 
 
 def _psycopg3_install() -> list[str]:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +20,6 @@ from typing import TYPE_CHECKING
 from benchmarks.harness import (
     COMMAND_TIMEOUT,
     ROOT,
-    VENV_TIMEOUT,
     BenchmarkError,
     Databases,
     Engine,
@@ -31,6 +27,7 @@ from benchmarks.harness import (
     Processes,
     Server,
     Side,
+    ensure_venv,
     prepare_side,
     wait_for,
 )
@@ -68,28 +65,8 @@ NAMES = ("task-drain", "task-latency", "task-enqueue")
 
 
 def ensure_tasks_db_venv(venv_dir: Path, processes: Processes) -> str:
-    """A venv with django-tasks-db from PyPI (made once; reused while its marker exists).
-    Returns its python."""
-    python = venv_dir / "bin" / "python"
-    marker = venv_dir / ".pgpubsub-bench-ready"
-    if marker.exists() and python.exists():
-        return str(python)
-    if venv_dir.exists():
-        shutil.rmtree(venv_dir)
-    venv_dir.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Creating {venv_dir} with {' '.join(TASKS_DB_REQUIREMENTS)} ...", file=sys.stderr)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    base = getattr(sys, "_base_executable", sys.executable)
-    processes.run("venv-tasks-db", [base, "-m", "venv", str(venv_dir)], ROOT, env, VENV_TIMEOUT)
-    processes.run(
-        "pip-install-tasks-db",
-        [str(python), "-m", "pip", "install", "--quiet", *TASKS_DB_REQUIREMENTS],
-        ROOT,
-        env,
-        VENV_TIMEOUT,
-    )
-    marker.write_text("\n".join(TASKS_DB_REQUIREMENTS) + "\n")
-    return str(python)
+    """A venv with django-tasks-db from PyPI (made once); returns its python."""
+    return ensure_venv(venv_dir, TASKS_DB_REQUIREMENTS, processes, "-tasks-db")
 
 
 _VERSIONS = """
