@@ -134,6 +134,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def gunicorn_command(workers: int, *options: str) -> list[str]:
+    """``gunicorn`` serving the test project on a free port of 127.0.0.1 with ``workers`` sync
+    workers (and ``options``)."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "tests.wsgi:application",
+        "--bind",
+        f"127.0.0.1:{free_port()}",
+        "--workers",
+        str(workers),
+        *options,
+    ]
+
+
 def get_json(url: str) -> tuple[int, Any] | None:
     """(status, parsed JSON body) of a GET of ``url``, error statuses included; None while
     nothing answers there (a server that is starting)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,14 @@ import pytest
 import pgpubsub
 from pgpubsub.connection import LISTENER_TAG
 from pgpubsub.models import Notification
-from tests.processes import POLL_INTERVAL, ROOT, ServerProcess, free_port, outputs, wait_for
+from tests.processes import (
+    POLL_INTERVAL,
+    ROOT,
+    ServerProcess,
+    gunicorn_command,
+    outputs,
+    wait_for,
+)
 from tests.test_embedded import create_authors, effects, stored, wait_children
 from tests.testapp import channels
 from tests.testapp.models import Effect
@@ -243,19 +249,6 @@ def test_idle_connections_are_released_and_reopened_under_load(processes, tmp_pa
 
 
 # -- embedded gunicorn workers --------------------------------------------------------------
-
-
-def gunicorn_command(workers: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "tests.wsgi:application",
-        "--bind",
-        f"127.0.0.1:{free_port()}",
-        "--workers",
-        str(workers),
-    ]
 
 
 @pytest.mark.timeout(180)

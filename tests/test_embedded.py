@@ -22,7 +22,15 @@ from django.db.models import Count
 
 import pgpubsub
 from pgpubsub.models import Notification
-from tests.processes import MANAGE, ServerProcess, free_port, outputs, pid_alive, wait_for
+from tests.processes import (
+    MANAGE,
+    ServerProcess,
+    free_port,
+    gunicorn_command,
+    outputs,
+    pid_alive,
+    wait_for,
+)
 from tests.testapp import channels
 from tests.testapp.models import Author, Effect, Post
 
@@ -49,17 +57,7 @@ BROADCASTS = 200
 
 
 def gunicorn(*options: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "tests.wsgi:application",
-        "--bind",
-        f"127.0.0.1:{free_port()}",
-        "--workers",
-        str(GUNICORN_WORKERS),
-        *options,
-    ]
+    return gunicorn_command(GUNICORN_WORKERS, *options)
 
 
 def uvicorn(application: str = "tests.asgi:application") -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import signal
 import socket
-import sys
 from collections import Counter
 
 import pytest
@@ -21,7 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from pgpubsub.store import CLAIM_LEASE
-from tests.processes import ListenProcess, free_port, outputs, wait_for
+from tests.processes import ListenProcess, gunicorn_command, outputs, wait_for
 from tests.testapp import e2e_tasks, tasks
 from tests.testapp.models import Effect, Marker
 
@@ -297,17 +296,9 @@ def test_listen_with_an_unknown_queue_exits_with_an_error(processes):
 
 @pytest.mark.timeout(90)
 def test_gunicorn_workers_embedded_runtimes_run_each_task_once(processes):
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "tests.wsgi:application",
-        "--bind",
-        f"127.0.0.1:{free_port()}",
-        "--workers",
-        str(GUNICORN_WORKERS),
-    ]
-    server = processes.start_command(command, ready=GUNICORN_WORKERS, env=EMBEDDED)
+    server = processes.start_command(
+        gunicorn_command(GUNICORN_WORKERS), ready=GUNICORN_WORKERS, env=EMBEDDED
+    )
     workers = wait_for(
         lambda: (found := server.children()) and len(found) == GUNICORN_WORKERS and found,
         30,
