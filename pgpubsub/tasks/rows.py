@@ -169,44 +169,16 @@ def write_failure(
     error: dict[str, str],
     using: str,
 ) -> None:
-    """Record a failed attempt (in the transaction that records it on the row)."""
-    _upsert(
-        row_id,
-        "FAILED" if final else "READY",
-        None,
-        started_at,
-        attempted_at if final else None,
-        attempted_at,
-        worker_id,
-        error,
-        None,
-        using,
-    )
-
-
-def _upsert(
-    row_id: int,
-    status: str,
-    payload: dict[str, Any] | None,
-    started_at: datetime.datetime | None,
-    finished_at: datetime.datetime | None,
-    attempted_at: datetime.datetime,
-    worker_id: str,
-    error: dict[str, str] | None,
-    return_value: str | None,
-    using: str,
-) -> None:
-    errors = json.dumps([error] if error else [])
+    """Record a failed attempt (in the transaction that records it on the row, which is still
+    there: the task's payload and when it was enqueued are read from it)."""
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {_RESULTS} AS r (id, task_path, queue_name, payload, status, "
             "enqueued_at, started_at, finished_at, last_attempted_at, return_value, errors, "
             "worker_ids) "
-            "SELECT %s, coalesce(coalesce(%s::jsonb, n.payload) ->> 'task', ''), "
-            "coalesce(coalesce(%s::jsonb, n.payload) ->> 'queue', ''), "
-            f"coalesce(%s::jsonb, n.payload), %s, coalesce({_enqueued_at('n.payload')}, "
-            "n.created_at), %s, %s, %s, %s::jsonb, "
-            "%s::jsonb, jsonb_build_array(%s::text) "
+            "SELECT %s, coalesce(n.payload ->> 'task', ''), coalesce(n.payload ->> 'queue', ''), "
+            f"n.payload, %s, coalesce({_enqueued_at('n.payload')}, n.created_at), %s, %s, %s, "
+            "NULL, jsonb_build_array(%s::jsonb), jsonb_build_array(%s::text) "
             f"FROM (SELECT 1) AS one LEFT JOIN {_TABLE} AS n ON n.id = %s "
             "ON CONFLICT (id) DO UPDATE SET "
             "task_path = coalesce(EXCLUDED.task_path, r.task_path), "
@@ -215,17 +187,15 @@ def _upsert(
             "enqueued_at = coalesce(r.enqueued_at, EXCLUDED.enqueued_at), "
             "started_at = coalesce(r.started_at, EXCLUDED.started_at), "
             "finished_at = EXCLUDED.finished_at, last_attempted_at = EXCLUDED.last_attempted_at, "
-            "return_value = EXCLUDED.return_value, errors = r.errors || EXCLUDED.errors, "
+            "return_value = NULL, errors = r.errors || EXCLUDED.errors, "
             "worker_ids = r.worker_ids || EXCLUDED.worker_ids",
             [
                 row_id,
-                *[json.dumps(payload) if payload is not None else None] * 3,
-                status,
+                "FAILED" if final else "READY",
                 started_at,
-                finished_at,
+                attempted_at if final else None,
                 attempted_at,
-                return_value,
-                errors,
+                json.dumps(error),
                 worker_id,
                 row_id,
             ],

@@ -31,6 +31,7 @@ from pgpubsub.exceptions import InvalidPayload
 from pgpubsub.models import notifications_alias
 from pgpubsub.retries import RetryStrategy
 from pgpubsub.tasks import compat, queues, rows
+from pgpubsub.tasks.results import make_result
 
 _HOST = socket.gethostname()
 
@@ -132,14 +133,17 @@ class TaskRun:
         workers, errors, first_started = (
             rows.earlier_attempts(running.row_id, using) if running.attempt > 1 else ([], [], None)
         )
-        result = self._result(
+        result = make_result(
+            self.task,
             running.row_id,
+            self.payload,
             compat.TaskResultStatus.RUNNING,
-            first_started or started,
-            None,
-            started,
-            errors,
-            [*workers, me],
+            enqueued_at=None,
+            started_at=first_started or started,
+            finished_at=None,
+            last_attempted_at=started,
+            errors=errors,
+            worker_ids=[*workers, me],
         )
         sender = self._sender()
         compat.task_started.send(sender=sender, task_result=result)
@@ -181,33 +185,6 @@ class TaskRun:
 
     def _sender(self) -> type:
         return type(compat.task_backends[self.queue.backend_alias])
-
-    def _result(
-        self,
-        row_id: int,
-        status: Any,
-        started: datetime.datetime | None,
-        finished: datetime.datetime | None,
-        attempted: datetime.datetime | None,
-        errors: list[dict],
-        workers: list[str],
-        value: Any = None,
-    ) -> Any:
-        from pgpubsub.tasks.results import make_result
-
-        return make_result(
-            self.task,
-            row_id,
-            self.payload,
-            status,
-            enqueued_at=None,
-            started_at=started,
-            finished_at=finished,
-            last_attempted_at=attempted,
-            errors=errors,
-            worker_ids=workers,
-            return_value=value,
-        )
 
 
 # The successful tasks of the batch running on this thread, written when it is done.
